@@ -2,4 +2,10 @@
 //! the integration tests, the fuzz targets and the load generator share.
 
 pub mod clock;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod logging;
 pub mod proto;
+pub mod query;
+pub mod server;

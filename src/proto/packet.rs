@@ -127,6 +127,9 @@ impl RefId {
                 .iter()
                 .map(|&c| if c.is_ascii_graphic() { c as char } else { '?' })
                 .collect()
+        } else if self.0.iter().all(|c| c.is_ascii_uppercase()) {
+            // Not an address anyone uses; a LOCL-style code above stratum 1 (ntpd's LOCAL clock).
+            format!("{} ({})", self.to_ipv4(), self.display(0))
         } else {
             self.to_ipv4().to_string()
         }
@@ -275,9 +278,15 @@ impl Header {
         b
     }
 
-    /// A kiss code if this is a Kiss-o'-Death (stratum 0 with an ASCII refid).
+    /// A kiss code if this is a Kiss-o'-Death (stratum 0 with an ASCII refid). `INIT` and other
+    /// codes also come from servers that are merely unsynchronised; see [`Header::is_refusal`].
     pub fn kiss_code(&self) -> Option<RefId> {
         (self.stratum == STRATUM_KISS && self.reference_id.is_ascii_code()).then_some(self.reference_id)
+    }
+
+    /// A Kiss-o'-Death that tells the client to stop or slow down (RATE, DENY, RSTR).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self.kiss_code(), Some(RefId::RATE | RefId::DENY | RefId::RSTR))
     }
 }
 
@@ -337,6 +346,53 @@ mod tests {
         fn short_input_rejected(v in proptest::collection::vec(any::<u8>(), 0..48)) {
             prop_assert_eq!(Header::decode(&v), Err(DecodeError::TooShort));
         }
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Captured from Debian's chronyd 4.3 (`chronyd -Q`) on loopback.
+    #[test]
+    fn chrony_request_decoded() {
+        let b = hex("230006200000000000000000000000000000000000000000000000000000000000000000000000008e6bce9a243a6710");
+        let h = Header::decode(&b).unwrap();
+        assert_eq!(h.leap, LeapIndicator::NoWarning);
+        assert_eq!(h.version, 4);
+        assert_eq!(h.mode, Mode::Client);
+        assert_eq!(h.stratum, 0);
+        assert_eq!(h.poll, 6);
+        // chrony sends a fixed precision of 2^32 in requests rather than its own.
+        assert_eq!(h.precision, 32);
+        assert_eq!(h.root_delay, NtpShort::ZERO);
+        assert_eq!(h.root_dispersion, NtpShort::ZERO);
+        assert_eq!(h.reference_id, RefId([0; 4]));
+        assert_eq!(h.reference_timestamp, NtpTimestamp::ZERO);
+        assert_eq!(h.origin_timestamp, NtpTimestamp::ZERO);
+        assert_eq!(h.receive_timestamp, NtpTimestamp::ZERO);
+        // A random transmit timestamp (chrony does not reveal its clock in requests).
+        assert_eq!(h.transmit_timestamp, NtpTimestamp(0x8e6b_ce9a_243a_6710));
+        assert_eq!(h.to_bytes().as_slice(), b.as_slice());
+    }
+
+    /// Captured from Debian's ntpdig (NTPsec 1.2.2) on loopback.
+    #[test]
+    fn ntpdig_request_decoded() {
+        let b = hex("e3000000000000000000000000000000000000000000000000000000000000000000000000000000eeb03191c6851000");
+        let h = Header::decode(&b).unwrap();
+        // SNTP clients send LI 3 (their own clock is unsynchronised).
+        assert_eq!(h.leap, LeapIndicator::Unsynchronized);
+        assert_eq!(h.version, 4);
+        assert_eq!(h.mode, Mode::Client);
+        assert_eq!((h.stratum, h.poll, h.precision), (0, 0, 0));
+        assert_eq!(h.transmit_timestamp, NtpTimestamp(0xeeb0_3191_c685_1000));
+        // Real time: 2026-11-24 (the capture date), era 0.
+        let unix = h.transmit_timestamp.to_unix_nanos(1_795_000_000) / 1_000_000_000;
+        assert_eq!(unix, 0xeeb0_3191 - 2_208_988_800);
+        assert_eq!(h.to_bytes().as_slice(), b.as_slice());
     }
 
     #[test]

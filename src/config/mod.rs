@@ -1,0 +1,289 @@
+//! The TOML config file: parsing and validation into plain typed structs. Every error names the
+//! file, the line and the key. No serde type leaves this module.
+
+use crate::server::ServeOptions;
+use serde::Deserialize;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// Where `gnomon serve` looks when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/gnomon/gnomon.toml";
+/// The config used when no file is given or found; also shipped as `deploy/gnomon.toml`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../deploy/gnomon.toml");
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/gnomon/gnomon.sock";
+pub const NTP_PORT: u16 = 123;
+
+/// A config problem, located.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        if let Some(k) = &self.key {
+            write!(f, ": key `{k}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where it came from (a path, or `<embedded default>`).
+    pub source: String,
+    pub serve: ServeOptions,
+    /// Serve the system clock as stratum N (the "LOCAL clock" of isolated networks).
+    pub local_stratum: Option<u8>,
+    pub control_socket: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<Vec<Spanned<String>>>,
+    workers: Option<Spanned<i64>>,
+    io: Option<Spanned<String>>,
+    cpus: Option<Spanned<Vec<i64>>>,
+    local_stratum: Option<Spanned<i64>>,
+    control_socket: Option<String>,
+    recv_buffer: Option<Spanned<i64>>,
+    send_buffer: Option<Spanned<i64>>,
+}
+
+/// Turns a byte offset into a 1-based line number and the key written on that line.
+struct Locator<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn key_on_line(&self, offset: usize) -> Option<String> {
+        let offset = offset.min(self.text.len());
+        let start = self.text[..offset].rfind('\n').map_or(0, |i| i + 1);
+        let end = self.text[offset..].find('\n').map_or(self.text.len(), |i| offset + i);
+        let line = self.text[start..end].trim();
+        if let Some((k, _)) = line.split_once('=') {
+            return Some(k.trim().trim_matches('"').to_string());
+        }
+        let header = line.trim_start_matches('[').trim_end_matches(']').trim();
+        (!header.is_empty() && line.starts_with('[')).then(|| header.to_string())
+    }
+
+    fn at(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_string(),
+            line: Some(self.line_of(span.start)),
+            key: self.key_on_line(span.start),
+            message: message.into(),
+        }
+    }
+
+    fn value<T>(&self, v: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+        self.at(v.span(), message)
+    }
+}
+
+fn int_in<T: TryFrom<i64>>(loc: &Locator, v: &Spanned<i64>, lo: i64, hi: i64, what: &str) -> Result<T, ConfigError> {
+    let x = *v.get_ref();
+    if x < lo || x > hi {
+        return Err(loc.value(v, format!("{what} must be between {lo} and {hi}, got {x}")));
+    }
+    T::try_from(x).map_err(|_| loc.value(v, format!("{what} out of range: {x}")))
+}
+
+/// Reads `ADDR:PORT`, `[V6]:PORT`, or a bare address (port 123).
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bare = s.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, NTP_PORT))
+        .map_err(|_| format!("`{s}` is not an address (expected e.g. 0.0.0.0:123, [::]:123 or 192.0.2.1)"))
+}
+
+impl Config {
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let loc = Locator { file, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => loc.at(span, e.message().to_string()),
+            None => ConfigError {
+                file: file.to_string(),
+                line: None,
+                key: None,
+                message: e.message().to_string(),
+            },
+        })?;
+        let mut serve = ServeOptions::default();
+        match &raw.listen {
+            Some(list) => {
+                for l in list {
+                    serve
+                        .listen
+                        .push(parse_listen(l.get_ref()).map_err(|m| loc.value(l, m))?);
+                }
+                if serve.listen.is_empty() {
+                    return Err(ConfigError {
+                        file: file.to_string(),
+                        line: None,
+                        key: Some("listen".into()),
+                        message: "at least one listen address is needed".into(),
+                    });
+                }
+            }
+            None => serve.listen = default_listen(),
+        }
+        if let Some(w) = &raw.workers {
+            serve.workers = int_in(&loc, w, 0, 1024, "workers")?;
+        }
+        if let Some(io) = &raw.io {
+            serve.io = io.get_ref().parse().map_err(|m: String| loc.value(io, m))?;
+        }
+        if let Some(c) = &raw.cpus {
+            let n = core_affinity::get_core_ids().map_or(usize::MAX, |v| v.len());
+            for &cpu in c.get_ref() {
+                if cpu < 0 || cpu as usize >= n.max(1) {
+                    return Err(loc.value(c, format!("cpu {cpu} does not exist (this machine has {n})")));
+                }
+                serve.cpus.push(cpu as usize);
+            }
+        }
+        if let Some(b) = &raw.recv_buffer {
+            serve.socket.recv_buffer = int_in(&loc, b, 4096, 1 << 30, "recv_buffer")?;
+        }
+        if let Some(b) = &raw.send_buffer {
+            serve.socket.send_buffer = int_in(&loc, b, 4096, 1 << 30, "send_buffer")?;
+        }
+        let local_stratum = raw
+            .local_stratum
+            .as_ref()
+            .map(|s| int_in(&loc, s, 1, 15, "local_stratum"))
+            .transpose()?;
+        Ok(Config {
+            source: file.to_string(),
+            serve,
+            local_stratum,
+            control_socket: raw
+                .control_socket
+                .map_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET), PathBuf::from),
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: name.clone(),
+            line: None,
+            key: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, &name)
+    }
+
+    pub fn embedded() -> Config {
+        Config::parse(EMBEDDED_DEFAULT, "<embedded default>").expect("the embedded default config is valid")
+    }
+
+    /// `--config` if given, else the default path if it exists, else the embedded default.
+    pub fn locate(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        match explicit {
+            Some(p) => Config::load(p),
+            None if Path::new(DEFAULT_PATH).exists() => Config::load(Path::new(DEFAULT_PATH)),
+            None => Ok(Config::embedded()),
+        }
+    }
+}
+
+fn default_listen() -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::from(([0, 0, 0, 0], NTP_PORT)),
+        SocketAddr::from(([0u16; 8], NTP_PORT)),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::IoMode;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded();
+        assert!(!c.serve.listen.is_empty());
+    }
+
+    #[test]
+    fn full_config() {
+        let c = Config::parse(
+            "listen = [\"127.0.0.1:1123\", \"[::1]:1123\", \"192.0.2.1\"]\nworkers = 2\nio = \"mmsg\"\nlocal_stratum = 10\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.serve.listen.len(), 3);
+        assert_eq!(c.serve.listen[2], "192.0.2.1:123".parse().unwrap());
+        assert_eq!(c.serve.workers, 2);
+        assert_eq!(c.serve.io, IoMode::Mmsg);
+        assert_eq!(c.local_stratum, Some(10));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = Config::parse("workers = 1\n\nlisten_addr = [\"x\"]\n", "/etc/g.toml").unwrap_err();
+        assert_eq!(e.file, "/etc/g.toml");
+        assert_eq!(e.line, Some(3));
+        assert_eq!(e.key.as_deref(), Some("listen_addr"));
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_line_and_key() {
+        let e = Config::parse("workers = 1\nlocal_stratum = 16\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("local_stratum")));
+        let e = Config::parse("io = \"epoll\"\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("io")));
+        let e = Config::parse("\nlisten = [\"nonsense\"]\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("listen")));
+        let e = Config::parse("workers = \"two\"\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("workers")));
+        let e = Config::parse("workers = -1\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("workers")));
+        assert_eq!(
+            e.to_string(),
+            "f:1: key `workers`: workers must be between 0 and 1024, got -1"
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let e = Config::parse("workers = 1\nlisten = [\n", "f").unwrap_err();
+        assert!(e.line.is_some(), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error_not_a_panic() {
+        let e = Config::load(Path::new("/nonexistent/gnomon.toml")).unwrap_err();
+        assert!(e.message.contains("cannot read"));
+    }
+}

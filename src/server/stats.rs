@@ -1,0 +1,194 @@
+//! Per-worker counters and latency histograms. The worker counts in plain locals and publishes
+//! them a few times a second; readers (the control socket) aggregate, off the hot path.
+
+use hdrhistogram::Histogram;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Everything a worker counts. Drop reasons are the ones after `Answered`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(usize)]
+pub enum Counter {
+    Received,
+    Answered,
+    KodDeny,
+    KodRate,
+    Leaked,
+    TooShort,
+    Oversized,
+    BadVersion,
+    BadMode,
+    ControlMode,
+    Ignored,
+    RateLimited,
+    SendFailed,
+    NoTimestamp,
+    Batches,
+}
+
+impl Counter {
+    pub const COUNT: usize = 15;
+    pub const ALL: [Counter; Counter::COUNT] = [
+        Counter::Received,
+        Counter::Answered,
+        Counter::KodDeny,
+        Counter::KodRate,
+        Counter::Leaked,
+        Counter::TooShort,
+        Counter::Oversized,
+        Counter::BadVersion,
+        Counter::BadMode,
+        Counter::ControlMode,
+        Counter::Ignored,
+        Counter::RateLimited,
+        Counter::SendFailed,
+        Counter::NoTimestamp,
+        Counter::Batches,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Received => "received",
+            Counter::Answered => "answered",
+            Counter::KodDeny => "kod_deny",
+            Counter::KodRate => "kod_rate",
+            Counter::Leaked => "rate_leaked",
+            Counter::TooShort => "drop_too_short",
+            Counter::Oversized => "drop_oversized",
+            Counter::BadVersion => "drop_bad_version",
+            Counter::BadMode => "drop_bad_mode",
+            Counter::ControlMode => "drop_control_mode",
+            Counter::Ignored => "drop_ignored",
+            Counter::RateLimited => "drop_rate_limited",
+            Counter::SendFailed => "drop_send_failed",
+            Counter::NoTimestamp => "no_kernel_timestamp",
+            Counter::Batches => "batches",
+        }
+    }
+
+    pub fn from_request_error(e: crate::proto::RequestError) -> Counter {
+        use crate::proto::RequestError as E;
+        match e {
+            E::TooShort => Counter::TooShort,
+            E::Oversized => Counter::Oversized,
+            E::BadVersion => Counter::BadVersion,
+            E::BadMode => Counter::BadMode,
+            E::ControlMode => Counter::ControlMode,
+        }
+    }
+}
+
+/// Latency histograms cover 1 ns .. 10 s at 3 significant digits.
+pub fn new_latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 10_000_000_000, 3).expect("static bounds are valid")
+}
+
+pub fn new_batch_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 65_536, 2).expect("static bounds are valid")
+}
+
+/// The published side, shared with readers.
+pub struct WorkerStats {
+    pub worker: usize,
+    pub cpu: Option<usize>,
+    pub backend: &'static str,
+    counters: [AtomicU64; Counter::COUNT],
+    latency: Mutex<Histogram<u64>>,
+    batch_sizes: Mutex<Histogram<u64>>,
+}
+
+impl WorkerStats {
+    pub fn new(worker: usize, cpu: Option<usize>, backend: &'static str) -> WorkerStats {
+        WorkerStats {
+            worker,
+            cpu,
+            backend,
+            counters: Default::default(),
+            latency: Mutex::new(new_latency_histogram()),
+            batch_sizes: Mutex::new(new_batch_histogram()),
+        }
+    }
+
+    pub fn get(&self, c: Counter) -> u64 {
+        self.counters[c as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn counters(&self) -> [u64; Counter::COUNT] {
+        core::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed))
+    }
+
+    /// Copies of the histograms as published so far (ns of receive-to-transmit, datagrams per batch).
+    pub fn histograms(&self) -> (Histogram<u64>, Histogram<u64>) {
+        let lat = self
+            .latency
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|_| new_latency_histogram());
+        let bat = self
+            .batch_sizes
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|_| new_batch_histogram());
+        (lat, bat)
+    }
+}
+
+/// The worker's own side: plain integers and histograms, published by [`LocalStats::flush`].
+pub struct LocalStats {
+    counts: [u64; Counter::COUNT],
+    latency: Histogram<u64>,
+    batch_sizes: Histogram<u64>,
+    last_flush_ns: i64,
+}
+
+/// How often a worker publishes its counters and histograms.
+const FLUSH_INTERVAL_NS: i64 = 200_000_000;
+
+impl Default for LocalStats {
+    fn default() -> Self {
+        LocalStats {
+            counts: [0; Counter::COUNT],
+            latency: new_latency_histogram(),
+            batch_sizes: new_batch_histogram(),
+            last_flush_ns: 0,
+        }
+    }
+}
+
+impl LocalStats {
+    #[inline]
+    pub fn add(&mut self, c: Counter, n: u64) {
+        self.counts[c as usize] += n;
+    }
+
+    #[inline]
+    pub fn record_latency(&mut self, ns: i64) {
+        self.latency.saturating_record(ns.max(1) as u64);
+    }
+
+    #[inline]
+    pub fn record_batch(&mut self, n: usize) {
+        self.counts[Counter::Batches as usize] += 1;
+        self.batch_sizes.saturating_record(n.max(1) as u64);
+    }
+
+    /// Publishes when the interval has passed (or `force`). The histogram merge takes a lock the
+    /// reader holds only to clone, and only a few times a second; never per packet.
+    pub fn maybe_flush(&mut self, shared: &WorkerStats, now_ns: i64, force: bool) {
+        if !force && now_ns - self.last_flush_ns < FLUSH_INTERVAL_NS {
+            return;
+        }
+        self.last_flush_ns = now_ns;
+        for (slot, &v) in shared.counters.iter().zip(self.counts.iter()) {
+            slot.store(v, Ordering::Relaxed);
+        }
+        if let Ok(mut h) = shared.latency.try_lock() {
+            let _ = h.add(&self.latency);
+            self.latency.reset();
+        }
+        if let Ok(mut h) = shared.batch_sizes.try_lock() {
+            let _ = h.add(&self.batch_sizes);
+            self.batch_sizes.reset();
+        }
+    }
+}
