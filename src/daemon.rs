@@ -24,15 +24,17 @@ fn local_state(stratum: u8, precision: i8, now: i64) -> ClockState {
     }
 }
 
-fn run_clock(cfg: &Config, mut publisher: ClockPublisher, precision: i8, stop: &AtomicBool) {
-    let Some(stratum) = cfg.local_stratum else { return };
+/// Refreshes the LOCAL clock's reference time; the first state is published before the
+/// workers start, so no request is ever answered "unsynchronised" by a configured LOCAL clock.
+fn run_clock(stratum: Option<u8>, mut publisher: ClockPublisher, precision: i8, stop: &AtomicBool) {
+    let Some(stratum) = stratum else { return };
     while !stop.load(Ordering::Relaxed) {
-        publisher.publish(local_state(stratum, precision, clock::realtime_ns()));
         let mut slept = Duration::ZERO;
         while slept < LOCAL_REFRESH && !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100));
             slept += Duration::from_millis(100);
         }
+        publisher.publish(local_state(stratum, precision, clock::realtime_ns()));
     }
 }
 
@@ -43,7 +45,10 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
 
     let precision = clock::measure_precision();
-    let (publisher, reader) = clock::snapshot(ClockState::unsynchronized(precision));
+    let (mut publisher, reader) = clock::snapshot(ClockState::unsynchronized(precision));
+    if let Some(stratum) = cfg.local_stratum {
+        publisher.publish(local_state(stratum, precision, clock::realtime_ns()));
+    }
     let srv = server::start(&cfg.serve, |_, st| NtpHandler::new(reader.clone(), st), stop.clone())?;
     for a in &srv.local_addrs {
         log::info!(
@@ -68,10 +73,10 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         }
     };
     let clock_stop = stop.clone();
-    let cfg_clock = cfg.clone();
+    let local_stratum = cfg.local_stratum;
     let clock_thread = std::thread::Builder::new()
         .name("gnomon-clock".into())
-        .spawn(move || run_clock(&cfg_clock, publisher, precision, &clock_stop))?;
+        .spawn(move || run_clock(local_stratum, publisher, precision, &clock_stop))?;
 
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));

@@ -6,6 +6,7 @@ pub mod mmsg;
 pub mod ntp;
 pub mod socket;
 pub mod stats;
+pub mod uring;
 
 use socket::{SocketOptions, bind_udp};
 use socket2::Socket;
@@ -141,6 +142,23 @@ fn available_cpus() -> Vec<usize> {
         .unwrap_or_default()
 }
 
+/// Resolves `auto` by probing the kernel once, with one log line when io_uring is unavailable.
+fn choose_backend(io: IoMode) -> io::Result<&'static str> {
+    match io {
+        IoMode::Mmsg => Ok("mmsg"),
+        IoMode::Uring => uring::probe()
+            .map(|()| "io_uring")
+            .map_err(|uring::Unsupported(why)| io::Error::new(io::ErrorKind::Unsupported, format!("io_uring: {why}"))),
+        IoMode::Auto => Ok(match uring::probe() {
+            Ok(()) => "io_uring",
+            Err(uring::Unsupported(why)) => {
+                log::info!("io_uring unavailable ({why}); using recvmmsg/sendmmsg");
+                "mmsg"
+            }
+        }),
+    }
+}
+
 /// Binds every worker's sockets (so errors show before anything runs), then starts the workers.
 /// `make_handler(worker_index, stats)` builds each worker's handler on the calling thread.
 pub fn start<H, F>(opts: &ServeOptions, make_handler: F, stop: Arc<AtomicBool>) -> io::Result<Server>
@@ -178,7 +196,7 @@ where
         }
     }
 
-    let backend = "mmsg";
+    let backend = choose_backend(opts.io)?;
     let mut stats = Vec::new();
     let mut threads = Vec::new();
     for (i, sockets) in per_worker.into_iter().enumerate() {
