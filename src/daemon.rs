@@ -43,6 +43,9 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    // SIGHUP's default action would kill the server on `systemctl reload`.
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
 
     let precision = clock::measure_precision();
     let (mut publisher, reader) = clock::snapshot(ClockState::unsynchronized(precision));
@@ -80,6 +83,9 @@ pub fn serve(cfg: Config) -> io::Result<()> {
 
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
+        if reload.swap(false, Ordering::Relaxed) {
+            log::info!("SIGHUP: nothing to reload in this configuration");
+        }
     }
     log::info!("stopping");
     let r = srv.join();

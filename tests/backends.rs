@@ -114,3 +114,49 @@ fn both_backends_reply_from_the_asked_address() {
         }
     }
 }
+
+/// Per-worker `received` counters.
+fn per_worker_received(srv: &Gnomon) -> Vec<u64> {
+    srv.stats()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["counters"]["received"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn source_steering_keeps_each_client_on_one_worker() {
+    for (io, _) in backends() {
+        let srv = Gnomon::start(&format!(
+            "io = \"{io}\"\nworkers = 2\nsteering = \"source\"\nlocal_stratum = 2\n"
+        ));
+        let port = srv.addr().port();
+        let target: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut workers_used = std::collections::BTreeSet::new();
+        let mut total = 0u64;
+        for host in 1..=6u8 {
+            let before = per_worker_received(&srv);
+            // Ten source ports from one source address: the kernel's hash would split them.
+            for _ in 0..10 {
+                let sock = std::net::UdpSocket::bind(format!("127.0.9.{host}:0")).unwrap();
+                sock.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+                    .unwrap();
+                assert!(exchange(&sock, target, &request(4, 3, 1)).is_some(), "{io}: no reply");
+            }
+            total += 10;
+            srv.wait_counter("received", total);
+            let after = per_worker_received(&srv);
+            let grew: Vec<usize> = (0..after.len()).filter(|&w| after[w] > before[w]).collect();
+            assert_eq!(
+                grew.len(),
+                1,
+                "{io}: 127.0.9.{host} reached workers {grew:?} ({before:?} -> {after:?})"
+            );
+            assert_eq!(after[grew[0]] - before[grew[0]], 10);
+            workers_used.insert(grew[0]);
+        }
+        // Six addresses over two workers: both get some.
+        assert_eq!(workers_used.len(), 2, "{io}: steering sent every client to one worker");
+    }
+}

@@ -59,6 +59,7 @@ struct RawConfig {
     cpus: Option<Spanned<Vec<i64>>>,
     local_stratum: Option<Spanned<i64>>,
     control_socket: Option<String>,
+    steering: Option<Spanned<String>>,
     recv_buffer: Option<Spanned<i64>>,
     send_buffer: Option<Spanned<i64>>,
 }
@@ -160,6 +161,9 @@ impl Config {
         }
         if let Some(io) = &raw.io {
             serve.io = io.get_ref().parse().map_err(|m: String| loc.value(io, m))?;
+        }
+        if let Some(st) = &raw.steering {
+            serve.steering = st.get_ref().parse().map_err(|m: String| loc.value(st, m))?;
         }
         if let Some(c) = &raw.cpus {
             let n = core_affinity::get_core_ids().map_or(usize::MAX, |v| v.len());

@@ -6,6 +6,7 @@ pub mod mmsg;
 pub mod ntp;
 pub mod socket;
 pub mod stats;
+pub mod steering;
 pub mod uring;
 
 use socket::{SocketOptions, bind_udp};
@@ -84,6 +85,7 @@ pub struct ServeOptions {
     /// CPUs to pin workers to, in order; empty = all CPUs the process may use.
     pub cpus: Vec<usize>,
     pub socket: SocketOptions,
+    pub steering: steering::Steering,
 }
 
 impl Default for ServeOptions {
@@ -102,6 +104,7 @@ impl Default for ServeOptions {
                 read_timeout: Some(Duration::from_millis(100)),
                 nonblocking: false,
             },
+            steering: steering::Steering::Source,
         }
     }
 }
@@ -193,6 +196,12 @@ where
             sockets.push(
                 bind_udp(bound, &opts.socket).map_err(|e| io::Error::new(e.kind(), format!("bind {bound}: {e}")))?,
             );
+        }
+        // Attached after the whole group is bound, so the kernel's socket index i is worker i.
+        if let Some(prog) = steering::program(opts.steering, bound.is_ipv6(), workers as u32) {
+            let last = per_worker[workers - 1].last().expect("bound above");
+            socket::attach_reuseport_cbpf(last, &prog)
+                .map_err(|e| io::Error::new(e.kind(), format!("reuseport steering on {bound}: {e}")))?;
         }
     }
 

@@ -68,6 +68,39 @@ pub fn bind_udp(addr: SocketAddr, opts: &SocketOptions) -> io::Result<Socket> {
     Ok(sock)
 }
 
+/// Attaches a classic BPF program to the socket's reuseport group (it then applies to every
+/// socket of the group).
+pub fn attach_reuseport_cbpf(sock: &Socket, prog: &[super::steering::Insn]) -> io::Result<()> {
+    let filters: Vec<libc::sock_filter> = prog
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let fprog = libc::sock_fprog {
+        len: filters.len() as u16,
+        filter: filters.as_ptr().cast_mut(),
+    };
+    // SAFETY: fprog points at `filters`, alive for the call; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Where a request arrived, so the reply can leave from the same address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LocalAddr {
