@@ -2,4 +2,5 @@
 //! the integration tests, the fuzz targets and the load generator share.
 
 pub mod clock;
+pub mod policy;
 pub mod proto;
