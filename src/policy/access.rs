@@ -184,6 +184,15 @@ impl Prefix {
         self.addr
     }
 
+    /// The last address of the network (the first is [`Prefix::addr`]).
+    pub fn last(&self) -> IpAddr {
+        let (_, last) = self.range();
+        match self.addr {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(last as u32)),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(last)),
+        }
+    }
+
     /// The prefix length in bits.
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u8 {
@@ -325,6 +334,8 @@ pub fn linear_lookup(rules: &[Rule], default: Action, addr: IpAddr) -> Match {
 
 /// Bits of the direct index in front of the binary search.
 const INDEX_BITS: u32 = 16;
+/// Up to this many candidate intervals are counted rather than binary-searched.
+const LINEAR_MAX: usize = 8;
 /// Below this many intervals the index costs more memory than the search steps it saves.
 const INDEX_MIN_INTERVALS: usize = 64;
 
@@ -335,8 +346,15 @@ struct Ranges<K> {
     starts: Box<[K]>,
     answers: Box<[Match]>,
     /// Empty, or `2^INDEX_BITS + 1` entries: `index[b]` is the interval holding the first address
-    /// whose top bits are `b`; the last entry is the last interval.
+    /// of the region whose index bits are `b`; the last entry is the last interval.
     index: Box<[u32]>,
+    /// The region: the longest prefix that all of `starts[1..]` share (capped so that the index
+    /// bits fit after it), as a mask and a value. The index covers the region only: below it
+    /// the answer is the first interval's, above it the last interval's.
+    region_mask: u128,
+    region_base: u128,
+    /// Where the index bits sit: `(key >> index_shift) & (2^INDEX_BITS - 1)`.
+    index_shift: u32,
 }
 
 impl<K: Copy + Ord + TryFrom<u128>> Ranges<K> {
@@ -400,33 +418,56 @@ impl<K: Copy + Ord + TryFrom<u128>> Ranges<K> {
             .map(|&(s, _)| K::try_from(s).ok().expect("start fits the family width"))
             .collect();
         let answers: Box<[Match]> = out.iter().map(|&(_, m)| m).collect();
-        let index = if out.len() < INDEX_MIN_INTERVALS {
-            Box::default()
-        } else {
-            let shift = width - INDEX_BITS;
-            let mut index = Vec::with_capacity((1 << INDEX_BITS) + 1);
+        let (mut index, mut region_mask, mut region_base, mut index_shift) = (Vec::new(), 0, 0, 0);
+        if out.len() >= INDEX_MIN_INTERVALS {
+            // Real IPv6 rules sit mostly in 2000::/3 and all in a few /16s: indexing the bits
+            // after their common prefix spreads them over the buckets instead of a handful.
+            let (lo, hi) = (out[1].0, out[out.len() - 1].0);
+            let common = ((lo ^ hi).leading_zeros() - (128 - width)).min(width - INDEX_BITS);
+            index_shift = width - common - INDEX_BITS;
+            region_mask = max & !host_mask(width, common as u8);
+            region_base = lo & region_mask;
+            index.reserve_exact((1 << INDEX_BITS) + 1);
             let mut p = 0usize;
             for b in 0u128..1 << INDEX_BITS {
-                let first = b << shift;
+                let first = region_base | (b << index_shift);
                 while p + 1 < out.len() && out[p + 1].0 <= first {
                     p += 1;
                 }
                 index.push(p as u32);
             }
             index.push((out.len() - 1) as u32);
-            index.into_boxed_slice()
-        };
-        Ranges { starts, answers, index }
+        }
+        Ranges {
+            starts,
+            answers,
+            index: index.into_boxed_slice(),
+            region_mask,
+            region_base,
+            index_shift,
+        }
     }
 
+    /// `wide` is `key` widened to 128 bits.
     #[inline]
-    fn find(&self, key: K, top: usize) -> Match {
-        let (lo, hi) = match self.index.get(top..top + 2) {
-            Some(&[lo, hi]) => (lo as usize, hi as usize),
-            _ => (0, self.starts.len() - 1),
+    fn find(&self, key: K, wide: u128) -> Match {
+        let last = self.starts.len() - 1;
+        let (lo, hi) = if self.index.is_empty() {
+            (0, last)
+        } else if wide & self.region_mask != self.region_base {
+            return self.answers[if wide < self.region_base { 0 } else { last }];
+        } else {
+            let b = (wide >> self.index_shift) as usize & ((1 << INDEX_BITS) - 1);
+            (self.index[b] as usize, self.index[b + 1] as usize)
         };
         // starts[lo] <= key < starts[hi + 1]: count the starts in between that are <= key.
-        let n = self.starts[lo + 1..=hi].partition_point(|&s| s <= key);
+        // A bucket usually holds a few: a branch-free count beats a search that mispredicts.
+        let between = &self.starts[lo + 1..=hi];
+        let n = if between.len() <= LINEAR_MAX {
+            between.iter().map(|&s| usize::from(s <= key)).sum()
+        } else {
+            between.partition_point(|&s| s <= key)
+        };
         self.answers[lo + n]
     }
 
@@ -468,11 +509,11 @@ impl AccessTable {
         match canonical(addr) {
             IpAddr::V4(a) => {
                 let k = u32::from(a);
-                self.v4.find(k, (k >> (32 - INDEX_BITS)) as usize)
+                self.v4.find(k, k.into())
             }
             IpAddr::V6(a) => {
                 let k = u128::from(a);
-                self.v6.find(k, (k >> (128 - INDEX_BITS)) as usize)
+                self.v6.find(k, k)
             }
         }
     }
@@ -557,6 +598,9 @@ mod tests {
         assert_eq!(Prefix::truncate(ip("10.1.2.3"), 8), Ok(p("10.0.0.0/8")));
         assert_eq!(Prefix::truncate(ip("2001:db8::1"), 0), Ok(p("::/0")));
         assert_eq!(Prefix::truncate(ip("10.1.2.3"), 33), Err(PrefixError::LengthTooLong));
+        assert_eq!(p("10.0.0.0/8").last(), ip("10.255.255.255"));
+        assert_eq!(p("2001:db8::/32").last(), ip("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff"));
+        assert_eq!(p("::/0").last(), ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"));
     }
 
     #[test]
