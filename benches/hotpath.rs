@@ -3,6 +3,7 @@
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use gnomon::clock::{self, ClockState};
+use gnomon::policy::{Action, PolicyConfig, PolicySet, RateLimitConfig, Rule, SharedPolicy};
 use gnomon::proto::{
     LeapIndicator, NtpTimestamp, RefId, ReplyTemplate, ServerInfo, check_request, stamp_transmit, write_reply,
 };
@@ -30,6 +31,37 @@ fn synced_info() -> ServerInfo {
         reference_id: RefId([192, 0, 2, 1]),
         reference_timestamp: NtpTimestamp(0xeeb0_0000_0000_0000),
     }
+}
+
+/// No rules: every client served (the policy cost is one lookup in an empty table).
+fn open_policy() -> Arc<SharedPolicy> {
+    Arc::new(SharedPolicy::new(PolicySet::build(PolicyConfig::default(), None)))
+}
+
+/// A pool-operator policy: 100,000 rules, the client `limited` (with limits it never reaches).
+fn pool_policy() -> Arc<SharedPolicy> {
+    let mut rules: Vec<Rule> = (0..100_000u32)
+        .map(|i| Rule {
+            prefix: format!("{}.{}.{}.0/24", 10 + (i >> 16), (i >> 8) & 255, i & 255)
+                .parse()
+                .unwrap(),
+            action: Action::Deny,
+        })
+        .collect();
+    rules.push(Rule {
+        prefix: "198.51.100.0/24".parse().unwrap(),
+        action: Action::Limited,
+    });
+    let config = PolicyConfig {
+        rules,
+        default: Action::Serve,
+        rate_limit: RateLimitConfig {
+            interval: 1e-3,
+            burst: 1_000_000,
+            ..Default::default()
+        },
+    };
+    Arc::new(SharedPolicy::new(PolicySet::build(config, None)))
 }
 
 fn bench(c: &mut Criterion) {
@@ -66,33 +98,38 @@ fn bench(c: &mut Criterion) {
         reference_time_ns: now,
         ..ClockState::unsynchronized(-24)
     });
-    let mut h = NtpHandler::new(reader, Arc::new(WorkerStats::new(0, None, "bench")));
     let peer: std::net::SocketAddr = "198.51.100.7:40000".parse().unwrap();
-    g.bench_function("ntp_handler", |b| {
-        b.iter_batched_ref(
-            || vec![[0u8; 1025]; 64],
-            |bufs| {
-                h.begin_batch();
-                let mut lens = [0usize; 64];
-                for (i, buf) in bufs.iter_mut().enumerate() {
-                    buf[..48].copy_from_slice(&request());
-                    lens[i] = h.handle(Datagram {
-                        buf,
-                        len: 48,
-                        truncated: false,
-                        peer,
-                        rx_realtime_ns: Some(now),
-                    });
-                }
-                let tx = h.transmit_stamp();
-                for (i, buf) in bufs.iter_mut().enumerate() {
-                    h.stamp(&mut buf[..lens[i]], now, &tx);
-                }
-                h.end_batch(64, 64);
-            },
-            BatchSize::LargeInput,
-        )
-    });
+    for (name, policy) in [
+        ("ntp_handler_open", open_policy()),
+        ("ntp_handler_100k_rules_limited", pool_policy()),
+    ] {
+        let mut h = NtpHandler::new(reader.clone(), policy, Arc::new(WorkerStats::new(0, None, "bench")));
+        g.bench_function(name, |b| {
+            b.iter_batched_ref(
+                || vec![[0u8; 1025]; 64],
+                |bufs| {
+                    h.begin_batch();
+                    let mut lens = [0usize; 64];
+                    for (i, buf) in bufs.iter_mut().enumerate() {
+                        buf[..48].copy_from_slice(&request());
+                        lens[i] = h.handle(Datagram {
+                            buf,
+                            len: 48,
+                            truncated: false,
+                            peer,
+                            rx_realtime_ns: Some(now),
+                        });
+                    }
+                    let tx = h.transmit_stamp();
+                    for (i, buf) in bufs.iter_mut().enumerate() {
+                        h.stamp(&mut buf[..lens[i]], now, &tx);
+                    }
+                    h.end_batch(64, 64);
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
     g.finish();
 }
 

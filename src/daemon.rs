@@ -3,6 +3,7 @@
 use crate::clock::{self, ClockPublisher, ClockState};
 use crate::config::Config;
 use crate::control::{self, ControlContext};
+use crate::policy::{PolicySet, SharedPolicy};
 use crate::server::{self, ntp::NtpHandler};
 use std::io;
 use std::sync::Arc;
@@ -38,21 +39,42 @@ fn run_clock(stratum: Option<u8>, mut publisher: ClockPublisher, precision: i8, 
     }
 }
 
+/// Re-reads the config file and swaps in its access rules and rate limits. Everything else
+/// (listen addresses, workers, time sources) needs a restart, and the answer says so.
+fn reload(source: &str, policy: &SharedPolicy) -> Result<String, String> {
+    let cfg = if source == crate::config::EMBEDDED_NAME {
+        Config::embedded()
+    } else {
+        Config::load(std::path::Path::new(source)).map_err(|e| format!("reload refused, old policy kept: {e}"))?
+    };
+    let rules = cfg.policy.rules.len();
+    let default = cfg.policy.default;
+    let generation = policy.replace(cfg.policy);
+    Ok(format!(
+        "reloaded {source}: {rules} restrict rules, default {default}, policy generation {generation} (listen, workers and time sources need a restart)"
+    ))
+}
+
 /// Runs until SIGINT or SIGTERM.
 pub fn serve(cfg: Config) -> io::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     // SIGHUP's default action would kill the server on `systemctl reload`.
-    let reload = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
+    let reload_requested = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload_requested.clone())?;
 
     let precision = clock::measure_precision();
     let (mut publisher, reader) = clock::snapshot(ClockState::unsynchronized(precision));
     if let Some(stratum) = cfg.local_stratum {
         publisher.publish(local_state(stratum, precision, clock::realtime_ns()));
     }
-    let srv = server::start(&cfg.serve, |_, st| NtpHandler::new(reader.clone(), st), stop.clone())?;
+    let policy = Arc::new(SharedPolicy::new(PolicySet::build(cfg.policy.clone(), None)));
+    let srv = server::start(
+        &cfg.serve,
+        |_, st| NtpHandler::new(reader.clone(), policy.clone(), st),
+        stop.clone(),
+    )?;
     for a in &srv.local_addrs {
         log::info!(
             "listening on {a} ({} workers, {} backend)",
@@ -64,7 +86,29 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         Some(s) => log::info!("time source: system clock as LOCAL stratum {s}"),
         None => log::warn!("no time source configured: replies say unsynchronised (LI 3)"),
     }
-    let ctx = Arc::new(ControlContext::new(srv.stats.clone(), None));
+    log::info!(
+        "policy: {} restrict rules, default {}, rate limit {} s interval, burst {}",
+        cfg.policy.rules.len(),
+        cfg.policy.default,
+        cfg.policy.rate_limit.interval,
+        cfg.policy.rate_limit.burst
+    );
+    let source = cfg.source.clone();
+    let control_policy = policy.clone();
+    let extra: control::Extra = Box::new(move |line: &str| match line {
+        "reload" => Some(match reload(&source, &control_policy) {
+            Ok(m) => {
+                log::info!("{m}");
+                m + "\n"
+            }
+            Err(m) => {
+                log::error!("{m}");
+                format!("error: {m}\n")
+            }
+        }),
+        _ => None,
+    });
+    let ctx = Arc::new(ControlContext::new(srv.stats.clone(), Some(extra)));
     let control = match control::spawn(&cfg.control_socket, ctx, stop.clone()) {
         Ok(h) => {
             log::info!("control socket {}", cfg.control_socket.display());
@@ -83,8 +127,11 @@ pub fn serve(cfg: Config) -> io::Result<()> {
 
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
-        if reload.swap(false, Ordering::Relaxed) {
-            log::info!("SIGHUP: nothing to reload in this configuration");
+        if reload_requested.swap(false, Ordering::Relaxed) {
+            match reload(&cfg.source, &policy) {
+                Ok(m) => log::info!("SIGHUP: {m}"),
+                Err(m) => log::error!("SIGHUP: {m}"),
+            }
         }
     }
     log::info!("stopping");

@@ -59,6 +59,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-read the config's access rules and rate limits in the running server (as SIGHUP does).
+    Reload {
+        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
+        control: PathBuf,
+    },
     /// A bare UDP echo server on the same workers and backend (the benchmark ceiling).
     #[command(hide = true)]
     BenchEcho {
@@ -144,6 +149,15 @@ fn run(cmd: Command) -> Result<ExitCode, String> {
                 .map_err(|e| e.to_string())?;
             print!("{out}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload { control } => {
+            let out = gnomon::control::request(&control, "reload").map_err(|e| e.to_string())?;
+            print!("{out}");
+            Ok(if out.starts_with("error") {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::BenchEcho {
             listen,

@@ -2,6 +2,7 @@
 //! under a counting global allocator, and the count must not move.
 
 use gnomon::clock::{self, ClockState};
+use gnomon::policy::{Action, PolicyConfig, PolicySet, RateLimitConfig, Rule, SharedPolicy};
 use gnomon::proto::{LeapIndicator, RefId};
 use gnomon::server::ntp::NtpHandler;
 use gnomon::server::stats::WorkerStats;
@@ -29,6 +30,25 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The client is `limited` with limits it never reaches, so the access table and the rate
+/// limiter are both on the path being counted.
+fn policy() -> Arc<SharedPolicy> {
+    let config = PolicyConfig {
+        rules: vec![Rule {
+            prefix: "198.51.100.0/24".parse().unwrap(),
+            action: Action::Limited,
+        }],
+        default: Action::Deny,
+        rate_limit: RateLimitConfig {
+            interval: 1e-3,
+            burst: 1_000_000,
+            table_bytes: 1 << 20,
+            ..Default::default()
+        },
+    };
+    Arc::new(SharedPolicy::new(PolicySet::build(config, None)))
+}
+
 #[test]
 fn ntp_handler_does_not_allocate_per_request() {
     let (mut publisher, reader) = clock::snapshot(ClockState::unsynchronized(-24));
@@ -41,7 +61,7 @@ fn ntp_handler_does_not_allocate_per_request() {
         reference_time_ns: now,
         ..ClockState::unsynchronized(-24)
     });
-    let mut h = NtpHandler::new(reader, Arc::new(WorkerStats::new(0, None, "test")));
+    let mut h = NtpHandler::new(reader, policy(), Arc::new(WorkerStats::new(0, None, "test")));
     let mut bufs = vec![[0u8; 1025]; 64];
     let peer: std::net::SocketAddr = "198.51.100.7:40000".parse().unwrap();
     let mut run_batches = |n: usize, h: &mut NtpHandler| {

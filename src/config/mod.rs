@@ -1,6 +1,7 @@
 //! The TOML config file: parsing and validation into plain typed structs. Every error names the
 //! file, the line and the key. No serde type leaves this module.
 
+use crate::policy::{Action, PolicyConfig, Rule};
 use crate::server::ServeOptions;
 use serde::Deserialize;
 use std::fmt;
@@ -12,6 +13,8 @@ use toml::Spanned;
 pub const DEFAULT_PATH: &str = "/etc/gnomon/gnomon.toml";
 /// The config used when no file is given or found; also shipped as `deploy/gnomon.toml`.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../deploy/gnomon.toml");
+/// How the embedded default names itself in messages.
+pub const EMBEDDED_NAME: &str = "<embedded default>";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/gnomon/gnomon.sock";
 pub const NTP_PORT: u16 = 123;
 
@@ -48,6 +51,27 @@ pub struct Config {
     /// Serve the system clock as stratum N (the "LOCAL clock" of isolated networks).
     pub local_stratum: Option<u8>,
     pub control_socket: PathBuf,
+    /// Access rules and rate limits: the part `gnomon reload` can change without a restart.
+    pub policy: PolicyConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRestrict {
+    address: Spanned<String>,
+    action: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    interval: Option<Spanned<f64>>,
+    burst: Option<Spanned<i64>>,
+    ipv4_prefix: Option<Spanned<i64>>,
+    ipv6_prefix: Option<Spanned<i64>>,
+    table_bytes: Option<Spanned<i64>>,
+    leak: Option<Spanned<i64>>,
+    kod: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -62,6 +86,9 @@ struct RawConfig {
     steering: Option<Spanned<String>>,
     recv_buffer: Option<Spanned<i64>>,
     send_buffer: Option<Spanned<i64>>,
+    #[serde(default)]
+    restrict: Vec<RawRestrict>,
+    rate_limit: Option<RawRateLimit>,
 }
 
 /// Turns a byte offset into a 1-based line number and the key written on that line.
@@ -185,7 +212,9 @@ impl Config {
             .as_ref()
             .map(|s| int_in(&loc, s, 1, 15, "local_stratum"))
             .transpose()?;
+        let policy = parse_policy(&loc, &raw.restrict, raw.rate_limit.as_ref())?;
         Ok(Config {
+            policy,
             source: file.to_string(),
             serve,
             local_stratum,
@@ -207,7 +236,7 @@ impl Config {
     }
 
     pub fn embedded() -> Config {
-        Config::parse(EMBEDDED_DEFAULT, "<embedded default>").expect("the embedded default config is valid")
+        Config::parse(EMBEDDED_DEFAULT, EMBEDDED_NAME).expect("the embedded default config is valid")
     }
 
     /// `--config` if given, else the default path if it exists, else the embedded default.
@@ -218,6 +247,64 @@ impl Config {
             None => Ok(Config::embedded()),
         }
     }
+}
+
+fn parse_policy(
+    loc: &Locator,
+    restrict: &[RawRestrict],
+    rl: Option<&RawRateLimit>,
+) -> Result<PolicyConfig, ConfigError> {
+    let mut policy = PolicyConfig::default();
+    let mut default_seen = false;
+    for r in restrict {
+        let action: Action = r
+            .action
+            .get_ref()
+            .parse()
+            .map_err(|e: crate::policy::UnknownAction| loc.value(&r.action, e.to_string()))?;
+        let address = r.address.get_ref().trim();
+        if address == "default" {
+            if default_seen {
+                return Err(loc.value(&r.address, "a second `default` rule"));
+            }
+            default_seen = true;
+            policy.default = action;
+            continue;
+        }
+        let prefix = address
+            .parse()
+            .map_err(|e: crate::policy::PrefixError| loc.value(&r.address, format!("`{address}`: {e}")))?;
+        policy.rules.push(Rule { prefix, action });
+    }
+    if let Some(rl) = rl {
+        let c = &mut policy.rate_limit;
+        if let Some(i) = &rl.interval {
+            let v = *i.get_ref();
+            if !(v.is_finite() && (0.001..=86_400.0).contains(&v)) {
+                return Err(loc.value(i, format!("interval must be between 0.001 and 86400 seconds, got {v}")));
+            }
+            c.interval = v;
+        }
+        if let Some(b) = &rl.burst {
+            c.burst = int_in(loc, b, 1, 1_000_000, "burst")?;
+        }
+        if let Some(p) = &rl.ipv4_prefix {
+            c.ipv4_prefix = int_in(loc, p, 1, 32, "ipv4_prefix")?;
+        }
+        if let Some(p) = &rl.ipv6_prefix {
+            c.ipv6_prefix = int_in(loc, p, 1, 128, "ipv6_prefix")?;
+        }
+        if let Some(t) = &rl.table_bytes {
+            c.table_bytes = int_in(loc, t, 4096, 1 << 34, "table_bytes")?;
+        }
+        if let Some(l) = &rl.leak {
+            c.leak = int_in(loc, l, 0, 1 << 20, "leak")?;
+        }
+        if let Some(k) = rl.kod {
+            c.kod = k;
+        }
+    }
+    Ok(policy)
 }
 
 fn default_listen() -> Vec<SocketAddr> {
@@ -277,6 +364,36 @@ mod tests {
             e.to_string(),
             "f:1: key `workers`: workers must be between 0 and 1024, got -1"
         );
+    }
+
+    #[test]
+    fn restrict_and_rate_limit() {
+        let c = Config::parse(
+            "[[restrict]]\naddress = \"default\"\naction = \"limited\"\n\n[[restrict]]\naddress = \"192.168.1.0 mask 255.255.255.0\"\naction = \"serve\"\n\n[[restrict]]\naddress = \"2001:db8::/32\"\naction = \"deny\"\n\n[rate_limit]\ninterval = 2.0\nburst = 4\nleak = 0\nkod = true\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(c.policy.default, Action::Limited);
+        assert_eq!(c.policy.rules.len(), 2);
+        assert_eq!(c.policy.rules[0].action, Action::Serve);
+        assert_eq!(c.policy.rules[0].prefix, "192.168.1.0/24".parse().unwrap());
+        assert_eq!(c.policy.rate_limit.interval, 2.0);
+        assert_eq!(c.policy.rate_limit.burst, 4);
+        assert!(c.policy.rate_limit.kod);
+    }
+
+    #[test]
+    fn bad_restrict_names_line_and_key() {
+        let e = Config::parse("[[restrict]]\naddress = \"10.0.0.0/33\"\naction = \"serve\"\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("address")), "{e}");
+        let e = Config::parse("[[restrict]]\naddress = \"10.0.0.0/8\"\naction = \"allow\"\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("action")), "{e}");
+        let e = Config::parse("[[restrict]]\naddress = \"10.0.0.0/8\"\nactoin = \"serve\"\n", "f").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("actoin"), "{e}");
+        let e = Config::parse("[rate_limit]\nburst = 0\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("burst")), "{e}");
+        let e = Config::parse("[rate_limit]\ninterval = -1.0\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("interval")), "{e}");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 pub mod access;
 pub mod ratelimit;
+pub mod set;
 
 pub use access::{AccessTable, Action, Match, Prefix, PrefixError, Rule, UnknownAction, linear_lookup};
 pub use ratelimit::{Checked, Limit, RateLimitConfig, RateLimiter};
+pub use set::{PolicyConfig, PolicySet, SharedPolicy};

@@ -1,9 +1,11 @@
 //! The NTP handler: request checks, policy, and the reply stamped from the clock snapshot.
 
+use super::socket::peer_ip;
 use super::stats::{Counter, LocalStats, WorkerStats};
 use super::{Datagram, Handler, TxStamp};
 use crate::clock::{ClockReader, ClockState, realtime_ns};
-use crate::proto::{ReplyTemplate, check_request, stamp_transmit, write_reply};
+use crate::policy::{Action, Limit, PolicySet, SharedPolicy};
+use crate::proto::{RefId, ReplyTemplate, check_request, stamp_transmit, write_reply};
 use std::sync::Arc;
 
 /// One worker's NTP handler. Everything it needs per batch is read once in `begin_batch`.
@@ -11,22 +13,45 @@ pub struct NtpHandler {
     clock: ClockReader,
     state: ClockState,
     template: ReplyTemplate,
+    kod_deny: ReplyTemplate,
+    kod_rate: ReplyTemplate,
     batch_realtime_ns: i64,
+    shared_policy: Arc<SharedPolicy>,
+    policy: Arc<PolicySet>,
+    policy_generation: u64,
+    /// xorshift64 state for the rate limiter's leak.
+    rng: u64,
     local: LocalStats,
     shared: Arc<WorkerStats>,
 }
 
 impl NtpHandler {
-    pub fn new(clock: ClockReader, shared: Arc<WorkerStats>) -> NtpHandler {
+    pub fn new(clock: ClockReader, policy: Arc<SharedPolicy>, shared: Arc<WorkerStats>) -> NtpHandler {
         let state = clock.load();
+        let mut seed = [0u8; 8];
+        let _ = getrandom::fill(&mut seed);
         NtpHandler {
             template: ReplyTemplate::new(&state.server_info(0)),
+            kod_deny: ReplyTemplate::kiss(RefId::DENY),
+            kod_rate: ReplyTemplate::kiss(RefId::RATE),
             clock,
             state,
             batch_realtime_ns: 0,
+            policy_generation: policy.generation(),
+            policy: policy.load(),
+            shared_policy: policy,
+            rng: u64::from_le_bytes(seed) | 1,
             local: LocalStats::default(),
             shared,
         }
+    }
+
+    #[inline]
+    fn random(&mut self) -> u32 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 32) as u32
     }
 }
 
@@ -40,6 +65,12 @@ impl Handler for NtpHandler {
         // 48-byte encode, far cheaper than the receive syscall that precedes it.
         self.template = ReplyTemplate::new(&state.server_info(now));
         self.state = state;
+        // A reload swaps the policy; one atomic load per batch notices it.
+        let generation = self.shared_policy.generation();
+        if generation != self.policy_generation {
+            self.policy = self.shared_policy.load();
+            self.policy_generation = generation;
+        }
     }
 
     #[inline]
@@ -60,8 +91,44 @@ impl Handler for NtpHandler {
                 self.batch_realtime_ns
             }
         };
+        let ip = peer_ip(&d.peer);
+        let action = self.policy.access.lookup(ip).action;
+        self.local.add(Counter::from_action(action), 1);
+        let template = match action {
+            Action::Serve | Action::Exempt => &self.template,
+            Action::Ignore => {
+                self.local.add(Counter::Ignored, 1);
+                return 0;
+            }
+            Action::Deny => {
+                self.local.add(Counter::KodDeny, 1);
+                &self.kod_deny
+            }
+            Action::Limited => {
+                let random = self.random();
+                let checked = self.policy.limiter.check_detail(ip, rx as u64, random);
+                if checked.evicted {
+                    self.local.add(Counter::RateEvicted, 1);
+                }
+                match checked.limit {
+                    Limit::Allow => &self.template,
+                    Limit::Leak => {
+                        self.local.add(Counter::Leaked, 1);
+                        &self.template
+                    }
+                    Limit::Drop => {
+                        self.local.add(Counter::RateLimited, 1);
+                        return 0;
+                    }
+                    Limit::Kod => {
+                        self.local.add(Counter::KodRate, 1);
+                        &self.kod_rate
+                    }
+                }
+            }
+        };
         self.local.add(Counter::Answered, 1);
-        write_reply(d.buf, &self.template, self.state.ntp_time(rx))
+        write_reply(d.buf, template, self.state.ntp_time(rx))
     }
 
     #[inline]

@@ -24,10 +24,16 @@ pub enum Counter {
     SendFailed,
     NoTimestamp,
     Batches,
+    RuleServe,
+    RuleIgnore,
+    RuleDeny,
+    RuleLimited,
+    RuleExempt,
+    RateEvicted,
 }
 
 impl Counter {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 21;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::Received,
         Counter::Answered,
@@ -44,6 +50,12 @@ impl Counter {
         Counter::SendFailed,
         Counter::NoTimestamp,
         Counter::Batches,
+        Counter::RuleServe,
+        Counter::RuleIgnore,
+        Counter::RuleDeny,
+        Counter::RuleLimited,
+        Counter::RuleExempt,
+        Counter::RateEvicted,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -63,6 +75,24 @@ impl Counter {
             Counter::SendFailed => "drop_send_failed",
             Counter::NoTimestamp => "no_kernel_timestamp",
             Counter::Batches => "batches",
+            Counter::RuleServe => "rule_serve",
+            Counter::RuleIgnore => "rule_ignore",
+            Counter::RuleDeny => "rule_deny",
+            Counter::RuleLimited => "rule_limited",
+            Counter::RuleExempt => "rule_exempt",
+            Counter::RateEvicted => "rate_table_evictions",
+        }
+    }
+
+    /// The requests each access-table action matched.
+    pub fn from_action(a: crate::policy::Action) -> Counter {
+        use crate::policy::Action as A;
+        match a {
+            A::Serve => Counter::RuleServe,
+            A::Ignore => Counter::RuleIgnore,
+            A::Deny => Counter::RuleDeny,
+            A::Limited => Counter::RuleLimited,
+            A::Exempt => Counter::RuleExempt,
         }
     }
 
