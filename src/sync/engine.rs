@@ -167,6 +167,14 @@ impl SyncCore {
             if let Some(req) = e.source.poll(now_ns, random()) {
                 out.push((e.source.addr, req));
             }
+            // A source that went silent is no longer selected, whatever the last selection said.
+            if !e.source.is_reachable() && e.verdict.is_some() {
+                e.verdict = None;
+                if self.system_peer == Some(e.source.addr) {
+                    self.system_peer = None;
+                    self.select_state = SelectState::NoCandidates;
+                }
+            }
         }
     }
 
@@ -283,7 +291,7 @@ impl SyncCore {
                     name: s.name.clone(),
                     addr: Some(s.addr),
                     tally: e.verdict.map_or(' ', Verdict::tally),
-                    refid: last.map_or_else(String::new, |l| l.reference_id.display(l.stratum)),
+                    refid: last.map_or_else(String::new, |l| refid_text(l.reference_id, l.stratum)),
                     stratum: last.map_or(0, |l| l.stratum),
                     kind: if s.pool { 'p' } else { 'u' },
                     when_s: s.last_reply_ns.map(|t| ((now_ns - t).max(0) / 1_000_000_000) as u64),
@@ -324,13 +332,17 @@ impl SyncCore {
             .system_peer
             .filter(|_| self.discipline.has_synced())
             .and_then(|p| self.entries.iter().find(|e| e.source.addr == p))
-            .map(|e| format!("{} ({})", e.source.name, e.source.addr));
+            .map(|e| match e.source.name == e.source.addr.ip().to_string() {
+                true => e.source.addr.to_string(),
+                false => format!("{} ({})", e.source.name, e.source.addr),
+            });
         let has_local = state.reference_id == RefId::LOCL;
         SyncReport {
             sources,
             system: SystemReport {
                 synced,
                 why_unsynced: (!synced).then(|| self.why_unsynced(now_ns)),
+                holdover: synced && !has_local && self.select_state != SelectState::Selected,
                 stratum: state.stratum,
                 refid: state.reference_id.display(if has_local { 1 } else { state.stratum }),
                 system_peer: peer,
@@ -429,5 +441,15 @@ impl SyncCore {
             parts.push(format!("{} spoofed/mismatched replies", s.mismatched));
         }
         (!parts.is_empty()).then(|| parts.join("; "))
+    }
+}
+
+/// A refid as text: the ASCII code of a stratum-1 server when it is one (chrony's local clock
+/// sends 127.127.1.1 instead), else a dotted quad.
+fn refid_text(refid: RefId, stratum: u8) -> String {
+    if stratum <= 1 && refid.is_ascii_code() {
+        refid.display(0)
+    } else {
+        refid.to_ipv4().to_string()
     }
 }

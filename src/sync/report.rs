@@ -36,6 +36,8 @@ pub struct SystemReport {
     pub synced: bool,
     /// Why not synchronised, in words.
     pub why_unsynced: Option<String>,
+    /// Synchronised, but no source is selected now: coasting on the last estimate.
+    pub holdover: bool,
     pub stratum: u8,
     pub refid: String,
     /// The system peer, as `name (address)`.
@@ -129,7 +131,7 @@ pub fn render_status(report: &SyncReport) -> String {
     let s = &report.system;
     let mut out = String::new();
     let refid = match &s.system_peer {
-        Some(p) => format!("{} ({p})", s.refid),
+        Some(p) => format!("{}, system peer {p}", s.refid),
         None => s.refid.clone(),
     };
     let _ = writeln!(out, "Reference ID    : {refid}");
@@ -151,6 +153,7 @@ pub fn render_status(report: &SyncReport) -> String {
     let _ = writeln!(out, "Leap status     : {}", s.leap);
     let _ = writeln!(out, "Clock mode      : {}", s.mode);
     let synced = match (&s.why_unsynced, s.synced) {
+        (_, true) if s.holdover => "yes (holdover: no source selected, root dispersion growing)".to_string(),
         (_, true) => "yes".to_string(),
         (Some(w), false) => format!("no ({w})"),
         (None, false) => "no".to_string(),
@@ -222,6 +225,7 @@ mod tests {
             system: SystemReport {
                 synced: true,
                 why_unsynced: None,
+                holdover: false,
                 stratum: 2,
                 refid: "127.0.0.1".into(),
                 system_peer: Some("127.0.0.1:11123".into()),
