@@ -104,70 +104,108 @@ impl ClockFilter {
         let min_delay = self.samples.iter().map(|s| s.delay).fold(f64::INFINITY, f64::min);
         // Noise floor: half the lower-quartile delay excess, so one lucky sample does not take
         // all the weight when every sample is noisy.
-        let mut excess: Vec<f64> = self.samples.iter().map(|s| s.delay - min_delay).collect();
+        let mut excess = [0.0f64; MAX_SAMPLES];
+        let excess = &mut excess[..self.samples.len()];
+        for (x, s) in excess.iter_mut().zip(&self.samples) {
+            *x = s.delay - min_delay;
+        }
         excess.sort_by(f64::total_cmp);
         let floor = (excess[excess.len() / 4] / 2.0).max(precision).max(1e-9);
-        let point = |s: &Sample| {
+        let mut points = [(0.0, 0.0, 0.0); MAX_SAMPLES];
+        let points = &mut points[..self.samples.len()];
+        for (p, s) in points.iter_mut().zip(&self.samples) {
             let e = (s.delay - min_delay) / 2.0 + floor;
-            (nanos_to_secs(s.local_ns - last.local_ns), s.offset, 1.0 / (e * e))
-        };
-        let sw: f64 = self.samples.iter().map(|s| point(s).2).sum();
-        let tbar = self.samples.iter().map(|s| point(s).0 * point(s).2).sum::<f64>() / sw;
-        let ybar = self.samples.iter().map(|s| point(s).1 * point(s).2).sum::<f64>() / sw;
-        let stt: f64 = self
-            .samples
-            .iter()
-            .map(|s| point(s).2 * (point(s).0 - tbar).powi(2))
-            .sum();
-        let n = self.samples.len();
-        let frequency = if n >= 2 && stt > 0.0 {
-            let sty: f64 = self
-                .samples
-                .iter()
-                .map(|s| {
-                    let (t, y, w) = point(s);
-                    w * (t - tbar) * (y - ybar)
-                })
-                .sum();
-            (sty / stt).clamp(-MAX_FREQUENCY, MAX_FREQUENCY)
-        } else {
-            0.0
-        };
-        let rss: f64 = self
-            .samples
-            .iter()
-            .map(|s| {
-                let (t, y, w) = point(s);
-                w * (y - ybar - frequency * (t - tbar)).powi(2)
-            })
-            .sum();
-        let jitter = (rss / sw).sqrt().max(precision);
-        // Variance of unit weight: from the residuals when there are spare degrees of freedom,
-        // else from the weights alone (the noise floor).
-        let unit_var = if n > 2 { rss / (n - 2) as f64 } else { 1.0 };
-        // Residuals that happen to be tiny must not make the estimate overconfident.
-        let unit_var = unit_var.max(0.01);
+            *p = (nanos_to_secs(s.local_ns - last.local_ns), s.offset, 1.0 / (e * e));
+        }
+        // Like chrony's runs test: while the residuals' signs form too few runs, the line does
+        // not fit (the frequency wandered), so older samples are dropped.
+        let mut fit = Fit::new(points);
+        for start in 1..points.len().saturating_sub(MIN_WINDOW - 1) {
+            // A fit already inside the noise floor has nothing left to explain.
+            if fit.runs >= min_runs(fit.n) || fit.rss / fit.sw <= 0.25 * floor * floor {
+                break;
+            }
+            fit = Fit::new(&points[start..]);
+        }
+        let n = fit.n;
         let now_rel = nanos_to_secs(now_ns - last.local_ns);
-        let (frequency_sigma, offset_sigma) = if n >= 2 && stt > 0.0 {
-            let fs = (unit_var / stt).sqrt();
-            let os = (unit_var * (1.0 / sw + (now_rel - tbar).powi(2) / stt)).sqrt();
+        // Variance of unit weight: from the residuals when there are spare degrees of freedom,
+        // else from the weights alone (the noise floor). Residuals that happen to be tiny must
+        // not make the estimate overconfident.
+        let unit_var = if n > 2 { fit.rss / (n - 2) as f64 } else { 1.0 }.max(0.01);
+        let (frequency_sigma, offset_sigma) = if fit.stt > 0.0 {
+            let fs = (unit_var / fit.stt).sqrt();
+            let os = (unit_var * (1.0 / fit.sw + (now_rel - fit.tbar).powi(2) / fit.stt)).sqrt();
             (fs, os)
         } else {
-            let os = (unit_var / sw).sqrt() + UNKNOWN_FREQUENCY_SIGMA * (now_rel - tbar).abs();
+            let os = (unit_var / fit.sw).sqrt() + UNKNOWN_FREQUENCY_SIGMA * (now_rel - fit.tbar).abs();
             (UNKNOWN_FREQUENCY_SIGMA, os)
         };
         Some(Estimate {
-            offset: ybar + frequency * (now_rel - tbar),
-            frequency,
+            offset: fit.ybar + fit.frequency * (now_rel - fit.tbar),
+            frequency: fit.frequency,
             offset_sigma,
             frequency_sigma,
             delay: min_delay,
-            jitter,
+            jitter: (fit.rss / fit.sw).sqrt().max(precision),
             dispersion: last.dispersion + PHI * now_rel.max(0.0),
             root_delay: last.root_delay,
             root_dispersion: last.root_dispersion,
             samples: n,
         })
+    }
+}
+
+/// The regression never drops below this many samples.
+const MIN_WINDOW: usize = 4;
+
+/// Fewest sign runs that n residuals of a good fit show (one-sided 5%, normal approximation of
+/// the Wald-Wolfowitz runs test with equal signs: mean (n+1)/2, variance (n-1)/4).
+fn min_runs(n: usize) -> usize {
+    let n = n as f64;
+    ((n + 1.0) / 2.0 - 1.645 * ((n - 1.0) / 4.0).sqrt()).ceil().max(1.0) as usize
+}
+
+/// Weighted least squares of offset against time over (t, offset, weight) points.
+struct Fit {
+    n: usize,
+    sw: f64,
+    tbar: f64,
+    ybar: f64,
+    stt: f64,
+    frequency: f64,
+    rss: f64,
+    runs: usize,
+}
+
+impl Fit {
+    fn new(points: &[(f64, f64, f64)]) -> Fit {
+        let sw: f64 = points.iter().map(|p| p.2).sum();
+        let tbar = points.iter().map(|p| p.0 * p.2).sum::<f64>() / sw;
+        let ybar = points.iter().map(|p| p.1 * p.2).sum::<f64>() / sw;
+        let stt: f64 = points.iter().map(|p| p.2 * (p.0 - tbar).powi(2)).sum();
+        let frequency = if points.len() >= 2 && stt > 0.0 {
+            let sty: f64 = points.iter().map(|p| p.2 * (p.0 - tbar) * (p.1 - ybar)).sum();
+            (sty / stt).clamp(-MAX_FREQUENCY, MAX_FREQUENCY)
+        } else {
+            0.0
+        };
+        let residual = |p: &(f64, f64, f64)| p.1 - ybar - frequency * (p.0 - tbar);
+        let rss = points.iter().map(|p| p.2 * residual(p).powi(2)).sum();
+        let runs = 1 + points
+            .windows(2)
+            .filter(|w| (residual(&w[0]) >= 0.0) != (residual(&w[1]) >= 0.0))
+            .count();
+        Fit {
+            n: points.len(),
+            sw,
+            tbar,
+            ybar,
+            stt: if points.len() >= 2 { stt } else { 0.0 },
+            frequency,
+            rss,
+            runs,
+        }
     }
 }
 
@@ -217,6 +255,26 @@ mod tests {
         let e = f.estimate(base + 7 * 16_000_000_000, 1e-7).unwrap();
         assert!(e.offset.abs() < 1e-3, "{}", e.offset);
         assert_eq!(e.delay, 0.01);
+    }
+
+    #[test]
+    fn wandering_frequency_shrinks_the_window() {
+        // The frequency changed 8 samples ago: a line through all 16 misses the recent ones.
+        let mut f = ClockFilter::default();
+        for i in 0..16i64 {
+            let t = i as f64 * 64.0;
+            let offset = if i < 8 { 0.0 } else { 20e-6 * (t - 8.0 * 64.0) };
+            f.add(sample(
+                i * 64_000_000_000,
+                offset + if i % 2 == 0 { 1e-6 } else { -1e-6 },
+                0.01,
+            ));
+        }
+        let e = f.estimate(15 * 64_000_000_000, 1e-7).unwrap();
+        // One flat sample may stay in (that window passes the test at 5%).
+        assert!((e.frequency - 20e-6).abs() < 2e-6, "{}", e.frequency);
+        assert!(e.samples <= 9, "{}", e.samples);
+        assert!((e.offset - 20e-6 * 7.0 * 64.0).abs() < 2e-4, "{}", e.offset);
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub const IBURST_COUNT: u8 = 6;
 pub const IBURST_SPACING_NS: i64 = 2_000_000_000;
 /// Valid replies in a row at one poll interval before it is doubled.
 const POLL_RAISE_AFTER: u32 = 4;
+/// A sample further from the prediction than this many times its expected error shortens polling.
+const POLL_GATE: f64 = 3.0;
 /// A pool member unanswered for this many polls is dropped so the pool name is re-resolved.
 pub const DROP_AFTER_MISSED: u32 = 16;
 
@@ -261,9 +263,22 @@ impl Source {
                 self.reach |= 1;
                 self.missed = 0;
                 self.last_reply_ns = Some(t4_ns);
+                // Poll adjustment (after RFC 5905 section 13.2): a sample the estimate did not
+                // predict means the clock wanders faster than this interval can follow, so
+                // the interval shrinks; well predicted samples in a row let it grow.
+                let predicted = self
+                    .filter
+                    .estimate(sample.local_ns, 2f64.powi(precision.into()))
+                    .filter(|e| e.samples >= POLL_RAISE_AFTER as usize)
+                    .is_none_or(|e| (sample.offset - e.offset).abs() <= POLL_GATE * (e.jitter + e.offset_sigma));
                 self.filter.add(sample);
-                self.good_in_row += 1;
                 let floor = self.minpoll.max(self.rate_floor.unwrap_or(MIN_POLL));
+                if predicted {
+                    self.good_in_row += 1;
+                } else {
+                    self.good_in_row = 0;
+                    self.poll -= 1;
+                }
                 if self.poll < floor {
                     self.poll = floor;
                 }
