@@ -82,28 +82,20 @@ fn start_chronyd(dir: &Path, i: usize) -> Chronyd {
     Chronyd { child, port }
 }
 
-/// Answers every client request with time `offset_s` ahead of the kernel clock, stratum 1.
-fn fake_server(offset_s: i64, stop: Arc<AtomicBool>) -> (u16, JoinHandle<()>) {
+/// A loopback UDP server thread: `answer` turns each datagram into the reply, if any.
+fn udp_server(
+    stop: Arc<AtomicBool>,
+    answer: impl Fn(&[u8]) -> Option<[u8; 48]> + Send + 'static,
+) -> (u16, JoinHandle<()>) {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     let port = sock.local_addr().unwrap().port();
     let h = std::thread::spawn(move || {
         let mut buf = [0u8; 1024];
         while !stop.load(Ordering::Relaxed) {
-            let Ok((n, from)) = sock.recv_from(&mut buf) else {
-                continue;
-            };
-            let ts = || NtpTimestamp::from_unix_nanos((realtime_ns() + offset_s * 1_000_000_000).into());
-            let info = ServerInfo {
-                leap: LeapIndicator::NoWarning,
-                stratum: 1,
-                precision: -20,
-                root_delay: NtpShort::ZERO,
-                root_dispersion: NtpShort::from_seconds_ceil(1e-4),
-                reference_id: RefId(*b"FAKE"),
-                reference_timestamp: ts(),
-            };
-            if let Ok(r) = respond(&buf[..n], &info, ts(), ts()) {
+            if let Ok((n, from)) = sock.recv_from(&mut buf)
+                && let Some(r) = answer(&buf[..n])
+            {
                 let _ = sock.send_to(&r, from);
             }
         }
@@ -111,31 +103,31 @@ fn fake_server(offset_s: i64, stop: Arc<AtomicBool>) -> (u16, JoinHandle<()>) {
     (port, h)
 }
 
+/// Answers every client request with time `offset_s` ahead of the kernel clock, stratum 1.
+fn fake_server(offset_s: i64, stop: Arc<AtomicBool>) -> (u16, JoinHandle<()>) {
+    udp_server(stop, move |req| {
+        let ts = || NtpTimestamp::from_unix_nanos((realtime_ns() + offset_s * 1_000_000_000).into());
+        let info = ServerInfo {
+            leap: LeapIndicator::NoWarning,
+            stratum: 1,
+            precision: -20,
+            root_delay: NtpShort::ZERO,
+            root_dispersion: NtpShort::from_seconds_ceil(1e-4),
+            reference_id: RefId(*b"FAKE"),
+            reference_timestamp: ts(),
+        };
+        respond(req, &info, ts(), ts()).ok()
+    })
+}
+
 /// Serves the published snapshot like a worker would (one request at a time).
 fn snapshot_server(reader: ClockReader, stop: Arc<AtomicBool>) -> (u16, JoinHandle<()>) {
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    let port = sock.local_addr().unwrap().port();
-    let h = std::thread::spawn(move || {
-        let mut buf = [0u8; 1024];
-        while !stop.load(Ordering::Relaxed) {
-            let Ok((n, from)) = sock.recv_from(&mut buf) else {
-                continue;
-            };
-            let t2 = realtime_ns();
-            let state: ClockState = reader.load();
-            let t3 = realtime_ns();
-            if let Ok(r) = respond(
-                &buf[..n],
-                &state.server_info(t3),
-                state.ntp_time(t2),
-                state.ntp_time(t3),
-            ) {
-                let _ = sock.send_to(&r, from);
-            }
-        }
-    });
-    (port, h)
+    udp_server(stop, move |req| {
+        let t2 = realtime_ns();
+        let state: ClockState = reader.load();
+        let t3 = realtime_ns();
+        respond(req, &state.server_info(t3), state.ntp_time(t2), state.ntp_time(t3)).ok()
+    })
 }
 
 fn wait_for(

@@ -355,6 +355,16 @@ mod tests {
         (reply, t3 - 500_000_000 + 10_000_000)
     }
 
+    /// The reply turned into a Kiss-o'-Death with `code`.
+    fn kissed(mut reply: [u8; 48], code: RefId) -> [u8; 48] {
+        let mut h = Header::decode(&reply).unwrap();
+        h.stratum = 0;
+        h.leap = LeapIndicator::Unsynchronized;
+        h.reference_id = code;
+        h.encode(&mut reply);
+        reply
+    }
+
     fn src(iburst: bool) -> Source {
         let mut cfg = UpstreamConfig::new("127.0.0.1");
         cfg.iburst = iburst;
@@ -408,12 +418,7 @@ mod tests {
         far.root_dispersion = NtpShort::from_seconds_ceil(3.5);
         let (far, _) = exchange(&req, t1, &far);
         assert!(matches!(validate(tx, t1, &far, t4, PREC), Err(Rejection::TooFar(d)) if d > 3.5));
-        let mut kod = good;
-        let mut h = Header::decode(&kod).unwrap();
-        h.stratum = 0;
-        h.leap = LeapIndicator::Unsynchronized;
-        h.reference_id = RefId::RATE;
-        h.encode(&mut kod);
+        let kod = kissed(good, RefId::RATE);
         assert_eq!(validate(tx, t1, &kod, t4, PREC), Err(Rejection::Kiss(RefId::RATE)));
         // A spoofed KoD (wrong origin) is not believed.
         assert_eq!(
@@ -476,11 +481,8 @@ mod tests {
         let mut s = src(false);
         let now = s.next_poll_at().unwrap();
         let req = s.poll(now, 77).unwrap();
-        let (mut kod, t4) = exchange(&req, now, &info(1));
-        let mut h = Header::decode(&kod).unwrap();
-        h.stratum = 0;
-        h.reference_id = RefId::RATE;
-        h.encode(&mut kod);
+        let (reply, t4) = exchange(&req, now, &info(1));
+        let kod = kissed(reply, RefId::RATE);
         let before = s.poll;
         assert_eq!(s.receive(&kod, t4, PREC), Err(Rejection::Kiss(RefId::RATE)));
         assert!(s.poll > before && s.poll > s.minpoll);
@@ -488,11 +490,8 @@ mod tests {
 
         let now = s.next_poll_at().unwrap();
         let req = s.poll(now, 78).unwrap();
-        let (mut kod, t4) = exchange(&req, now, &info(1));
-        let mut h = Header::decode(&kod).unwrap();
-        h.stratum = 0;
-        h.reference_id = RefId::DENY;
-        h.encode(&mut kod);
+        let (reply, t4) = exchange(&req, now, &info(1));
+        let kod = kissed(reply, RefId::DENY);
         assert_eq!(s.receive(&kod, t4, PREC), Err(Rejection::Kiss(RefId::DENY)));
         assert_eq!(s.next_poll_at(), None);
         assert_eq!(s.poll(now + 1_000_000_000_000, 1), None);
