@@ -94,10 +94,6 @@ impl ClockFilter {
         self.samples.back()
     }
 
-    pub fn clear(&mut self) {
-        self.samples.clear();
-    }
-
     /// The source's view of the local clock at `now_ns`. `precision` is ours, in seconds.
     pub fn estimate(&self, now_ns: i64, precision: f64) -> Option<Estimate> {
         let last = *self.samples.back()?;
