@@ -10,3 +10,4 @@ pub mod policy;
 pub mod proto;
 pub mod query;
 pub mod server;
+pub mod sync;

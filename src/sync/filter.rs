@@ -1,0 +1,296 @@
+//! Per-source estimator: a weighted linear regression of measured offset against local time over
+//! the last [`MAX_SAMPLES`] samples, in the manner of chrony's sourcestats.
+//!
+//! Why a regression rather than the RFC 5905 8-stage minimum-delay filter: in software mode the
+//! samples measure the *raw* kernel clock, whose offset keeps moving at its frequency error
+//! (100 ppm moves 6 ms a minute). The RFC filter would return the lowest-delay sample however
+//! old it is; a regression instead yields the offset *now* and the frequency, which the
+//! discipline needs anyway. The RFC's minimum-delay idea survives as the weights: a sample's
+//! offset error is bounded by half its delay, so samples whose delay exceeds the minimum get a
+//! weight falling with the square of that excess.
+
+use super::nanos_to_secs;
+use crate::clock::PHI;
+use crate::proto::{LeapIndicator, RefId};
+use std::collections::VecDeque;
+
+/// Samples kept per source: 16 polls (17 minutes at 64 s, 4.5 hours at 1024 s).
+pub const MAX_SAMPLES: usize = 16;
+/// Frequency estimates beyond this (s/s) are clamped: no working clock is that far off.
+pub const MAX_FREQUENCY: f64 = 4.5e-4;
+/// Frequency uncertainty assumed from a single sample.
+const UNKNOWN_FREQUENCY_SIGMA: f64 = 1e-4;
+
+/// One validated measurement.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct Sample {
+    /// Local realtime at the middle of the exchange, (T1 + T4) / 2.
+    pub local_ns: i64,
+    /// Seconds, upstream time minus local realtime (RFC 5905 theta).
+    pub offset: f64,
+    /// Round-trip delay in seconds (RFC 5905 delta), at least the precision.
+    pub delay: f64,
+    /// Seconds: both precisions plus PHI over the round trip (RFC 5905 epsilon).
+    pub dispersion: f64,
+    pub root_delay: f64,
+    pub root_dispersion: f64,
+    pub leap: LeapIndicator,
+    pub stratum: u8,
+    pub reference_id: RefId,
+}
+
+/// What a source says about the local clock, extrapolated to a given instant.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct Estimate {
+    /// Upstream time minus local realtime at the requested instant (s).
+    pub offset: f64,
+    /// Rate of change of `offset` (s/s): minus the local clock's frequency error.
+    pub frequency: f64,
+    /// Standard error of `offset` at the instant (s).
+    pub offset_sigma: f64,
+    /// Standard error of `frequency`.
+    pub frequency_sigma: f64,
+    /// Smallest delay among the samples (s).
+    pub delay: f64,
+    /// Weighted RMS of the residuals (RFC 5905 peer jitter), at least the precision.
+    pub jitter: f64,
+    /// Latest sample's dispersion grown by PHI since it was taken (RFC 5905 peer dispersion).
+    pub dispersion: f64,
+    /// Upstream root delay and root dispersion from the latest sample.
+    pub root_delay: f64,
+    pub root_dispersion: f64,
+    pub samples: usize,
+}
+
+impl Estimate {
+    /// RFC 5905 root distance (lambda): the half-width of the interval the true offset is in.
+    pub fn root_distance(&self) -> f64 {
+        (self.root_delay + self.delay) / 2.0 + self.root_dispersion + self.dispersion + self.jitter
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ClockFilter {
+    samples: VecDeque<Sample>,
+}
+
+impl ClockFilter {
+    pub fn add(&mut self, s: Sample) {
+        if self.samples.len() == MAX_SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(s);
+    }
+
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    pub fn last(&self) -> Option<&Sample> {
+        self.samples.back()
+    }
+
+    /// The source's view of the local clock at `now_ns`. `precision` is ours, in seconds.
+    pub fn estimate(&self, now_ns: i64, precision: f64) -> Option<Estimate> {
+        let last = *self.samples.back()?;
+        let min_delay = self.samples.iter().map(|s| s.delay).fold(f64::INFINITY, f64::min);
+        // Noise floor: half the lower-quartile delay excess, so one lucky sample does not take
+        // all the weight when every sample is noisy.
+        let mut excess = [0.0f64; MAX_SAMPLES];
+        let excess = &mut excess[..self.samples.len()];
+        for (x, s) in excess.iter_mut().zip(&self.samples) {
+            *x = s.delay - min_delay;
+        }
+        excess.sort_by(f64::total_cmp);
+        let floor = (excess[excess.len() / 4] / 2.0).max(precision).max(1e-9);
+        let mut points = [(0.0, 0.0, 0.0); MAX_SAMPLES];
+        let points = &mut points[..self.samples.len()];
+        for (p, s) in points.iter_mut().zip(&self.samples) {
+            let e = (s.delay - min_delay) / 2.0 + floor;
+            *p = (nanos_to_secs(s.local_ns - last.local_ns), s.offset, 1.0 / (e * e));
+        }
+        // Like chrony's runs test: while the residuals' signs form too few runs, the line does
+        // not fit (the frequency wandered), so older samples are dropped.
+        let mut fit = Fit::new(points);
+        for start in 1..points.len().saturating_sub(MIN_WINDOW - 1) {
+            // A fit already inside the noise floor has nothing left to explain.
+            if fit.runs >= min_runs(fit.n) || fit.rss / fit.sw <= 0.25 * floor * floor {
+                break;
+            }
+            fit = Fit::new(&points[start..]);
+        }
+        let n = fit.n;
+        let now_rel = nanos_to_secs(now_ns - last.local_ns);
+        // Variance of unit weight: from the residuals when there are spare degrees of freedom,
+        // else from the weights alone (the noise floor). Residuals that happen to be tiny must
+        // not make the estimate overconfident.
+        let unit_var = if n > 2 { fit.rss / (n - 2) as f64 } else { 1.0 }.max(0.01);
+        let (frequency_sigma, offset_sigma) = if fit.stt > 0.0 {
+            let fs = (unit_var / fit.stt).sqrt();
+            let os = (unit_var * (1.0 / fit.sw + (now_rel - fit.tbar).powi(2) / fit.stt)).sqrt();
+            (fs, os)
+        } else {
+            let os = (unit_var / fit.sw).sqrt() + UNKNOWN_FREQUENCY_SIGMA * (now_rel - fit.tbar).abs();
+            (UNKNOWN_FREQUENCY_SIGMA, os)
+        };
+        Some(Estimate {
+            offset: fit.ybar + fit.frequency * (now_rel - fit.tbar),
+            frequency: fit.frequency,
+            offset_sigma,
+            frequency_sigma,
+            delay: min_delay,
+            jitter: (fit.rss / fit.sw).sqrt().max(precision),
+            dispersion: last.dispersion + PHI * now_rel.max(0.0),
+            root_delay: last.root_delay,
+            root_dispersion: last.root_dispersion,
+            samples: n,
+        })
+    }
+}
+
+/// The regression never drops below this many samples.
+const MIN_WINDOW: usize = 4;
+
+/// Fewest sign runs that n residuals of a good fit show (one-sided 5%, normal approximation of
+/// the Wald-Wolfowitz runs test with equal signs: mean (n+1)/2, variance (n-1)/4).
+fn min_runs(n: usize) -> usize {
+    let n = n as f64;
+    ((n + 1.0) / 2.0 - 1.645 * ((n - 1.0) / 4.0).sqrt()).ceil().max(1.0) as usize
+}
+
+/// Weighted least squares of offset against time over (t, offset, weight) points.
+struct Fit {
+    n: usize,
+    sw: f64,
+    tbar: f64,
+    ybar: f64,
+    stt: f64,
+    frequency: f64,
+    rss: f64,
+    runs: usize,
+}
+
+impl Fit {
+    fn new(points: &[(f64, f64, f64)]) -> Fit {
+        let sw: f64 = points.iter().map(|p| p.2).sum();
+        let tbar = points.iter().map(|p| p.0 * p.2).sum::<f64>() / sw;
+        let ybar = points.iter().map(|p| p.1 * p.2).sum::<f64>() / sw;
+        let stt: f64 = points.iter().map(|p| p.2 * (p.0 - tbar).powi(2)).sum();
+        let frequency = if points.len() >= 2 && stt > 0.0 {
+            let sty: f64 = points.iter().map(|p| p.2 * (p.0 - tbar) * (p.1 - ybar)).sum();
+            (sty / stt).clamp(-MAX_FREQUENCY, MAX_FREQUENCY)
+        } else {
+            0.0
+        };
+        let residual = |p: &(f64, f64, f64)| p.1 - ybar - frequency * (p.0 - tbar);
+        let rss = points.iter().map(|p| p.2 * residual(p).powi(2)).sum();
+        let runs = 1 + points
+            .windows(2)
+            .filter(|w| (residual(&w[0]) >= 0.0) != (residual(&w[1]) >= 0.0))
+            .count();
+        Fit {
+            n: points.len(),
+            sw,
+            tbar,
+            ybar,
+            stt: if points.len() >= 2 { stt } else { 0.0 },
+            frequency,
+            rss,
+            runs,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(local_ns: i64, offset: f64, delay: f64) -> Sample {
+        Sample {
+            local_ns,
+            offset,
+            delay,
+            dispersion: 1e-6,
+            root_delay: 0.0,
+            root_dispersion: 0.0,
+            leap: LeapIndicator::NoWarning,
+            stratum: 1,
+            reference_id: RefId(*b"GPS\0"),
+        }
+    }
+
+    #[test]
+    fn recovers_offset_and_frequency_of_a_line() {
+        let mut f = ClockFilter::default();
+        let base = 1_000_000_000_000_000_000i64;
+        for i in 0..10 {
+            let t = i as f64 * 64.0;
+            f.add(sample(base + (t * 1e9) as i64, 0.1 - 100e-6 * t, 0.01));
+        }
+        let now = base + 700 * 1_000_000_000;
+        let e = f.estimate(now, 1e-7).unwrap();
+        assert!((e.frequency + 100e-6).abs() < 1e-9, "{}", e.frequency);
+        assert!((e.offset - (0.1 - 100e-6 * 700.0)).abs() < 1e-6, "{}", e.offset);
+        assert_eq!(e.samples, 10);
+        assert!(e.root_distance() >= 0.005);
+    }
+
+    #[test]
+    fn high_delay_samples_weigh_less() {
+        let mut f = ClockFilter::default();
+        let base = 0i64;
+        for i in 0..8 {
+            // Every other sample went through a queue: 20 ms more delay, 10 ms offset error.
+            let (o, d) = if i % 2 == 0 { (0.0, 0.01) } else { (0.01, 0.03) };
+            f.add(sample(base + i * 16_000_000_000, o, d));
+        }
+        let e = f.estimate(base + 7 * 16_000_000_000, 1e-7).unwrap();
+        assert!(e.offset.abs() < 1e-3, "{}", e.offset);
+        assert_eq!(e.delay, 0.01);
+    }
+
+    #[test]
+    fn wandering_frequency_shrinks_the_window() {
+        // The frequency changed 8 samples ago: a line through all 16 misses the recent ones.
+        let mut f = ClockFilter::default();
+        for i in 0..16i64 {
+            let t = i as f64 * 64.0;
+            let offset = if i < 8 { 0.0 } else { 20e-6 * (t - 8.0 * 64.0) };
+            f.add(sample(
+                i * 64_000_000_000,
+                offset + if i % 2 == 0 { 1e-6 } else { -1e-6 },
+                0.01,
+            ));
+        }
+        let e = f.estimate(15 * 64_000_000_000, 1e-7).unwrap();
+        // One flat sample may stay in (that window passes the test at 5%).
+        assert!((e.frequency - 20e-6).abs() < 2e-6, "{}", e.frequency);
+        assert!(e.samples <= 9, "{}", e.samples);
+        assert!((e.offset - 20e-6 * 7.0 * 64.0).abs() < 2e-4, "{}", e.offset);
+    }
+
+    #[test]
+    fn window_is_bounded() {
+        let mut f = ClockFilter::default();
+        for i in 0..100 {
+            f.add(sample(i * 1_000_000_000, 0.0, 0.01));
+        }
+        assert_eq!(f.len(), MAX_SAMPLES);
+        assert_eq!(f.last().unwrap().local_ns, 99_000_000_000);
+    }
+
+    #[test]
+    fn single_sample_has_unknown_frequency() {
+        let mut f = ClockFilter::default();
+        f.add(sample(0, 0.25, 0.01));
+        let e = f.estimate(10_000_000_000, 1e-7).unwrap();
+        assert_eq!(e.offset, 0.25);
+        assert_eq!(e.frequency, 0.0);
+        assert!(e.frequency_sigma >= UNKNOWN_FREQUENCY_SIGMA);
+        assert!(e.dispersion > PHI * 9.0);
+    }
+}

@@ -1,0 +1,115 @@
+//! The sync side: polling upstream servers, filtering, selecting and combining them, and
+//! disciplining the published clock snapshot.
+//!
+//! Everything but [`shell`] is sans-IO: plain functions and state machines fed with reply
+//! bytes and times (kernel realtime nanoseconds) by the caller, so the simulation tests drive
+//! the same code on virtual time. [`shell`] is the small I/O layer: the sync thread with its
+//! UDP socket, DNS lookups and the publisher.
+
+pub mod discipline;
+pub mod engine;
+pub mod filter;
+pub mod report;
+pub mod select;
+pub mod shell;
+pub mod source;
+
+pub use discipline::{ClockModeError, Discipline, SystemEstimate, check_system_mode};
+pub use engine::SyncCore;
+pub use filter::{ClockFilter, Estimate, Sample};
+pub use report::{SourceReport, SyncReport, SystemReport, render_sources, render_status};
+pub use select::{Candidate, Outcome, Selection, Verdict, select};
+pub use shell::{SyncHandle, spawn};
+pub use source::{Rejection, Source, validate};
+
+/// How the corrected time reaches clients.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum ClockMode {
+    /// The kernel clock is left alone; replies are corrected through the snapshot.
+    #[default]
+    Software,
+    /// The kernel clock is steered too (needs CAP_SYS_TIME). Not implemented yet: refused.
+    System,
+}
+
+impl ClockMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ClockMode::Software => "software",
+            ClockMode::System => "system",
+        }
+    }
+}
+
+/// One `[[upstream]]` (or pool) entry, as parsed from the config file.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct UpstreamConfig {
+    /// Host name or IP address.
+    pub address: String,
+    pub port: u16,
+    /// A pool: the name resolves to several servers, each used as a source.
+    pub pool: bool,
+    /// Start with a burst of quick polls so the first synchronisation takes seconds.
+    pub iburst: bool,
+    /// log2 seconds.
+    pub minpoll: i8,
+    /// log2 seconds.
+    pub maxpoll: i8,
+    /// Becomes the system peer whenever it survives selection.
+    pub prefer: bool,
+    /// Its interval decides which region of agreement wins, even without a majority.
+    pub trust: bool,
+}
+
+impl UpstreamConfig {
+    /// Defaults as in ntpd/chrony: port 123, poll between 64 s and 1024 s.
+    pub fn new(address: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            address: address.to_string(),
+            port: 123,
+            pool: false,
+            iburst: false,
+            minpoll: 6,
+            maxpoll: 10,
+            prefer: false,
+            trust: false,
+        }
+    }
+}
+
+/// Everything the sync thread needs from the config file.
+#[derive(Clone, PartialEq, Debug)]
+pub struct SyncConfig {
+    pub upstreams: Vec<UpstreamConfig>,
+    pub mode: ClockMode,
+    /// Holdover limit: once root dispersion passes this many seconds, replies say LI 3.
+    pub max_root_dispersion: f64,
+    /// With no upstreams: serve the local clock at this stratum (refid LOCL).
+    pub local_stratum: Option<u8>,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            upstreams: Vec::new(),
+            mode: ClockMode::Software,
+            max_root_dispersion: 1.0,
+            local_stratum: None,
+        }
+    }
+}
+
+/// Poll exponents accepted from the config: 1 s to 36 h (RFC 5905 MAXPOLL 17).
+pub const MIN_POLL: i8 = 0;
+pub const MAX_POLL: i8 = 17;
+
+/// chrony's `maxdistance`: a source whose root distance is larger is not usable.
+pub const MAX_DISTANCE: f64 = 3.0;
+
+pub(crate) fn nanos_to_secs(ns: i64) -> f64 {
+    ns as f64 * 1e-9
+}
+
+pub(crate) fn secs_to_nanos(s: f64) -> i64 {
+    (s * 1e9).round() as i64
+}

@@ -1,0 +1,267 @@
+//! What the operator sees: per-source and system state, and their text renderings for
+//! `gnomon sources` (like `ntpq -p`, plus why a source is not in use) and `gnomon status`
+//! (like `chronyc tracking`). Pure data and formatting.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+
+#[derive(Clone, PartialEq, Debug)]
+pub struct SourceReport {
+    /// The configured name (host, address or pool name).
+    pub name: String,
+    /// None when the name did not resolve.
+    pub addr: Option<SocketAddr>,
+    /// '*' system peer, '+' combined, '-' outlier, '#' not combined (too far), 'x' falseticker,
+    /// ' ' not a candidate.
+    pub tally: char,
+    /// The upstream's refid as text.
+    pub refid: String,
+    pub stratum: u8,
+    /// 'u' unicast, 'p' pool member.
+    pub kind: char,
+    /// Seconds since the last valid reply.
+    pub when_s: Option<u64>,
+    pub poll_log2: i8,
+    pub reach: u8,
+    pub delay_ms: Option<f64>,
+    pub offset_ms: Option<f64>,
+    pub jitter_ms: Option<f64>,
+    /// Why this source is not the one in use, in words (None for the system peer).
+    pub why: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Debug)]
+pub struct SystemReport {
+    /// What replies say right now (holdover past its limit counts as unsynchronised).
+    pub synced: bool,
+    /// Why not synchronised, in words.
+    pub why_unsynced: Option<String>,
+    /// Synchronised, but no source is selected now: coasting on the last estimate.
+    pub holdover: bool,
+    pub stratum: u8,
+    pub refid: String,
+    /// The system peer, as `name (address)`.
+    pub system_peer: Option<String>,
+    /// Phase error left to slew at the last update (s).
+    pub offset_s: f64,
+    /// True time minus kernel realtime now (software mode's correction, s).
+    pub correction_s: f64,
+    /// Rate of the correction (ppm); minus the kernel clock's frequency error while not slewing.
+    pub frequency_ppm: f64,
+    pub root_delay_s: f64,
+    /// Now, including growth since the last update.
+    pub root_dispersion_s: f64,
+    /// "normal", "insert second", "delete second" or "not synchronised".
+    pub leap: String,
+    /// True time of the last clock update (Unix seconds).
+    pub last_update_unix_s: Option<f64>,
+    /// Seconds since then.
+    pub since_update_s: Option<f64>,
+    /// "software" or "system".
+    pub mode: String,
+}
+
+#[derive(Clone, PartialEq, Debug)]
+pub struct SyncReport {
+    pub sources: Vec<SourceReport>,
+    pub system: SystemReport,
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"))
+}
+
+fn remote(s: &SourceReport) -> String {
+    match s.addr {
+        Some(a) if a.ip().to_string() == s.name => a.to_string(),
+        Some(a) if a.port() == 123 => a.ip().to_string(),
+        Some(a) => a.to_string(),
+        None => s.name.clone(),
+    }
+}
+
+/// `ntpq -p` style table. With `why`, each line ends with the reason the source is not in use.
+pub fn render_sources(report: &SyncReport, why: bool) -> String {
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "     {:<26} {:<15} {:>2} t {:>5} {:>4} {:>5} {:>9} {:>10} {:>8}",
+        "remote", "refid", "st", "when", "poll", "reach", "delay", "offset", "jitter"
+    );
+    if why {
+        out.push_str("  why");
+    }
+    out.push('\n');
+    out.push_str(&"=".repeat(if why { 120 } else { 97 }));
+    out.push('\n');
+    for s in &report.sources {
+        let when = s.when_s.map_or_else(|| "-".to_string(), |w| w.to_string());
+        let mut name = remote(s);
+        if name.len() > 30 {
+            name.truncate(30);
+        }
+        let _ = write!(
+            out,
+            "{}{:<30} {:<15} {:>2} {} {:>5} {:>4} {:>5o} {:>9} {:>10} {:>8}",
+            s.tally,
+            name,
+            s.refid,
+            s.stratum,
+            s.kind,
+            when,
+            1u64 << s.poll_log2.clamp(0, 17),
+            s.reach,
+            ms(s.delay_ms),
+            ms(s.offset_ms),
+            ms(s.jitter_ms)
+        );
+        if why {
+            let _ = write!(out, "  {}", s.why.as_deref().unwrap_or("in use (system peer)"));
+        }
+        out.push('\n');
+    }
+    if report.sources.is_empty() {
+        out.push_str("(no upstream sources configured)\n");
+    }
+    out
+}
+
+/// `chronyc tracking` style summary.
+pub fn render_status(report: &SyncReport) -> String {
+    let s = &report.system;
+    let mut out = String::new();
+    let refid = match &s.system_peer {
+        Some(p) => format!("{}, system peer {p}", s.refid),
+        None => s.refid.clone(),
+    };
+    let _ = writeln!(out, "Reference ID    : {refid}");
+    let _ = writeln!(out, "Stratum         : {}", s.stratum);
+    let last = match (s.last_update_unix_s, s.since_update_s) {
+        (Some(t), Some(ago)) => format!("{} ({ago:.0} s ago)", utc(t)),
+        _ => "never".to_string(),
+    };
+    let _ = writeln!(out, "Ref time (UTC)  : {last}");
+    let _ = writeln!(
+        out,
+        "Correction      : {:+.9} seconds (true time minus kernel clock)",
+        s.correction_s
+    );
+    let _ = writeln!(out, "Last offset     : {:+.9} seconds", s.offset_s);
+    let _ = writeln!(out, "Frequency       : {:+.3} ppm", s.frequency_ppm);
+    let _ = writeln!(out, "Root delay      : {:.9} seconds", s.root_delay_s);
+    let _ = writeln!(out, "Root dispersion : {:.9} seconds", s.root_dispersion_s);
+    let _ = writeln!(out, "Leap status     : {}", s.leap);
+    let _ = writeln!(out, "Clock mode      : {}", s.mode);
+    let synced = match (&s.why_unsynced, s.synced) {
+        (_, true) if s.holdover => "yes (holdover: no source selected, root dispersion growing)".to_string(),
+        (_, true) => "yes".to_string(),
+        (Some(w), false) => format!("no ({w})"),
+        (None, false) => "no".to_string(),
+    };
+    let _ = writeln!(out, "Synchronised    : {synced}");
+    out
+}
+
+/// Unix seconds as `YYYY-MM-DD hh:mm:ss` (UTC), civil-from-days after Howard Hinnant.
+fn utc(unix_s: f64) -> String {
+    let secs = unix_s.floor() as i64;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> SyncReport {
+        SyncReport {
+            sources: vec![
+                SourceReport {
+                    name: "127.0.0.1".into(),
+                    addr: Some("127.0.0.1:11123".parse().unwrap()),
+                    tally: '*',
+                    refid: "LOCL".into(),
+                    stratum: 1,
+                    kind: 'u',
+                    when_s: Some(3),
+                    poll_log2: 6,
+                    reach: 0o377,
+                    delay_ms: Some(0.05),
+                    offset_ms: Some(-0.012),
+                    jitter_ms: Some(0.004),
+                    why: None,
+                },
+                SourceReport {
+                    name: "pool.example".into(),
+                    addr: None,
+                    tally: ' ',
+                    refid: String::new(),
+                    stratum: 0,
+                    kind: 'p',
+                    when_s: None,
+                    poll_log2: 6,
+                    reach: 0,
+                    delay_ms: None,
+                    offset_ms: None,
+                    jitter_ms: None,
+                    why: Some("DNS failure: no address".into()),
+                },
+            ],
+            system: SystemReport {
+                synced: true,
+                why_unsynced: None,
+                holdover: false,
+                stratum: 2,
+                refid: "127.0.0.1".into(),
+                system_peer: Some("127.0.0.1:11123".into()),
+                offset_s: 1e-6,
+                correction_s: 0.1,
+                frequency_ppm: -100.0,
+                root_delay_s: 0.001,
+                root_dispersion_s: 0.0002,
+                leap: "normal".into(),
+                last_update_unix_s: Some(1_700_000_000.0),
+                since_update_s: Some(12.0),
+                mode: "software".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn sources_table() {
+        let r = report();
+        let t = render_sources(&r, false);
+        let line = t.lines().nth(2).unwrap();
+        assert!(line.starts_with("*127.0.0.1:11123"), "{line}");
+        assert!(line.contains(" 377 "), "reach in octal: {line}");
+        assert!(line.contains("   64 "), "poll in seconds: {line}");
+        assert!(!t.contains("DNS failure"));
+        let w = render_sources(&r, true);
+        assert!(w.contains("DNS failure: no address"));
+        assert!(w.lines().nth(3).unwrap().starts_with(" pool.example"));
+    }
+
+    #[test]
+    fn status_text() {
+        let t = render_status(&report());
+        assert!(t.contains("Stratum         : 2"));
+        assert!(t.contains("2023-11-14 22:13:20 (12 s ago)"), "{t}");
+        assert!(t.contains("-100.000 ppm"));
+        assert!(t.contains("Synchronised    : yes"));
+    }
+}

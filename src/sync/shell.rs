@@ -1,0 +1,239 @@
+//! The sync thread: the I/O around [`SyncCore`]. One UDP socket for all upstreams (dual-stack
+//! when IPv6 is available), DNS through `ToSocketAddrs`, random transmit timestamps from
+//! `getrandom`, and the clock publisher.
+//!
+//! T1 and T4 are `realtime_ns()` readings taken just before the send and just after the receive
+//! returns. Kernel receive timestamps would shave the thread wake-up latency (tens of
+//! microseconds) off the delay, which matters little for polling servers over a network.
+//! The blocking receive wakes as soon as a reply arrives, so T4 is not quantised by the timeout.
+
+use super::engine::SyncCore;
+use super::report::SyncReport;
+use super::{SyncConfig, UpstreamConfig, check_system_mode};
+use crate::clock::{ClockPublisher, realtime_ns};
+use crate::proto::HEADER_LEN;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Longest the thread blocks, so it notices `stop` promptly.
+const MAX_WAIT_NS: i64 = 100_000_000;
+/// Names that failed to resolve are retried this often.
+const DNS_RETRY_NS: i64 = 60_000_000_000;
+/// The report is rebuilt at least this often even when nothing happened (for "when").
+const REPORT_EVERY_NS: i64 = 1_000_000_000;
+/// A pool contributes at most this many addresses.
+const MAX_POOL_SOURCES: usize = 8;
+
+/// The running sync thread.
+pub struct SyncHandle {
+    report: Arc<Mutex<SyncReport>>,
+    thread: JoinHandle<()>,
+}
+
+impl SyncHandle {
+    /// The latest report (rebuilt by the thread at least once a second).
+    pub fn report(&self) -> SyncReport {
+        match self.report.lock() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Waits for the thread to end (set `stop` first).
+    pub fn join(self) -> std::thread::Result<()> {
+        self.thread.join()
+    }
+}
+
+/// Starts the sync thread. It publishes through `publisher` until `stop` is set.
+/// Fails at once for mode `system` (see [`check_system_mode`]) or if no socket can be opened.
+pub fn spawn(
+    config: SyncConfig,
+    mut publisher: ClockPublisher,
+    precision: i8,
+    stop: Arc<AtomicBool>,
+) -> io::Result<SyncHandle> {
+    check_system_mode(config.mode).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
+    let socket = open_socket()?;
+    let now = realtime_ns();
+    let mut core = SyncCore::new(&config, precision, now);
+    for up in &config.upstreams {
+        resolve_into(&mut core, up, now);
+    }
+    publisher.publish(core.state());
+    let report = Arc::new(Mutex::new(core.report(now)));
+    let shared = report.clone();
+    let thread = std::thread::Builder::new()
+        .name("gnomon-sync".into())
+        .spawn(move || run(core, socket, publisher, shared, &stop))?;
+    Ok(SyncHandle { report, thread })
+}
+
+/// A dual-stack socket if the host has IPv6, else IPv4 only.
+fn open_socket() -> io::Result<UdpSocket> {
+    let v6 = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
+        s.set_only_v6(false)?;
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
+        Ok(s)
+    });
+    match v6 {
+        Ok(s) => Ok(s.into()),
+        Err(_) => UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)),
+    }
+}
+
+fn resolve(up: &UpstreamConfig) -> io::Result<Vec<SocketAddr>> {
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for a in (up.address.as_str(), up.port).to_socket_addrs()? {
+        if !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
+    if addrs.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::NotFound, "no address"));
+    }
+    addrs.truncate(if up.pool { MAX_POOL_SOURCES } else { 1 });
+    Ok(addrs)
+}
+
+fn resolve_into(core: &mut SyncCore, up: &UpstreamConfig, now: i64) {
+    match resolve(up) {
+        Ok(addrs) => {
+            for a in addrs {
+                core.add_source(up, a, now);
+            }
+        }
+        Err(e) => core.set_unresolved(up, e.to_string()),
+    }
+}
+
+/// IPv4 addresses go out of a dual-stack socket as v4-mapped IPv6.
+fn wire_addr(socket_is_v6: bool, a: SocketAddr) -> SocketAddr {
+    match (socket_is_v6, a) {
+        (true, SocketAddr::V4(v4)) => SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0)),
+        _ => a,
+    }
+}
+
+fn source_addr(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => a,
+        },
+        a => a,
+    }
+}
+
+/// Fresh random bits for transmit timestamps. getrandom does not fail on Linux after boot;
+/// should it, a splitmix64 over the clock still gives values an off-path spoofer cannot guess
+/// exactly.
+fn random_u64(fallback: &mut u64) -> u64 {
+    getrandom::u64().unwrap_or_else(|_| {
+        *fallback = fallback.wrapping_add(0x9e37_79b9_7f4a_7c15) ^ realtime_ns() as u64;
+        let mut z = *fallback;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+fn run(
+    mut core: SyncCore,
+    socket: UdpSocket,
+    mut publisher: ClockPublisher,
+    report: Arc<Mutex<SyncReport>>,
+    stop: &AtomicBool,
+) {
+    let is_v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    let mut fallback = 0u64;
+    let mut last_dns = realtime_ns();
+    let mut last_report = 0i64;
+    while !stop.load(Ordering::Relaxed) {
+        let now = realtime_ns();
+        let mut changed = false;
+        out.clear();
+        core.poll(now, &mut || random_u64(&mut fallback), &mut out);
+        for (addr, req) in &out {
+            // A failed send is a lost poll: the reachability register records it.
+            let _ = socket.send_to(req, wire_addr(is_v6, *addr));
+            changed = true;
+        }
+        if let Some(s) = core.tick(now) {
+            publisher.publish(s);
+            changed = true;
+        }
+        for pool in core.drop_dead_pool_members() {
+            resolve_into(&mut core, &pool, now);
+            changed = true;
+        }
+        if now - last_dns >= DNS_RETRY_NS {
+            last_dns = now;
+            let pending: Vec<UpstreamConfig> = core.unresolved().cloned().collect();
+            for up in pending {
+                resolve_into(&mut core, &up, now);
+                changed = true;
+            }
+        }
+        if changed || now - last_report >= REPORT_EVERY_NS {
+            last_report = now;
+            let r = core.report(now);
+            match report.lock() {
+                Ok(mut g) => *g = r,
+                Err(poisoned) => *poisoned.into_inner() = r,
+            }
+        }
+        let wait = core
+            .next_deadline()
+            .map_or(MAX_WAIT_NS, |d| d - realtime_ns())
+            .clamp(1_000_000, MAX_WAIT_NS);
+        let _ = socket.set_read_timeout(Some(Duration::from_nanos(wait as u64)));
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let t4 = realtime_ns();
+            if n >= HEADER_LEN
+                && let Some(s) = core.handle_reply(source_addr(from), &buf[..n], t4)
+            {
+                publisher.publish(s);
+            }
+            last_report = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_addresses_round_trip() {
+        let a: SocketAddr = "127.0.0.1:123".parse().unwrap();
+        let w = wire_addr(true, a);
+        assert!(w.is_ipv6());
+        assert_eq!(source_addr(w), a);
+        assert_eq!(wire_addr(false, a), a);
+        let v6: SocketAddr = "[::1]:123".parse().unwrap();
+        assert_eq!(source_addr(v6), v6);
+    }
+
+    #[test]
+    fn pool_resolves_all_addresses_and_failures_are_reported() {
+        let mut up = UpstreamConfig::new("127.0.0.1");
+        up.pool = true;
+        assert_eq!(
+            resolve(&up).unwrap(),
+            vec!["127.0.0.1:123".parse::<SocketAddr>().unwrap()]
+        );
+        let bad = UpstreamConfig::new("bad\0name");
+        let mut core = SyncCore::new(&SyncConfig::default(), -20, 0);
+        resolve_into(&mut core, &bad, 0);
+        let r = core.report(0);
+        assert!(r.sources[0].why.as_deref().unwrap().starts_with("DNS failure"), "{r:?}");
+    }
+}

@@ -1,0 +1,514 @@
+//! Simulation tests for the sync algorithms on virtual time: simulated upstream servers (offset,
+//! delay, jitter, loss, asymmetry, falsetickers, Kiss-o'-Death) and a local clock with an offset,
+//! a frequency error and drift, driving the same `SyncCore` the sync thread runs. Thresholds are
+//! those of chrony's simulation tests. No sleeps, no sockets.
+
+use gnomon::clock::ClockState;
+use gnomon::proto::{
+    LeapIndicator, NtpShort, NtpTimestamp, RefId, ReplyTemplate, ServerInfo, respond, stamp_transmit, write_reply,
+};
+use gnomon::sync::{SyncConfig, SyncCore, SyncReport, UpstreamConfig};
+use std::net::SocketAddr;
+
+const NS: i64 = 1_000_000_000;
+const T0: i64 = 1_750_000_000 * NS;
+const MINUTE: i64 = 60 * NS;
+const HOUR: i64 = 60 * MINUTE;
+/// How often the error of served time is sampled between events.
+const PROBE_NS: i64 = 4 * NS;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn gauss(&mut self) -> f64 {
+        let u = self.uniform().max(1e-300);
+        let v = self.uniform();
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+/// The local (kernel realtime) clock as a function of true time.
+struct LocalClock {
+    offset: f64,
+    frequency: f64,
+    /// Frequency change per second (s/s^2).
+    drift: f64,
+}
+
+impl LocalClock {
+    fn local_of_true(&self, true_ns: i64) -> i64 {
+        let dt = (true_ns - T0) as f64 * 1e-9;
+        true_ns + ((self.offset + self.frequency * dt + 0.5 * self.drift * dt * dt) * 1e9).round() as i64
+    }
+    fn true_of_local(&self, local_ns: i64) -> i64 {
+        let mut t = local_ns;
+        for _ in 0..4 {
+            t += local_ns - self.local_of_true(t);
+        }
+        t
+    }
+}
+
+#[derive(Clone)]
+struct SimServer {
+    addr: SocketAddr,
+    /// Error of the server's clock (s).
+    offset: f64,
+    /// Minimum round trip (s).
+    delay: f64,
+    /// Extra one-way delay per direction, |N(0, jitter)| (s).
+    jitter: f64,
+    /// Extra forward delay (s): shifts the measured offset by half of it.
+    asymmetry: f64,
+    loss: f64,
+    kiss: Option<RefId>,
+    up: bool,
+}
+
+impl SimServer {
+    fn good(i: u8) -> SimServer {
+        SimServer {
+            addr: SocketAddr::from(([127, 0, 0, i], 123)),
+            offset: 0.0,
+            delay: 0.01,
+            jitter: 100e-6,
+            asymmetry: 0.0,
+            loss: 0.0,
+            kiss: None,
+            up: true,
+        }
+    }
+}
+
+struct Sim {
+    core: SyncCore,
+    clock: LocalClock,
+    servers: Vec<SimServer>,
+    rng: Rng,
+    /// (local arrival time, from, reply)
+    in_flight: Vec<(i64, SocketAddr, [u8; 48])>,
+    now: i64,
+    state: ClockState,
+    next_probe: i64,
+    requests: Vec<(i64, SocketAddr)>,
+    /// Publishes that changed the correction discontinuously (other than the first step).
+    jumps: usize,
+    steps: usize,
+    max_frequency: f64,
+    /// Local time of the first synchronised publish.
+    synced_at: Option<i64>,
+    /// Largest |error| of served time after `measure_from`, and the worst error minus the
+    /// advertised root distance while replies claim to be synchronised.
+    measure_from: i64,
+    max_error: f64,
+    worst_margin: f64,
+    published: usize,
+}
+
+fn upstream(s: &SimServer, iburst: bool) -> UpstreamConfig {
+    let mut u = UpstreamConfig::new(&s.addr.ip().to_string());
+    u.iburst = iburst;
+    u
+}
+
+impl Sim {
+    fn new(clock: LocalClock, servers: Vec<SimServer>, iburst: bool, seed: u64) -> Sim {
+        let config = SyncConfig {
+            upstreams: servers.iter().map(|s| upstream(s, iburst)).collect(),
+            ..SyncConfig::default()
+        };
+        let now = clock.local_of_true(T0);
+        let mut core = SyncCore::new(&config, -23, now);
+        for (s, u) in servers.iter().zip(&config.upstreams) {
+            core.add_source(u, s.addr, now);
+        }
+        let state = core.state();
+        Sim {
+            core,
+            clock,
+            servers,
+            rng: Rng(seed),
+            in_flight: Vec::new(),
+            now,
+            state,
+            next_probe: now,
+            requests: Vec::new(),
+            jumps: 0,
+            steps: 0,
+            max_frequency: 0.0,
+            synced_at: None,
+            measure_from: i64::MAX,
+            max_error: 0.0,
+            worst_margin: f64::NEG_INFINITY,
+            published: 0,
+        }
+    }
+
+    fn publish(&mut self, new: ClockState) {
+        let at = new.base_realtime_ns;
+        if self.state.is_synchronized() {
+            if (new.offset_at(at) - self.state.offset_at(at)).abs() > 1 {
+                self.jumps += 1;
+            }
+        } else if new.is_synchronized() {
+            self.steps += 1;
+        }
+        self.max_frequency = self.max_frequency.max(new.frequency.abs());
+        if new.is_synchronized() && self.synced_at.is_none() {
+            self.synced_at = Some(at);
+        }
+        self.state = new;
+        self.published += 1;
+    }
+
+    fn probe(&mut self) {
+        let info = self.state.server_info(self.now);
+        if info.stratum >= 16 {
+            return;
+        }
+        let error = (self.state.true_time_ns(self.now) - self.clock.true_of_local(self.now)) as f64 * 1e-9;
+        let distance = self.state.root_delay / 2.0 + self.state.root_dispersion_at(self.now);
+        self.worst_margin = self.worst_margin.max(error.abs() - distance);
+        if self.now >= self.measure_from {
+            self.max_error = self.max_error.max(error.abs());
+        }
+    }
+
+    fn reply(&mut self, s: &SimServer, req: &[u8; 48], t1_local: i64) -> Option<(i64, [u8; 48])> {
+        if !s.up || self.rng.uniform() < s.loss {
+            return None;
+        }
+        let t1 = self.clock.true_of_local(t1_local);
+        let fwd = s.delay / 2.0 + s.asymmetry + s.jitter * self.rng.gauss().abs();
+        let back = s.delay / 2.0 + s.jitter * self.rng.gauss().abs();
+        let t2 = t1 + (fwd * 1e9) as i64;
+        let t3 = t2 + 20_000;
+        let t4 = t3 + (back * 1e9) as i64;
+        let server_ns = |t: i64| NtpTimestamp::from_unix_nanos((t + (s.offset * 1e9) as i64).into());
+        let reply = match s.kiss {
+            Some(code) => {
+                let mut b = *req;
+                write_reply(&mut b, &ReplyTemplate::kiss(code), server_ns(t2));
+                stamp_transmit(&mut b, server_ns(t3));
+                b
+            }
+            None => {
+                let info = ServerInfo {
+                    leap: LeapIndicator::NoWarning,
+                    stratum: 1,
+                    precision: -20,
+                    root_delay: NtpShort::ZERO,
+                    root_dispersion: NtpShort::from_seconds_ceil(1e-5),
+                    reference_id: RefId(*b"GPS\0"),
+                    reference_timestamp: server_ns(t2 - NS),
+                };
+                respond(req, &info, server_ns(t2), server_ns(t3)).expect("client request")
+            }
+        };
+        Some((self.clock.local_of_true(t4), reply))
+    }
+
+    /// Runs until local time `end` (relative to the start of the simulation).
+    fn run_for(&mut self, duration: i64) {
+        let end = self.now + duration;
+        loop {
+            let arrival = self.in_flight.iter().map(|f| f.0).min();
+            let next = [self.core.next_deadline(), arrival, Some(self.next_probe)]
+                .into_iter()
+                .flatten()
+                .min()
+                .expect("probe always due");
+            if next > end {
+                self.now = end;
+                break;
+            }
+            self.now = next;
+            if next == self.next_probe {
+                self.probe();
+                self.next_probe += PROBE_NS;
+            }
+            if let Some(k) = self.in_flight.iter().position(|f| f.0 == next) {
+                let (t4, from, reply) = self.in_flight.swap_remove(k);
+                if let Some(s) = self.core.handle_reply(from, &reply, t4) {
+                    self.publish(s);
+                }
+                continue;
+            }
+            let mut out = Vec::new();
+            let rng = &mut self.rng;
+            self.core.poll(next, &mut || rng.next(), &mut out);
+            for (addr, req) in out {
+                self.requests.push((next, addr));
+                let s = self
+                    .servers
+                    .iter()
+                    .find(|s| s.addr == addr)
+                    .expect("known server")
+                    .clone();
+                if let Some((t4, reply)) = self.reply(&s, &req, next) {
+                    self.in_flight.push((t4.max(next + 1), addr, reply));
+                }
+            }
+            if let Some(s) = self.core.tick(next) {
+                self.publish(s);
+            }
+        }
+    }
+
+    fn report(&self) -> SyncReport {
+        self.core.report(self.now)
+    }
+
+    fn summary(&self, name: &str) {
+        eprintln!(
+            "{name}: synced at {:?} s, max |error| {:.1} us, worst error - distance {:.6} s, {} publishes, max freq {:.1} ppm",
+            self.synced_at.map(|t| (t - self.clock.local_of_true(T0)) / NS),
+            self.max_error * 1e6,
+            self.worst_margin,
+            self.published,
+            self.max_frequency * 1e6
+        );
+    }
+
+    fn assert_continuous(&self) {
+        self.summary("run");
+        assert_eq!(self.jumps, 0, "published correction jumped after first sync");
+        assert!(self.steps <= 1, "{} steps", self.steps);
+        assert!(self.max_frequency < 0.5e-3, "frequency {}", self.max_frequency);
+        assert!(self.published > 0);
+    }
+}
+
+fn cold_clock() -> LocalClock {
+    LocalClock {
+        offset: 0.1,
+        frequency: 100e-6,
+        drift: 1e-11,
+    }
+}
+
+fn tally(r: &SyncReport, addr: SocketAddr) -> (char, String) {
+    let s = r
+        .sources
+        .iter()
+        .find(|s| s.addr == Some(addr))
+        .expect("source in report");
+    (s.tally, s.why.clone().unwrap_or_default())
+}
+
+#[test]
+fn cold_start_100ms_100ppm_syncs_within_10_minutes() {
+    let mut sim = Sim::new(cold_clock(), vec![SimServer::good(1)], false, 1);
+    sim.measure_from = sim.now + 10 * MINUTE;
+    sim.run_for(6 * HOUR);
+    let synced = sim.synced_at.expect("synchronised") - sim.clock.local_of_true(T0);
+    assert!(synced < 10 * MINUTE, "synced after {} s", synced / NS);
+    assert!(sim.max_error < 1e-3, "max offset {} s after 10 minutes", sim.max_error);
+    assert!(
+        sim.worst_margin <= 0.0,
+        "error beyond root distance by {}",
+        sim.worst_margin
+    );
+    assert!(sim.state.is_synchronized());
+    sim.assert_continuous();
+    let r = sim.report();
+    assert_eq!(r.sources[0].tally, '*');
+    assert_eq!(r.system.stratum, 2);
+    assert_eq!(r.system.refid, "127.0.0.1");
+    // The kernel clock runs 100 ppm fast: the correction runs at -100 ppm.
+    assert!(
+        (r.system.frequency_ppm + 100.0).abs() < 1.0,
+        "{}",
+        r.system.frequency_ppm
+    );
+}
+
+#[test]
+fn iburst_syncs_within_a_minute() {
+    let mut sim = Sim::new(cold_clock(), (1..=3).map(SimServer::good).collect(), true, 2);
+    sim.measure_from = sim.now + 10 * MINUTE;
+    sim.run_for(2 * HOUR);
+    let synced = sim.synced_at.expect("synchronised") - sim.clock.local_of_true(T0);
+    assert!(synced < MINUTE, "synced after {} s", synced / NS);
+    assert!(sim.max_error < 1e-3, "{}", sim.max_error);
+    sim.assert_continuous();
+}
+
+fn falsetickers(bad: &[(usize, f64)], seed: u64) {
+    let mut servers: Vec<SimServer> = (1..=5).map(SimServer::good).collect();
+    for &(i, off) in bad {
+        servers[i].offset = off;
+    }
+    let mut sim = Sim::new(cold_clock(), servers, true, seed);
+    sim.measure_from = sim.now + 10 * MINUTE;
+    sim.run_for(3 * HOUR);
+    assert!(sim.state.is_synchronized());
+    assert!(sim.max_error < 1e-3, "max offset {}", sim.max_error);
+    sim.assert_continuous();
+    let r = sim.report();
+    for (i, s) in sim.servers.iter().enumerate() {
+        let (t, why) = tally(&r, s.addr);
+        if bad.iter().any(|b| b.0 == i) {
+            assert_eq!(t, 'x', "{i}: {why}");
+            assert!(why.contains("falseticker"), "{why}");
+        } else {
+            assert!("*+-#".contains(t), "good source {i} has tally {t:?}: {why}");
+        }
+    }
+}
+
+#[test]
+fn one_of_five_off_by_one_second_is_a_falseticker() {
+    falsetickers(&[(2, 1.0)], 3);
+}
+
+#[test]
+fn two_of_five_off_by_one_second_are_falsetickers() {
+    // Both wrong the same way, so they agree with each other: still a minority.
+    falsetickers(&[(0, 1.0), (4, 1.0)], 4);
+}
+
+#[test]
+fn three_of_five_wrong_refuses_to_steer() {
+    let mut servers: Vec<SimServer> = (1..=5).map(SimServer::good).collect();
+    servers[0].offset = 1.0;
+    servers[1].offset = -1.0;
+    servers[2].offset = 2.0;
+    let mut sim = Sim::new(cold_clock(), servers, true, 5);
+    sim.run_for(HOUR);
+    assert_eq!(sim.synced_at, None, "must not synchronise without a majority");
+    assert!(!sim.state.is_synchronized());
+    let r = sim.report();
+    assert!(!r.system.synced);
+    let why = r.system.why_unsynced.unwrap();
+    assert!(why.contains("no majority"), "{why}");
+    assert!(r.sources.iter().all(|s| s.tally == ' '), "{:?}", r.sources);
+    assert!(
+        r.sources
+            .iter()
+            .all(|s| s.why.as_deref().unwrap().contains("no majority"))
+    );
+}
+
+#[test]
+fn a_third_of_packets_lost_still_syncs() {
+    let mut servers: Vec<SimServer> = (1..=3).map(SimServer::good).collect();
+    for s in &mut servers {
+        s.loss = 0.33;
+    }
+    let mut sim = Sim::new(cold_clock(), servers, false, 6);
+    sim.measure_from = sim.now + 10 * MINUTE;
+    sim.run_for(4 * HOUR);
+    let synced = sim.synced_at.expect("synchronised") - sim.clock.local_of_true(T0);
+    assert!(synced < 10 * MINUTE, "synced after {} s", synced / NS);
+    assert!(sim.max_error < 1e-3, "{}", sim.max_error);
+    sim.assert_continuous();
+    let r = sim.report();
+    assert!(r.sources.iter().any(|s| s.reach != 0xff), "loss shows in reach");
+}
+
+#[test]
+fn holdover_error_stays_within_root_distance_then_unsynchronised() {
+    let mut servers: Vec<SimServer> = (1..=3).map(SimServer::good).collect();
+    // Asymmetric paths: an offset error the client cannot see, but root distance covers.
+    servers[0].asymmetry = 2e-3;
+    servers[1].asymmetry = 1e-3;
+    let mut sim = Sim::new(cold_clock(), servers, true, 7);
+    sim.run_for(2 * HOUR);
+    assert!(sim.state.is_synchronized());
+    for s in &mut sim.servers {
+        s.up = false;
+    }
+    let lost_at = sim.now;
+    // Eight polls of 1024 s empty the reachability registers.
+    sim.run_for(3 * HOUR);
+    let r = sim.report();
+    assert!(r.system.synced && r.system.holdover, "{:?}", r.system);
+    assert!(r.sources.iter().all(|s| s.tally == ' '), "{:?}", r.sources);
+    sim.run_for(27 * HOUR);
+    assert!(
+        sim.worst_margin <= 0.0,
+        "true offset beyond root distance by {} s",
+        sim.worst_margin
+    );
+    sim.assert_continuous();
+    let r = sim.report();
+    assert!(
+        !r.system.synced,
+        "holdover limit of 1 s root dispersion must have passed"
+    );
+    assert!(r.system.why_unsynced.unwrap().contains("holdover"));
+    assert!(
+        r.sources
+            .iter()
+            .all(|s| s.why.as_deref().unwrap().contains("unreachable (no reply to")),
+        "{:?}",
+        r.sources
+    );
+    // Holdover lasted: replies stayed synchronised for a while after the loss.
+    let info = sim.state.server_info(lost_at + HOUR);
+    assert!(info.stratum < 16);
+}
+
+#[test]
+fn kiss_rate_lengthens_polling_and_deny_stops_it() {
+    let mut servers: Vec<SimServer> = (1..=3).map(SimServer::good).collect();
+    servers[1].kiss = Some(RefId::RATE);
+    servers[2].kiss = Some(RefId::DENY);
+    let (a, b, c) = (servers[0].addr, servers[1].addr, servers[2].addr);
+    let mut sim = Sim::new(cold_clock(), servers, false, 8);
+    sim.run_for(3 * HOUR);
+    let times = |addr| {
+        sim.requests
+            .iter()
+            .filter(|r| r.1 == addr)
+            .map(|r| r.0)
+            .collect::<Vec<_>>()
+    };
+    let (ta, tb, tc) = (times(a), times(b), times(c));
+    assert_eq!(tc.len(), 1, "DENY: never polled again");
+    assert!(
+        tb.len() < ta.len(),
+        "RATE source polled {} times, good one {}",
+        tb.len(),
+        ta.len()
+    );
+    let gaps: Vec<i64> = tb.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "poll never shortens: {gaps:?}");
+    assert!(gaps[0] >= 2 * 64 * NS, "first gap {} s", gaps[0] / NS);
+    let r = sim.report();
+    assert!(tally(&r, b).1.contains("kiss code RATE"), "{:?}", tally(&r, b));
+    assert!(tally(&r, c).1.contains("kiss code DENY"), "{:?}", tally(&r, c));
+    assert_eq!(tally(&r, a).0, '*');
+}
+
+#[test]
+fn spoofed_replies_are_rejected_and_counted() {
+    let mut sim = Sim::new(cold_clock(), vec![SimServer::good(1)], true, 9);
+    sim.run_for(MINUTE);
+    let addr = sim.servers[0].addr;
+    let before = sim.state;
+    // An off-path attacker who does not know our random transmit timestamp.
+    let mut forged = [0u8; 48];
+    forged[0] = 0x24;
+    forged[1] = 1;
+    forged[24..32].copy_from_slice(&(sim.now as u64).to_be_bytes());
+    forged[32..40].copy_from_slice(&NtpTimestamp::from_unix(2_000_000_000, 0).to_be_bytes());
+    forged[40..48].copy_from_slice(&NtpTimestamp::from_unix(2_000_000_000, 0).to_be_bytes());
+    for _ in 0..3 {
+        assert_eq!(sim.core.handle_reply(addr, &forged, sim.now), None);
+    }
+    assert_eq!(sim.state, before);
+    let why = tally(&sim.report(), addr).1;
+    assert!(why.contains("3 spoofed/mismatched replies"), "{why}");
+}
