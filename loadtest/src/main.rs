@@ -103,7 +103,7 @@ struct Cli {
     /// Bound on requests sent.
     #[arg(long, default_value = "10M", value_parser = parse_count)]
     max_packets: u64,
-    /// Distinct client addresses, 127.1.0.0 upwards.
+    /// Distinct client addresses, 127.1.0.0 upwards (1: the kernel picks 127.0.0.1).
     #[arg(long, default_value = "1000")]
     clients: u32,
     /// Pick clients from a Zipf distribution with this exponent instead of round-robin.

@@ -187,6 +187,13 @@ impl RunConfig {
         }
     }
 
+    /// Whether each packet names its source with IP_PKTINFO. Only on loopback (nothing else
+    /// routes 127/8 back to us), and not for a single client: then the kernel's choice
+    /// (127.0.0.1) saves the control message.
+    pub fn claims_sources(&self) -> bool {
+        self.target.ip().is_loopback() && (self.clients > 1 || !self.abusers.is_empty())
+    }
+
     fn abuser_rate(&self) -> f64 {
         self.abusers.iter().map(|a| a.rate).sum()
     }
@@ -649,7 +656,7 @@ pub fn run(cfg: &RunConfig) -> Result<Report, RunError> {
             let mut sender = Sender {
                 cfg,
                 fds: tx_fds,
-                batch: SendBatch::new(cfg.batch, cfg.target, cfg.target.ip().is_loopback()),
+                batch: SendBatch::new(cfg.batch, cfg.target, cfg.claims_sources()),
                 stream_of: vec![0; cfg.batch],
                 template,
                 codec,
