@@ -40,7 +40,8 @@ if [[ -n ${QUICK:-} ]]; then
 fi
 
 LOAD=$ROOT/target/release/gnomon-load
-GNOMON=$ROOT/target/release/gnomon
+# GNOMON may point at another build (or a stand-in) to check the script.
+GNOMON=${GNOMON:-$ROOT/target/release/gnomon}
 TMP=$(mktemp -d)
 SERVER_PID=
 

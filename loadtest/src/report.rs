@@ -79,7 +79,8 @@ pub struct RampResult {
     pub max_loss_pct: f64,
     /// The lowest offered rate that lost too much, if one was reached.
     pub first_failing_rate: Option<f64>,
-    /// Why the ramp ended: "loss", "generator" (could not send at the offered rate), "budget".
+    /// Why the ramp ended: "loss"; "generator" (some step could not be sent at its offered
+    /// rate, so the limit may be ours); "budget" (time or packets ran out first).
     pub ended_by: &'static str,
 }
 
@@ -199,13 +200,13 @@ impl Report {
         if self.streams.len() > 1 {
             let _ = writeln!(
                 s,
-                "  {:<22} {:>10} {:>10} {:>10} {:>10}",
+                "  {:<28} {:>10} {:>10} {:>10} {:>10}",
                 "stream", "rate", "sent", "replies", "KoD"
             );
             for st in &self.streams {
                 let _ = writeln!(
                     s,
-                    "  {:<22} {:>10} {:>10} {:>10} {:>10}",
+                    "  {:<28} {:>10} {:>10} {:>10} {:>10}",
                     st.name,
                     rate(st.rate),
                     st.sent,

@@ -543,6 +543,7 @@ impl Sender<'_> {
                 let mut best: Option<(f64, usize)> = None;
                 let mut lowest_bad: Option<f64> = None;
                 let mut refines = 0;
+                let mut generator_limited = false;
                 let ended_by = loop {
                     if steps.len() >= MAX_STEPS || self.out_of_budget() {
                         break "budget";
@@ -559,10 +560,11 @@ impl Sender<'_> {
                     if !complete {
                         break "budget";
                     }
-                    if loss > plan.max_loss {
+                    // A step the generator could not send at full rate proves nothing about the
+                    // server: it is bisected like a lossy one, and the result says so.
+                    generator_limited |= !generator_ok && loss <= plan.max_loss;
+                    if loss > plan.max_loss || !generator_ok {
                         lowest_bad = Some(lowest_bad.map_or(rate, |b: f64| b.min(rate)));
-                    } else if !generator_ok {
-                        break "generator";
                     } else {
                         best = Some((rate, i));
                     }
@@ -571,7 +573,7 @@ impl Sender<'_> {
                         Some(bad) => {
                             let lo = best.map_or(0.0, |b| b.0);
                             if refines >= plan.refine || bad - lo <= 0.01 * bad {
-                                break "loss";
+                                break if generator_limited { "generator" } else { "loss" };
                             }
                             refines += 1;
                             rate = (lo + bad) / 2.0;
