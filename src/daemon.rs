@@ -1,6 +1,6 @@
 //! `gnomon serve`: wires config, clock, workers, control socket and signals together.
 
-use crate::clock::{self, ClockPublisher, ClockState};
+use crate::clock::{self, ClockState};
 use crate::config::Config;
 use crate::control::{self, ControlContext};
 use crate::policy::{PolicySet, SharedPolicy};
@@ -9,35 +9,6 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-
-/// How often the LOCAL clock refreshes its reference time (as ntpd's local driver does per poll).
-const LOCAL_REFRESH: Duration = Duration::from_secs(16);
-
-/// The LOCAL clock: the system clock, claimed at the configured stratum.
-fn local_state(stratum: u8, precision: i8, now: i64) -> ClockState {
-    ClockState {
-        base_realtime_ns: now,
-        leap: crate::proto::LeapIndicator::NoWarning,
-        stratum,
-        reference_id: crate::proto::RefId::LOCL,
-        reference_time_ns: now,
-        ..ClockState::unsynchronized(precision)
-    }
-}
-
-/// Refreshes the LOCAL clock's reference time; the first state is published before the
-/// workers start, so no request is ever answered "unsynchronised" by a configured LOCAL clock.
-fn run_clock(stratum: Option<u8>, mut publisher: ClockPublisher, precision: i8, stop: &AtomicBool) {
-    let Some(stratum) = stratum else { return };
-    while !stop.load(Ordering::Relaxed) {
-        let mut slept = Duration::ZERO;
-        while slept < LOCAL_REFRESH && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(100));
-            slept += Duration::from_millis(100);
-        }
-        publisher.publish(local_state(stratum, precision, clock::realtime_ns()));
-    }
-}
 
 /// Re-reads the config file and swaps in its access rules and rate limits. Everything else
 /// (listen addresses, workers, time sources) needs a restart, and the answer says so.
@@ -65,10 +36,10 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGHUP, reload_requested.clone())?;
 
     let precision = clock::measure_precision();
-    let (mut publisher, reader) = clock::snapshot(ClockState::unsynchronized(precision));
-    if let Some(stratum) = cfg.local_stratum {
-        publisher.publish(local_state(stratum, precision, clock::realtime_ns()));
-    }
+    let (publisher, reader) = clock::snapshot(ClockState::unsynchronized(precision));
+    // The sync thread publishes its first state before it returns, so workers never answer
+    // from a state older than the configuration.
+    let sync = crate::sync::spawn(cfg.sync.clone(), publisher, precision, stop.clone())?;
     let policy = Arc::new(SharedPolicy::new(PolicySet::build(cfg.policy.clone(), None)));
     let srv = server::start(
         &cfg.serve,
@@ -82,9 +53,10 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             srv.backend
         );
     }
-    match cfg.local_stratum {
-        Some(s) => log::info!("time source: system clock as LOCAL stratum {s}"),
-        None => log::warn!("no time source configured: replies say unsynchronised (LI 3)"),
+    match (cfg.sync.upstreams.len(), cfg.sync.local_stratum) {
+        (0, Some(s)) => log::info!("time source: system clock as LOCAL stratum {s}"),
+        (0, None) => log::warn!("no time source configured: replies say unsynchronised (LI 3)"),
+        (n, _) => log::info!("time source: {n} upstream entries, clock mode {}", cfg.sync.mode.name()),
     }
     log::info!(
         "policy: {} restrict rules, default {}, rate limit {} s interval, burst {}",
@@ -95,7 +67,11 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     );
     let source = cfg.source.clone();
     let control_policy = policy.clone();
+    let sync_report = sync.reporter();
     let extra: control::Extra = Box::new(move |line: &str| match line {
+        "sources" => Some(crate::sync::render_sources(&sync_report.report(), false)),
+        "sources why" => Some(crate::sync::render_sources(&sync_report.report(), true)),
+        "status" => Some(crate::sync::render_status(&sync_report.report())),
         "reload" => Some(match reload(&source, &control_policy) {
             Ok(m) => {
                 log::info!("{m}");
@@ -119,11 +95,6 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             None
         }
     };
-    let clock_stop = stop.clone();
-    let local_stratum = cfg.local_stratum;
-    let clock_thread = std::thread::Builder::new()
-        .name("gnomon-clock".into())
-        .spawn(move || run_clock(local_stratum, publisher, precision, &clock_stop))?;
 
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
@@ -136,7 +107,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     }
     log::info!("stopping");
     let r = srv.join();
-    let _ = clock_thread.join();
+    let _ = sync.join();
     if let Some(c) = control {
         let _ = c.join();
     }

@@ -59,6 +59,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Upstream sources, like `ntpq -p`; with --why, in words why each is or is not used.
+    Sources {
+        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
+        control: PathBuf,
+        #[arg(long)]
+        why: bool,
+    },
+    /// The system clock state, like `chronyc tracking`.
+    Status {
+        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
+        control: PathBuf,
+    },
     /// Re-read the config's access rules and rate limits in the running server (as SIGHUP does).
     Reload {
         #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
@@ -148,6 +160,21 @@ fn run(cmd: Command) -> Result<ExitCode, String> {
             let out = gnomon::control::request(&control, if json { "stats json" } else { "stats" })
                 .map_err(|e| e.to_string())?;
             print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sources { control, why } => {
+            print!(
+                "{}",
+                gnomon::control::request(&control, if why { "sources why" } else { "sources" })
+                    .map_err(|e| e.to_string())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { control } => {
+            print!(
+                "{}",
+                gnomon::control::request(&control, "status").map_err(|e| e.to_string())?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Reload { control } => {

@@ -3,6 +3,7 @@
 
 use crate::policy::{Action, PolicyConfig, Rule};
 use crate::server::ServeOptions;
+use crate::sync::{ClockMode, SyncConfig, UpstreamConfig};
 use serde::Deserialize;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -48,8 +49,8 @@ pub struct Config {
     /// Where it came from (a path, or `<embedded default>`).
     pub source: String,
     pub serve: ServeOptions,
-    /// Serve the system clock as stratum N (the "LOCAL clock" of isolated networks).
-    pub local_stratum: Option<u8>,
+    /// Upstream sources, clock mode, holdover limit and the LOCAL clock stratum.
+    pub sync: SyncConfig,
     pub control_socket: PathBuf,
     /// Access rules and rate limits: the part `gnomon reload` can change without a restart.
     pub policy: PolicyConfig,
@@ -60,6 +61,18 @@ pub struct Config {
 struct RawRestrict {
     address: Spanned<String>,
     action: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    address: Spanned<String>,
+    port: Option<Spanned<i64>>,
+    iburst: Option<bool>,
+    minpoll: Option<Spanned<i64>>,
+    maxpoll: Option<Spanned<i64>>,
+    prefer: Option<bool>,
+    trust: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +99,12 @@ struct RawConfig {
     steering: Option<Spanned<String>>,
     recv_buffer: Option<Spanned<i64>>,
     send_buffer: Option<Spanned<i64>>,
+    clock_mode: Option<Spanned<String>>,
+    max_root_dispersion: Option<Spanned<f64>>,
+    #[serde(default)]
+    upstream: Vec<RawUpstream>,
+    #[serde(default)]
+    pool: Vec<RawUpstream>,
     #[serde(default)]
     restrict: Vec<RawRestrict>,
     rate_limit: Option<RawRateLimit>,
@@ -213,11 +232,39 @@ impl Config {
             .map(|s| int_in(&loc, s, 1, 15, "local_stratum"))
             .transpose()?;
         let policy = parse_policy(&loc, &raw.restrict, raw.rate_limit.as_ref())?;
+        let mut sync = SyncConfig {
+            local_stratum,
+            ..SyncConfig::default()
+        };
+        if let Some(m) = &raw.clock_mode {
+            sync.mode = match m.get_ref().as_str() {
+                "software" => ClockMode::Software,
+                "system" => ClockMode::System,
+                other => {
+                    return Err(loc.value(m, format!("unknown clock_mode `{other}` (expected software or system)")));
+                }
+            };
+        }
+        if let Some(d) = &raw.max_root_dispersion {
+            let v = *d.get_ref();
+            if !(v.is_finite() && (0.001..=16.0).contains(&v)) {
+                return Err(loc.value(
+                    d,
+                    format!("max_root_dispersion must be between 0.001 and 16 seconds, got {v}"),
+                ));
+            }
+            sync.max_root_dispersion = v;
+        }
+        for (list, pool) in [(&raw.upstream, false), (&raw.pool, true)] {
+            for u in list {
+                sync.upstreams.push(parse_upstream(&loc, u, pool)?);
+            }
+        }
         Ok(Config {
+            sync,
             policy,
             source: file.to_string(),
             serve,
-            local_stratum,
             control_socket: raw
                 .control_socket
                 .map_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET), PathBuf::from),
@@ -247,6 +294,36 @@ impl Config {
             None => Ok(Config::embedded()),
         }
     }
+}
+
+fn parse_upstream(loc: &Locator, u: &RawUpstream, pool: bool) -> Result<UpstreamConfig, ConfigError> {
+    let address = u.address.get_ref().trim();
+    if address.is_empty() || address.contains(char::is_whitespace) {
+        return Err(loc.value(&u.address, format!("`{address}` is not a host name or address")));
+    }
+    let mut up = UpstreamConfig::new(address);
+    up.pool = pool;
+    if let Some(p) = &u.port {
+        up.port = int_in(loc, p, 1, 65535, "port")?;
+    }
+    if let Some(p) = &u.minpoll {
+        up.minpoll = int_in(loc, p, 0, 17, "minpoll")?;
+    }
+    if let Some(p) = &u.maxpoll {
+        up.maxpoll = int_in(loc, p, 0, 17, "maxpoll")?;
+    }
+    if up.maxpoll < up.minpoll {
+        let span = u
+            .maxpoll
+            .as_ref()
+            .or(u.minpoll.as_ref())
+            .map_or(u.address.span(), |s| s.span());
+        return Err(loc.at(span, format!("maxpoll {} is below minpoll {}", up.maxpoll, up.minpoll)));
+    }
+    up.iburst = u.iburst.unwrap_or(false);
+    up.prefer = u.prefer.unwrap_or(false);
+    up.trust = u.trust.unwrap_or(false);
+    Ok(up)
 }
 
 fn parse_policy(
@@ -336,7 +413,7 @@ mod tests {
         assert_eq!(c.serve.listen[2], "192.0.2.1:123".parse().unwrap());
         assert_eq!(c.serve.workers, 2);
         assert_eq!(c.serve.io, IoMode::Mmsg);
-        assert_eq!(c.local_stratum, Some(10));
+        assert_eq!(c.sync.local_stratum, Some(10));
     }
 
     #[test]
@@ -394,6 +471,37 @@ mod tests {
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("burst")), "{e}");
         let e = Config::parse("[rate_limit]\ninterval = -1.0\n", "f").unwrap_err();
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("interval")), "{e}");
+    }
+
+    #[test]
+    fn upstreams_and_pools() {
+        let c = Config::parse(
+            "max_root_dispersion = 0.5\n[[upstream]]\naddress = \"127.0.0.1\"\nport = 1123\niburst = true\nminpoll = 0\nmaxpoll = 2\nprefer = true\n\n[[pool]]\naddress = \"pool.example\"\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(c.sync.upstreams.len(), 2);
+        let u = &c.sync.upstreams[0];
+        assert_eq!(
+            (
+                u.address.as_str(),
+                u.port,
+                u.iburst,
+                u.minpoll,
+                u.maxpoll,
+                u.prefer,
+                u.pool
+            ),
+            ("127.0.0.1", 1123, true, 0, 2, true, false)
+        );
+        assert!(c.sync.upstreams[1].pool);
+        assert_eq!(c.sync.max_root_dispersion, 0.5);
+        let e = Config::parse("[[upstream]]\naddress = \"a\"\nminpoll = 8\nmaxpoll = 4\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("maxpoll")), "{e}");
+        let e = Config::parse("clock_mode = \"kernel\"\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("clock_mode")), "{e}");
+        let e = Config::parse("[[upstream]]\nadress = \"a\"\n", "f").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("adress"), "{e}");
     }
 
     #[test]

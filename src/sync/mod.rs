@@ -19,7 +19,7 @@ pub use engine::SyncCore;
 pub use filter::{ClockFilter, Estimate, Sample};
 pub use report::{SourceReport, SyncReport, SystemReport, render_sources, render_status};
 pub use select::{Candidate, Outcome, Selection, Verdict, select};
-pub use shell::{SyncHandle, spawn};
+pub use shell::{SyncHandle, SyncReporter, spawn};
 pub use source::{Rejection, Source, validate};
 
 /// How the corrected time reaches clients.

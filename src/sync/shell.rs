@@ -35,13 +35,28 @@ pub struct SyncHandle {
     thread: JoinHandle<()>,
 }
 
-impl SyncHandle {
+/// A cloneable reader of the sync thread's report, for the control socket.
+#[derive(Clone)]
+pub struct SyncReporter(Arc<Mutex<SyncReport>>);
+
+impl SyncReporter {
     /// The latest report (rebuilt by the thread at least once a second).
     pub fn report(&self) -> SyncReport {
-        match self.report.lock() {
+        match self.0.lock() {
             Ok(r) => r.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+}
+
+impl SyncHandle {
+    /// The latest report (rebuilt by the thread at least once a second).
+    pub fn report(&self) -> SyncReport {
+        self.reporter().report()
+    }
+
+    pub fn reporter(&self) -> SyncReporter {
+        SyncReporter(self.report.clone())
     }
 
     /// Waits for the thread to end (set `stop` first).
