@@ -72,6 +72,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         "sources" => Some(crate::sync::render_sources(&sync_report.report(), false)),
         "sources why" => Some(crate::sync::render_sources(&sync_report.report(), true)),
         "status" => Some(crate::sync::render_status(&sync_report.report())),
+        "sync json" => Some(serde_json::to_string_pretty(&sync_report.report()).unwrap_or_default() + "\n"),
         "reload" => Some(match reload(&source, &control_policy) {
             Ok(m) => {
                 log::info!("{m}");

@@ -65,6 +65,9 @@ enum Command {
         control: PathBuf,
         #[arg(long)]
         why: bool,
+        /// Sources and system state as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// The system clock state, like `chronyc tracking`.
     Status {
@@ -162,11 +165,15 @@ fn run(cmd: Command) -> Result<ExitCode, String> {
             print!("{out}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sources { control, why } => {
+        Command::Sources { control, why, json } => {
+            let cmd = match (json, why) {
+                (true, _) => "sync json",
+                (false, true) => "sources why",
+                (false, false) => "sources",
+            };
             print!(
                 "{}",
-                gnomon::control::request(&control, if why { "sources why" } else { "sources" })
-                    .map_err(|e| e.to_string())?
+                gnomon::control::request(&control, cmd).map_err(|e| e.to_string())?
             );
             Ok(ExitCode::SUCCESS)
         }

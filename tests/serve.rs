@@ -7,61 +7,7 @@ use gnomon::proto::{Header, LeapIndicator, Mode, NtpTimestamp, RefId};
 use std::process::Command;
 use std::time::Duration;
 
-const CHRONYD: &str = "/usr/sbin/chronyd";
 const NTPDIG: &str = "/usr/bin/ntpdig";
-
-/// Runs `chronyd -Q -x` as a client of `server`; returns its output.
-fn chrony_client(server: std::net::SocketAddr, dir: &std::path::Path, timeout_s: u32) -> String {
-    let conf = dir.join("client.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "server {} port {} iburst\npidfile {}/client.pid\ncmdport 0\n",
-            server.ip(),
-            server.port(),
-            dir.display()
-        ),
-    )
-    .unwrap();
-    let (_, out) = run_bounded(
-        Command::new(CHRONYD)
-            .args(["-Q", "-x", "-u", "root", "-L", "0", "-t", &timeout_s.to_string(), "-f"])
-            .arg(&conf),
-        Duration::from_secs(timeout_s as u64 + 10),
-    );
-    out
-}
-
-/// Runs `chronyd -x` (never touching the clock) for a few seconds with a measurements log, and
-/// returns the log's data lines: they show the stratum and the test results chrony applied.
-fn chrony_measurements(server: std::net::SocketAddr, dir: &std::path::Path) -> Vec<String> {
-    let conf = dir.join("meas.conf");
-    let logdir = dir.join("log");
-    std::fs::create_dir_all(&logdir).unwrap();
-    std::fs::write(
-        &conf,
-        format!(
-            "server {} port {} iburst minpoll 0 maxpoll 0\npidfile {}/meas.pid\ncmdport 0\nport 0\nlogdir {}\nlog measurements\n",
-            server.ip(),
-            server.port(),
-            dir.display(),
-            logdir.display()
-        ),
-    )
-    .unwrap();
-    let _ = run_bounded(
-        Command::new(CHRONYD)
-            .args(["-x", "-d", "-u", "root", "-L", "0", "-f"])
-            .arg(&conf),
-        Duration::from_secs(4),
-    );
-    std::fs::read_to_string(logdir.join("measurements.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("20"))
-        .map(str::to_string)
-        .collect()
-}
 
 #[test]
 fn chronyd_accepts_local_stratum_server() {

@@ -1,283 +1,183 @@
-//! Loopback integration test of the sync thread against real upstreams: three Debian `chronyd`
-//! instances as stratum-1 servers (`local stratum 1`, `-x` so they never touch the clock) and
-//! one fake server 1 s ahead. Checks the sync thread selects a chronyd ('*', stratum 2), marks
-//! the fake 'x' as a falseticker, that `chronyd -Q` accepts the time we would serve, and that a
-//! stopped chronyd shows up as unreachable with the reason. Skipped when chronyd is missing.
+//! Upstream sync end to end: `gnomon serve` with three Debian `chronyd` stratum-1 servers
+//! (`local stratum 1`, `-x` so they never touch the clock) and one fake server 1 s ahead as
+//! upstreams. `gnomon sources` shows '*' on a chronyd and 'x' (falseticker) on the fake, a real
+//! chronyd client sees gnomon at stratum 2 with refid 127.0.0.1, and a stopped chronyd shows up
+//! as unreachable with the reason. Plus the LOCAL clock, the unsynchronised default and the
+//! refusal of `clock_mode = "system"`.
 
-use gnomon::clock::{ClockReader, ClockState, realtime_ns, snapshot};
-use gnomon::proto::{Header, LeapIndicator, NtpShort, NtpTimestamp, RefId, ServerInfo, respond};
-use gnomon::sync::{SyncConfig, SyncReport, UpstreamConfig, render_sources, render_status, spawn};
-use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+use common::*;
+use gnomon::clock::{ClockState, realtime_ns, snapshot};
+use gnomon::proto::{Header, LeapIndicator, NtpTimestamp, RefId, respond};
+use gnomon::sync::{SyncConfig, spawn};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-const CHRONYD: &str = "/usr/sbin/chronyd";
-
-/// A child chronyd, killed (by its own pid) when dropped.
-struct Chronyd {
-    child: Child,
-    port: u16,
+/// One row of `gnomon sources --json`.
+fn row<'a>(v: &'a serde_json::Value, port: u16) -> &'a serde_json::Value {
+    v["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["addr"] == format!("127.0.0.1:{port}"))
+        .unwrap()
 }
 
-impl Drop for Chronyd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn sources_json(srv: &Gnomon) -> serde_json::Value {
+    let out = Command::new(GNOMON)
+        .args(["sources", "--json", "--control"])
+        .arg(&srv.control)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).expect("sources json")
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-/// A loopback UDP port nobody uses right now (a small race with other tests is acceptable).
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("gnomon-sync-chrony-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn chronyd_args(conf: &Path) -> Vec<String> {
-    let mut a = vec!["-x".to_string(), "-f".to_string(), conf.display().to_string()];
-    if is_root() {
-        // Stay root: the compiled-in user may not own the temp files.
-        a.extend(["-u".to_string(), "root".to_string()]);
-    }
-    a
-}
-
-fn start_chronyd(dir: &Path, i: usize) -> Chronyd {
-    let port = free_port();
-    let conf = dir.join(format!("server{i}.conf"));
-    std::fs::write(
-        &conf,
-        format!(
-            "local stratum 1\nallow 127.0.0.1\nport {port}\nbindaddress 127.0.0.1\ncmdport 0\npidfile {}\n",
-            dir.join(format!("server{i}.pid")).display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(CHRONYD)
-        .arg("-d")
-        .args(chronyd_args(&conf))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start chronyd");
-    Chronyd { child, port }
-}
-
-/// A loopback UDP server thread: `answer` turns each datagram into the reply, if any.
-fn udp_server(
-    stop: Arc<AtomicBool>,
-    answer: impl Fn(&[u8]) -> Option<[u8; 48]> + Send + 'static,
-) -> (u16, JoinHandle<()>) {
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    let port = sock.local_addr().unwrap().port();
-    let h = std::thread::spawn(move || {
-        let mut buf = [0u8; 1024];
-        while !stop.load(Ordering::Relaxed) {
-            if let Ok((n, from)) = sock.recv_from(&mut buf)
-                && let Some(r) = answer(&buf[..n])
-            {
-                let _ = sock.send_to(&r, from);
-            }
-        }
-    });
-    (port, h)
-}
-
-/// Answers every client request with time `offset_s` ahead of the kernel clock, stratum 1.
-fn fake_server(offset_s: i64, stop: Arc<AtomicBool>) -> (u16, JoinHandle<()>) {
-    udp_server(stop, move |req| {
-        let ts = || NtpTimestamp::from_unix_nanos((realtime_ns() + offset_s * 1_000_000_000).into());
-        let info = ServerInfo {
-            leap: LeapIndicator::NoWarning,
-            stratum: 1,
-            precision: -20,
-            root_delay: NtpShort::ZERO,
-            root_dispersion: NtpShort::from_seconds_ceil(1e-4),
-            reference_id: RefId(*b"FAKE"),
-            reference_timestamp: ts(),
-        };
-        respond(req, &info, ts(), ts()).ok()
-    })
-}
-
-/// Serves the published snapshot like a worker would (one request at a time).
-fn snapshot_server(reader: ClockReader, stop: Arc<AtomicBool>) -> (u16, JoinHandle<()>) {
-    udp_server(stop, move |req| {
-        let t2 = realtime_ns();
-        let state: ClockState = reader.load();
-        let t3 = realtime_ns();
-        respond(req, &state.server_info(t3), state.ntp_time(t2), state.ntp_time(t3)).ok()
-    })
-}
-
-fn wait_for(
-    what: &str,
-    limit: Duration,
-    mut get: impl FnMut() -> SyncReport,
-    ok: impl Fn(&SyncReport) -> bool,
-) -> SyncReport {
+fn wait_json(srv: &Gnomon, what: &str, limit: Duration, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let start = Instant::now();
     loop {
-        let r = get();
-        if ok(&r) {
-            return r;
+        let v = sources_json(srv);
+        if ok(&v) {
+            return v;
         }
-        assert!(
-            start.elapsed() < limit,
-            "timed out waiting for {what}:\n{}\n{}",
-            render_sources(&r, true),
-            render_status(&r)
-        );
+        if start.elapsed() > limit {
+            let text = Command::new(GNOMON)
+                .args(["sources", "--why", "--control"])
+                .arg(&srv.control)
+                .output()
+                .unwrap();
+            panic!(
+                "timed out waiting for {what}:\n{}",
+                String::from_utf8_lossy(&text.stdout)
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-fn upstream(port: u16) -> UpstreamConfig {
-    let mut u = UpstreamConfig::new("127.0.0.1");
-    u.port = port;
-    u.iburst = true;
-    u.minpoll = 0;
-    u.maxpoll = 0;
-    u
-}
-
-fn source_addr(port: u16) -> Option<SocketAddr> {
-    Some(SocketAddr::from(([127, 0, 0, 1], port)))
-}
-
+/// The whole chain with the real binary: three chronyd stratum-1 servers and a wrong one
+/// upstream, `gnomon serve` syncing to them, `gnomon sources` showing who is used and why not,
+/// and a real chronyd client seeing gnomon as stratum 2 with refid 127.0.0.1.
 #[test]
-fn syncs_to_chronyd_marks_fake_falseticker_and_reports_stopped_source() {
-    if !Path::new(CHRONYD).exists() {
-        eprintln!("SKIPPED: {CHRONYD} not installed");
+fn gnomon_serve_syncs_to_chronyd_and_serves_stratum_2() {
+    if !have_tool(CHRONYD) {
         return;
     }
-    let dir = tempdir("main");
+    let dir = tempdir("sync-e2e");
     let mut servers: Vec<Chronyd> = (0..3).map(|i| start_chronyd(&dir, i)).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let (fake_port, fake) = fake_server(1, stop.clone());
-
-    let config = SyncConfig {
-        upstreams: servers
-            .iter()
-            .map(|s| upstream(s.port))
-            .chain([upstream(fake_port)])
-            .collect(),
-        ..SyncConfig::default()
-    };
-    let (publisher, reader) = snapshot(ClockState::unsynchronized(-20));
-    let sync_stop = Arc::new(AtomicBool::new(false));
-    let handle = spawn(config, publisher, -20, sync_stop.clone()).expect("spawn sync thread");
-
-    let r = wait_for(
-        "a chronyd as system peer and the fake as falseticker",
-        Duration::from_secs(30),
-        || handle.report(),
-        |r| {
-            r.system.synced
-                && r.sources.iter().filter(|s| s.tally == '*').count() == 1
-                && r.sources
+    let mut cfg = String::new();
+    for p in servers.iter().map(|s| s.port).chain([fake_port]) {
+        cfg.push_str(&format!(
+            "[[upstream]]\naddress = \"127.0.0.1\"\nport = {p}\niburst = true\nminpoll = 0\nmaxpoll = 0\n\n"
+        ));
+    }
+    let srv = Gnomon::start(&cfg);
+    let v = wait_json(
+        &srv,
+        "a chronyd as system peer, the fake as falseticker",
+        Duration::from_secs(40),
+        |v| {
+            v["system"]["synced"] == true
+                && v["sources"]
+                    .as_array()
+                    .unwrap()
                     .iter()
-                    .any(|s| s.addr == source_addr(fake_port) && s.tally == 'x')
+                    .filter(|s| s["tally"] == "*")
+                    .count()
+                    == 1
+                && row(v, fake_port)["tally"] == "x"
         },
     );
-    eprintln!("{}\n{}", render_sources(&r, true), render_status(&r));
-    let peer = r.sources.iter().find(|s| s.tally == '*').unwrap();
-    assert_ne!(peer.addr, source_addr(fake_port));
-    assert_eq!(peer.stratum, 1);
-    assert_eq!(r.system.stratum, 2);
-    assert_eq!(r.system.refid, "127.0.0.1");
-    let fake_row = r.sources.iter().find(|s| s.addr == source_addr(fake_port)).unwrap();
-    assert!(fake_row.why.as_deref().unwrap().contains("falseticker"), "{fake_row:?}");
-    assert!(fake_row.offset_ms.unwrap() > 900.0, "{fake_row:?}");
-    // Everything shares one kernel clock, so the correction must be tiny.
-    assert!(r.system.correction_s.abs() < 0.01, "{}", r.system.correction_s);
-
-    // The published snapshot, as replies would carry it.
-    let state = reader.load();
-    let info = state.server_info(realtime_ns());
-    assert_eq!(info.stratum, 2);
-    assert_eq!(info.reference_id, RefId([127, 0, 0, 1]));
-
-    // A real client accepts the time served from that snapshot.
-    let serve_stop = Arc::new(AtomicBool::new(false));
-    let (serve_port, server) = snapshot_server(reader.clone(), serve_stop.clone());
-    let qconf = dir.join("client.conf");
-    std::fs::write(
-        &qconf,
-        format!(
-            "server 127.0.0.1 port {serve_port} iburst\ncmdport 0\npidfile {}\n",
-            dir.join("client.pid").display()
-        ),
-    )
-    .unwrap();
-    let q = Command::new(CHRONYD)
-        .args(["-Q", "-t", "10"])
-        .args(chronyd_args(&qconf))
+    let peer = v["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["tally"] == "*")
+        .unwrap()
+        .clone();
+    assert_ne!(peer["addr"], format!("127.0.0.1:{fake_port}"));
+    assert!(
+        row(&v, fake_port)["why"].as_str().unwrap().contains("falseticker"),
+        "{v}"
+    );
+    assert_eq!(v["system"]["stratum"], 2);
+    assert_eq!(v["system"]["refid"], "127.0.0.1");
+    // The text views an operator reads.
+    let text = Command::new(GNOMON)
+        .args(["sources", "--why", "--control"])
+        .arg(&srv.control)
         .output()
-        .expect("run chronyd -Q");
-    let log = String::from_utf8_lossy(&q.stderr).to_string() + &String::from_utf8_lossy(&q.stdout);
-    serve_stop.store(true, Ordering::Relaxed);
-    server.join().unwrap();
-    let line = log
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(text.lines().any(|l| l.starts_with('*')), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with('x') && l.contains("falseticker")),
+        "{text}"
+    );
+    let status = Command::new(GNOMON)
+        .args(["status", "--control"])
+        .arg(&srv.control)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("127.0.0.1"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+
+    // A real client of gnomon: chronyd -Q accepts the time, and chronyd's measurement log shows
+    // stratum 2 and refid 127.0.0.1 (7F000001).
+    let client_dir = tempdir("sync-e2e-client");
+    let out = chrony_client(srv.addr(), &client_dir, 10);
+    let line = out
         .lines()
         .find(|l| l.contains("System clock wrong by"))
-        .unwrap_or_else(|| panic!("chronyd -Q got no usable reply:\n{log}"));
+        .unwrap_or_else(|| panic!("{out}"));
     let wrong: f64 = line
         .split("wrong by ")
         .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(wrong.abs() < 0.01, "chronyd -Q sees gnomon off by {wrong} s");
+    let meas = chrony_measurements(srv.addr(), &client_dir);
+    assert!(!meas.is_empty(), "no measurement of gnomon by chronyd");
+    for m in &meas {
+        let f: Vec<&str> = m.split_whitespace().collect();
+        assert_eq!((f[3], f[4]), ("N", "2"), "leap/stratum in {m}");
+        assert!(m.contains("7F000001"), "refid in {m}");
+    }
 
-    // Stop the system peer's chronyd: it must become unreachable, with the reason.
-    let victim = servers.iter().position(|s| source_addr(s.port) == peer.addr).unwrap();
+    // Stop the system peer's chronyd: it shows as unreachable with the reason, and gnomon stays
+    // synced on the other two.
+    let victim = servers
+        .iter()
+        .position(|s| peer["addr"] == format!("127.0.0.1:{}", s.port))
+        .unwrap();
     let victim_port = servers[victim].port;
     drop(servers.remove(victim));
-    let r = wait_for(
+    let v = wait_json(
+        &srv,
         "the stopped chronyd to show as unreachable",
         Duration::from_secs(40),
-        || handle.report(),
-        |r| {
-            r.sources.iter().any(|s| {
-                s.addr == source_addr(victim_port)
-                    && s.why.as_deref().is_some_and(|w| w.contains("unreachable (no reply to"))
-            })
+        |v| {
+            row(v, victim_port)["why"]
+                .as_str()
+                .is_some_and(|w| w.contains("unreachable (no reply to"))
         },
     );
-    eprintln!("{}", render_sources(&r, true));
-    let stopped = r.sources.iter().find(|s| s.addr == source_addr(victim_port)).unwrap();
-    assert_eq!(stopped.reach, 0);
-    assert_ne!(stopped.tally, '*');
-    // The two remaining chronyds still outvote the fake.
-    assert!(r.system.synced, "{}", render_status(&r));
-
-    sync_stop.store(true, Ordering::Relaxed);
+    assert_eq!(row(&v, victim_port)["reach"], 0);
+    assert_eq!(v["system"]["synced"], true);
     stop.store(true, Ordering::Relaxed);
-    handle.join().unwrap();
     fake.join().unwrap();
-    drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&client_dir);
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::fmt::Write;
 use std::net::SocketAddr;
 
-#[derive(Clone, PartialEq, Debug)]
+#[derive(Clone, PartialEq, Debug, serde::Serialize)]
 pub struct SourceReport {
     /// The configured name (host, address or pool name).
     pub name: String,
@@ -30,7 +30,7 @@ pub struct SourceReport {
     pub why: Option<String>,
 }
 
-#[derive(Clone, PartialEq, Debug)]
+#[derive(Clone, PartialEq, Debug, serde::Serialize)]
 pub struct SystemReport {
     /// What replies say right now (holdover past its limit counts as unsynchronised).
     pub synced: bool,
@@ -61,7 +61,7 @@ pub struct SystemReport {
     pub mode: String,
 }
 
-#[derive(Clone, PartialEq, Debug)]
+#[derive(Clone, PartialEq, Debug, serde::Serialize)]
 pub struct SyncReport {
     pub sources: Vec<SourceReport>,
     pub system: SystemReport,

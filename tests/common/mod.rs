@@ -244,3 +244,151 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+pub const CHRONYD: &str = "/usr/sbin/chronyd";
+
+/// A child chronyd, killed when dropped.
+pub struct Chronyd {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Drop for Chronyd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback UDP port nobody uses right now (a small race with other tests is acceptable).
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// chronyd arguments that never touch the system clock (`-x`).
+pub fn chronyd_args(conf: &Path) -> Vec<String> {
+    let mut a = vec!["-x".to_string(), "-f".to_string(), conf.display().to_string()];
+    if is_root() {
+        // Stay root: the compiled-in user may not own the temp files.
+        a.extend(["-u".to_string(), "root".to_string()]);
+    }
+    a
+}
+
+/// A Debian chronyd serving its own clock as stratum 1 on a loopback port.
+pub fn start_chronyd(dir: &Path, i: usize) -> Chronyd {
+    let port = free_port();
+    let conf = dir.join(format!("server{i}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "local stratum 1\nallow 127.0.0.1\nport {port}\nbindaddress 127.0.0.1\ncmdport 0\npidfile {}\n",
+            dir.join(format!("server{i}.pid")).display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(CHRONYD)
+        .arg("-d")
+        .args(chronyd_args(&conf))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chronyd");
+    Chronyd { child, port }
+}
+
+/// A loopback UDP server thread: `answer` turns each datagram into the reply, if any.
+pub fn udp_server(
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answer: impl Fn(&[u8]) -> Option<[u8; 48]> + Send + 'static,
+) -> (u16, std::thread::JoinHandle<()>) {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = sock.recv_from(&mut buf)
+                && let Some(r) = answer(&buf[..n])
+            {
+                let _ = sock.send_to(&r, from);
+            }
+        }
+    });
+    (port, h)
+}
+
+/// A wrong upstream: stratum 1, but `offset_s` ahead of the kernel clock.
+pub fn fake_server(
+    offset_s: i64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u16, std::thread::JoinHandle<()>) {
+    use gnomon::clock::realtime_ns;
+    use gnomon::proto::{LeapIndicator, NtpShort, NtpTimestamp, RefId, ServerInfo, respond};
+    udp_server(stop, move |req| {
+        let ts = || NtpTimestamp::from_unix_nanos((realtime_ns() + offset_s * 1_000_000_000).into());
+        let info = ServerInfo {
+            leap: LeapIndicator::NoWarning,
+            stratum: 1,
+            precision: -20,
+            root_delay: NtpShort::ZERO,
+            root_dispersion: NtpShort::from_seconds_ceil(1e-4),
+            reference_id: RefId(*b"FAKE"),
+            reference_timestamp: ts(),
+        };
+        respond(req, &info, ts(), ts()).ok()
+    })
+}
+
+/// Runs `chronyd -Q -x` as a client of `server`; returns its output.
+pub fn chrony_client(server: std::net::SocketAddr, dir: &std::path::Path, timeout_s: u32) -> String {
+    let conf = dir.join("client.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server {} port {} iburst\npidfile {}/client.pid\ncmdport 0\n",
+            server.ip(),
+            server.port(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let (_, out) = run_bounded(
+        Command::new(CHRONYD)
+            .args(["-Q", "-x", "-u", "root", "-L", "0", "-t", &timeout_s.to_string(), "-f"])
+            .arg(&conf),
+        Duration::from_secs(timeout_s as u64 + 10),
+    );
+    out
+}
+
+/// Runs `chronyd -x` (never touching the clock) for a few seconds with a measurements log, and
+/// returns the log's data lines: they show the stratum and the test results chrony applied.
+pub fn chrony_measurements(server: std::net::SocketAddr, dir: &std::path::Path) -> Vec<String> {
+    let conf = dir.join("meas.conf");
+    let logdir = dir.join("log");
+    std::fs::create_dir_all(&logdir).unwrap();
+    std::fs::write(
+        &conf,
+        format!(
+            "server {} port {} iburst minpoll 0 maxpoll 0\npidfile {}/meas.pid\ncmdport 0\nport 0\nlogdir {}\nlog measurements\n",
+            server.ip(),
+            server.port(),
+            dir.display(),
+            logdir.display()
+        ),
+    )
+    .unwrap();
+    let _ = run_bounded(
+        Command::new(CHRONYD)
+            .args(["-x", "-d", "-u", "root", "-L", "0", "-f"])
+            .arg(&conf),
+        Duration::from_secs(4),
+    );
+    std::fs::read_to_string(logdir.join("measurements.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("20"))
+        .map(str::to_string)
+        .collect()
+}
