@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// One row of `gnomon sources --json`.
-fn row<'a>(v: &'a serde_json::Value, port: u16) -> &'a serde_json::Value {
+fn row(v: &serde_json::Value, port: u16) -> &serde_json::Value {
     v["sources"]
         .as_array()
         .unwrap()
