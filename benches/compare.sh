@@ -109,18 +109,44 @@ measure() {
     ended=$(json "$OUT/$tag-ramp.json" "r['ramp']['ended_by']")
     half=$((max / 2))
     if [[ $half -lt 1 ]]; then
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$io" 0 - - - - "$ended" >>"$RESULTS"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$io" 0 - - - - "$ended" - - >>"$RESULTS"
         return
     fi
     echo "== $name ($io): fixed rate $half/s" >&2
+    # Server-side view of the same window: CPU time the server process spends (all threads),
+    # and for gnomon its own receive-timestamp-to-T3 histogram, emptied just before.
+    if [[ $name == gnomon && -n $GNOMON_CONTROL ]]; then
+        "$GNOMON" stats --reset --control "$GNOMON_CONTROL" >/dev/null 2>&1 || true
+    fi
+    local cpu0 cpu1
+    cpu0=$(cpu_ticks "$SERVER_PID")
     "$LOAD" "127.0.0.1:$PORT" $echo_flag "${LOAD_FLAGS[@]}" --rate "$half" --duration "$FIXED" \
         --max-packets 100M --hgrm "$OUT/$tag-half.hgrm" >"$OUT/$tag-half.json"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$io" "$max" \
+    cpu1=$(cpu_ticks "$SERVER_PID")
+    local srv_p99=-
+    if [[ $name == gnomon && -n $GNOMON_CONTROL ]]; then
+        "$GNOMON" stats --json --control "$GNOMON_CONTROL" >"$OUT/$tag-half-stats.json" 2>/dev/null &&
+            srv_p99=$(json "$OUT/$tag-half-stats.json" "'%.1f' % (r['total']['latency']['p99_ns'] / 1000)")
+    fi
+    local us_per_reply
+    us_per_reply=$(python3 -c "import json,sys; r=json.load(open('$OUT/$tag-half.json')); t=($cpu1-$cpu0)/$CLK_TCK; print('%.2f' % (t*1e6/max(r['replies'],1)))")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$io" "$max" \
         "$(json "$OUT/$tag-half.json" "'%.0f' % r['reply_rate']")" \
         "$(json "$OUT/$tag-half.json" "'%.1f' % r['rtt_us']['p50']")" \
         "$(json "$OUT/$tag-half.json" "'%.1f' % r['rtt_us']['p99']")" \
-        "$(json "$OUT/$tag-half.json" "'%.3f' % r['loss_pct']")" "$ended" >>"$RESULTS"
+        "$(json "$OUT/$tag-half.json" "'%.3f' % r['loss_pct']")" "$ended" "$us_per_reply" "$srv_p99" >>"$RESULTS"
 }
+
+CLK_TCK=$(getconf CLK_TCK)
+# utime + stime of a process, all threads, in clock ticks (fields 14 and 15 of /proc/PID/stat).
+cpu_ticks() {
+    awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+# The control socket of the gnomon under test, from its --config (for `gnomon stats`).
+GNOMON_CONTROL=
+if [[ $GNOMON_ARGS =~ --config[[:space:]]+([^[:space:]]+) ]]; then
+    GNOMON_CONTROL=$(sed -n 's/^control_socket *= *"\(.*\)"/\1/p' "${BASH_REMATCH[1]}" | head -1)
+fi
 
 # run_server NAME IO ECHOFLAG CMD...: starts CMD pinned to SRV_CPU, measures, stops it.
 run_server() {
@@ -133,7 +159,7 @@ run_server() {
         measure "$name" "$io" "$echo_flag"
     else
         echo "!! $name ($io) did not answer on 127.0.0.1:$PORT; see $OUT/$name-$io.log" >&2
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$io" n/a - - - - "no-server" >>"$RESULTS"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$io" n/a - - - - "no-server" - - >>"$RESULTS"
     fi
     cleanup
     PORT=$((PORT + 1))
@@ -166,16 +192,30 @@ python3 - "$RESULTS" <<'EOF'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 print()
-print(f"{'server':<8} {'io':<6} {'max rate/s (<1% loss)':>22} {'at half: replies/s':>19} {'p50 us':>8} {'p99 us':>8} {'loss %':>7}  ramp ended by")
-for name, io, mx, rr, p50, p99, loss, ended in rows:
-    print(f"{name:<8} {io:<6} {mx:>22} {rr:>19} {p50:>8} {p99:>8} {loss:>7}  {ended}")
+print(f"{'server':<8} {'io':<6} {'max rate/s (<1% loss)':>22} {'at half: replies/s':>19} {'p50 us':>8} {'p99 us':>8} {'loss %':>7} {'ended by':>9} {'srv us/reply':>12} {'srv p99 us':>10}")
+for name, io, mx, rr, p50, p99, loss, ended, cpu, sp99 in rows:
+    print(f"{name:<8} {io:<6} {mx:>22} {rr:>19} {p50:>8} {p99:>8} {loss:>7} {ended:>9} {cpu:>12} {sp99:>10}")
+print("(p50/p99: round trip seen by the generator; srv us/reply: server CPU time per reply in the")
+print(" half-rate window, all threads, so 1e6/that is what one core could answer; srv p99: gnomon's")
+print(" own receive-timestamp-to-T3 histogram in that window; 'generator' = the generator, not the")
+print(" server, stopped the ramp, so that max is a floor)")
 def num(v):
     try:
         return float(v)
     except ValueError:
         return None
 rate = {(r[0], r[1]): num(r[2]) for r in rows}
+cost = {(r[0], r[1]): num(r[8]) for r in rows}
 print()
+chrony_cost = cost.get(("chrony", "-"))
+for (name, io), v in sorted(cost.items()):
+    if name != "gnomon" or not v:
+        continue
+    echo = cost.get(("echo", io))
+    if echo:
+        print(f"server CPU per reply, echo/gnomon ({io}): {echo / v:.3f}   (capacity ratio gnomon/echo)")
+    if chrony_cost:
+        print(f"server CPU per reply, chrony/gnomon ({io}): {chrony_cost / v:.3f}   (capacity ratio gnomon/chrony)")
 chrony = rate.get(("chrony", "-"))
 for (name, io), v in sorted(rate.items()):
     if name != "gnomon" or not v:

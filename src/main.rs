@@ -58,6 +58,9 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Empty the latency and batch histograms after reading them (counters keep counting).
+        #[arg(long)]
+        reset: bool,
     },
     /// Upstream sources, like `ntpq -p`; with --why, in words why each is or is not used.
     Sources {
@@ -159,9 +162,13 @@ fn run(cmd: Command) -> Result<ExitCode, String> {
             println!("{}: ok ({} listen addresses)", cfg.source, cfg.serve.listen.len());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Stats { control, json } => {
-            let out = gnomon::control::request(&control, if json { "stats json" } else { "stats" })
-                .map_err(|e| e.to_string())?;
+        Command::Stats { control, json, reset } => {
+            let cmd = format!(
+                "stats{}{}",
+                if json { " json" } else { "" },
+                if reset { " reset" } else { "" }
+            );
+            let out = gnomon::control::request(&control, &cmd).map_err(|e| e.to_string())?;
             print!("{out}");
             Ok(ExitCode::SUCCESS)
         }

@@ -41,7 +41,11 @@ impl ControlContext {
         match words.next() {
             Some("stats") => {
                 let snap = stats_view::collect(self);
-                if words.next() == Some("json") {
+                let rest: Vec<&str> = words.collect();
+                if rest.contains(&"reset") {
+                    self.stats.iter().for_each(|s| s.reset_histograms());
+                }
+                if rest.contains(&"json") {
                     serde_json::to_string_pretty(&snap).unwrap_or_default() + "\n"
                 } else {
                     stats_view::render(&snap)

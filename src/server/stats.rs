@@ -147,6 +147,17 @@ impl WorkerStats {
         core::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed))
     }
 
+    /// Empties the published histograms (counters are cumulative and stay), so a benchmark can
+    /// read the latency of one window.
+    pub fn reset_histograms(&self) {
+        if let Ok(mut h) = self.latency.lock() {
+            h.reset();
+        }
+        if let Ok(mut h) = self.batch_sizes.lock() {
+            h.reset();
+        }
+    }
+
     /// Copies of the histograms as published so far (ns of receive-to-transmit, datagrams per batch).
     pub fn histograms(&self) -> (Histogram<u64>, Histogram<u64>) {
         let lat = self
