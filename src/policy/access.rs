@@ -334,30 +334,74 @@ pub fn linear_lookup(rules: &[Rule], default: Action, addr: IpAddr) -> Match {
 
 /// Bits of the direct index in front of the binary search.
 const INDEX_BITS: u32 = 16;
-/// Up to this many candidate intervals are counted rather than binary-searched.
-const LINEAR_MAX: usize = 8;
 /// Below this many intervals the index costs more memory than the search steps it saves.
 const INDEX_MIN_INTERVALS: usize = 64;
 
-/// Interval starts of one family, sorted, with the answer of each interval.
+/// A [`Match`] in 4 bytes: the action in the low 3 bits, rule index + 1 above (0: the default).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Packed(u32);
+
+/// Rule indices must fit [`Packed`]; 2^29 rules would take over 10 GB to even describe.
+const MAX_RULES: usize = (1 << 29) - 1;
+
+impl Packed {
+    fn new(m: Match) -> Packed {
+        Packed((m.rule.map_or(0, |r| r + 1) << 3) | m.action as u32)
+    }
+
+    #[inline]
+    fn unpack(self) -> Match {
+        Match {
+            action: Action::ALL[(self.0 & 7) as usize],
+            rule: (self.0 >> 3).checked_sub(1),
+        }
+    }
+}
+
+/// An interval's first address in the family's width, compared as an unsigned integer.
+trait Key: Copy + Ord {
+    fn from_wide(x: u128) -> Self;
+}
+
+impl Key for u32 {
+    fn from_wide(x: u128) -> u32 {
+        x as u32
+    }
+}
+
+/// IPv6 as two words, high first (so arrays compare like the integer): 8-byte alignment keeps an
+/// [`Entry`] at 24 bytes where `u128` would pad it to 32.
+impl Key for [u64; 2] {
+    fn from_wide(x: u128) -> [u64; 2] {
+        [(x >> 64) as u64, x as u64]
+    }
+}
+
+/// Start and answer side by side, so the search's last cache line also holds the answer.
+#[derive(Clone, Copy, Debug)]
+struct Entry<K> {
+    start: K,
+    answer: Packed,
+}
+
+/// The intervals of one family, sorted by start.
 #[derive(Clone, Debug)]
 struct Ranges<K> {
-    /// `starts[0] == 0`; interval `i` is `starts[i] ..= starts[i + 1] - 1`.
-    starts: Box<[K]>,
-    answers: Box<[Match]>,
+    /// `entries[0].start == 0`; interval `i` runs up to `entries[i + 1].start - 1`.
+    entries: Box<[Entry<K>]>,
     /// Empty, or `2^INDEX_BITS + 1` entries: `index[b]` is the interval holding the first address
     /// of the region whose index bits are `b`; the last entry is the last interval.
     index: Box<[u32]>,
-    /// The region: the longest prefix that all of `starts[1..]` share (capped so that the index
-    /// bits fit after it), as a mask and a value. The index covers the region only: below it
-    /// the answer is the first interval's, above it the last interval's.
+    /// The region: the longest prefix that all starts but the first share (capped so that the
+    /// index bits fit after it), as a mask and a value. The index covers the region only:
+    /// below it the answer is the first interval's, above it the last interval's.
     region_mask: u128,
     region_base: u128,
     /// Where the index bits sit: `(key >> index_shift) & (2^INDEX_BITS - 1)`.
     index_shift: u32,
 }
 
-impl<K: Copy + Ord + TryFrom<u128>> Ranges<K> {
+impl<K: Key> Ranges<K> {
     /// `prefixes`: (first, last, answer) in a `width`-bit space.
     fn build(mut prefixes: Vec<(u128, u128, usize)>, rules: &[Rule], default: Action, width: u32) -> Ranges<K> {
         let max = host_mask(width, 0);
@@ -413,11 +457,13 @@ impl<K: Copy + Ord + TryFrom<u128>> Ranges<K> {
             }
         }
 
-        let starts: Box<[K]> = out
+        let entries: Box<[Entry<K>]> = out
             .iter()
-            .map(|&(s, _)| K::try_from(s).ok().expect("start fits the family width"))
+            .map(|&(s, m)| Entry {
+                start: K::from_wide(s),
+                answer: Packed::new(m),
+            })
             .collect();
-        let answers: Box<[Match]> = out.iter().map(|&(_, m)| m).collect();
         let (mut index, mut region_mask, mut region_base, mut index_shift) = (Vec::new(), 0, 0, 0);
         if out.len() >= INDEX_MIN_INTERVALS {
             // Real IPv6 rules sit mostly in 2000::/3 and all in a few /16s: indexing the bits
@@ -439,8 +485,7 @@ impl<K: Copy + Ord + TryFrom<u128>> Ranges<K> {
             index.push((out.len() - 1) as u32);
         }
         Ranges {
-            starts,
-            answers,
+            entries,
             index: index.into_boxed_slice(),
             region_mask,
             region_base,
@@ -451,28 +496,24 @@ impl<K: Copy + Ord + TryFrom<u128>> Ranges<K> {
     /// `wide` is `key` widened to 128 bits.
     #[inline]
     fn find(&self, key: K, wide: u128) -> Match {
-        let last = self.starts.len() - 1;
+        let last = self.entries.len() - 1;
         let (lo, hi) = if self.index.is_empty() {
             (0, last)
         } else if wide & self.region_mask != self.region_base {
-            return self.answers[if wide < self.region_base { 0 } else { last }];
+            return self.entries[if wide < self.region_base { 0 } else { last }]
+                .answer
+                .unpack();
         } else {
             let b = (wide >> self.index_shift) as usize & ((1 << INDEX_BITS) - 1);
             (self.index[b] as usize, self.index[b + 1] as usize)
         };
-        // starts[lo] <= key < starts[hi + 1]: count the starts in between that are <= key.
-        // A bucket usually holds a few: a branch-free count beats a search that mispredicts.
-        let between = &self.starts[lo + 1..=hi];
-        let n = if between.len() <= LINEAR_MAX {
-            between.iter().map(|&s| usize::from(s <= key)).sum()
-        } else {
-            between.partition_point(|&s| s <= key)
-        };
-        self.answers[lo + n]
+        // start[lo] <= key < start[hi + 1]: count the starts in between that are <= key.
+        let n = self.entries[lo + 1..=hi].partition_point(|e| e.start <= key);
+        self.entries[lo + n].answer.unpack()
     }
 
     fn memory_bytes(&self) -> usize {
-        size_of_val(&*self.starts) + size_of_val(&*self.answers) + size_of_val(&*self.index)
+        size_of_val(&*self.entries) + size_of_val(&*self.index)
     }
 }
 
@@ -480,16 +521,16 @@ impl<K: Copy + Ord + TryFrom<u128>> Ranges<K> {
 #[derive(Clone, Debug)]
 pub struct AccessTable {
     v4: Ranges<u32>,
-    v6: Ranges<u128>,
+    v6: Ranges<[u64; 2]>,
     rules: usize,
 }
 
 impl AccessTable {
     /// Most specific prefix wins; of identical prefixes the last rule wins; `default` elsewhere.
-    /// O(n log n); for more than `u32::MAX` rules the indices in [`Match::rule`] would wrap.
+    /// O(n log n). Rules past the first 2^29 - 1 are ignored (they would need gigabytes anyway).
     pub fn new(rules: &[Rule], default: Action) -> AccessTable {
         let (mut v4, mut v6) = (Vec::new(), Vec::new());
-        for (i, r) in rules.iter().enumerate() {
+        for (i, r) in rules.iter().enumerate().take(MAX_RULES) {
             let (first, last) = r.prefix.range();
             match r.prefix.addr {
                 IpAddr::V4(_) => v4.push((first, last, i)),
@@ -513,7 +554,7 @@ impl AccessTable {
             }
             IpAddr::V6(a) => {
                 let k = u128::from(a);
-                self.v6.find(k, k)
+                self.v6.find(Key::from_wide(k), k)
             }
         }
     }
