@@ -334,6 +334,8 @@ pub fn linear_lookup(rules: &[Rule], default: Action, addr: IpAddr) -> Match {
 
 /// Bits of the direct index in front of the binary search.
 const INDEX_BITS: u32 = 16;
+/// Up to this many candidate intervals are counted in a fixed window rather than binary-searched.
+const LINEAR_MAX: usize = 8;
 /// Below this many intervals the index costs more memory than the search steps it saves.
 const INDEX_MIN_INTERVALS: usize = 64;
 
@@ -359,21 +361,32 @@ impl Packed {
 }
 
 /// An interval's first address in the family's width, compared as an unsigned integer.
-trait Key: Copy + Ord {
+trait Key: Copy {
     fn from_wide(x: u128) -> Self;
+    fn wide(self) -> u128;
 }
 
 impl Key for u32 {
     fn from_wide(x: u128) -> u32 {
         x as u32
     }
+
+    #[inline]
+    fn wide(self) -> u128 {
+        self.into()
+    }
 }
 
-/// IPv6 as two words, high first (so arrays compare like the integer): 8-byte alignment keeps an
-/// [`Entry`] at 24 bytes where `u128` would pad it to 32.
+/// IPv6 as two words: 8-byte alignment keeps an [`Entry`] at 24 bytes where `u128` would pad it
+/// to 32.
 impl Key for [u64; 2] {
     fn from_wide(x: u128) -> [u64; 2] {
         [(x >> 64) as u64, x as u64]
+    }
+
+    #[inline]
+    fn wide(self) -> u128 {
+        (u128::from(self[0]) << 64) | u128::from(self[1])
     }
 }
 
@@ -493,9 +506,10 @@ impl<K: Key> Ranges<K> {
         }
     }
 
-    /// `wide` is `key` widened to 128 bits.
+    /// `key` is the address in the family's width.
     #[inline]
-    fn find(&self, key: K, wide: u128) -> Match {
+    fn find(&self, key: u128) -> Match {
+        let wide = key;
         let last = self.entries.len() - 1;
         let (lo, hi) = if self.index.is_empty() {
             (0, last)
@@ -507,8 +521,14 @@ impl<K: Key> Ranges<K> {
             let b = (wide >> self.index_shift) as usize & ((1 << INDEX_BITS) - 1);
             (self.index[b] as usize, self.index[b + 1] as usize)
         };
-        // start[lo] <= key < start[hi + 1]: count the starts in between that are <= key.
-        let n = self.entries[lo + 1..=hi].partition_point(|e| e.start <= key);
+        // start[lo] <= key < start[hi + 1]: count the starts in between that are <= key. A
+        // bucket mostly holds a few, so count over a fixed window: every start past `hi` is
+        // greater than the key and adds nothing, and a fixed trip count has no branch to
+        // mispredict, unlike a binary search.
+        let n = match self.entries.get(lo + 1..lo + 1 + LINEAR_MAX) {
+            Some(window) if hi - lo <= LINEAR_MAX => window.iter().map(|e| usize::from(e.start.wide() <= key)).sum(),
+            _ => self.entries[lo + 1..=hi].partition_point(|e| e.start.wide() <= key),
+        };
         self.entries[lo + n].answer.unpack()
     }
 
@@ -548,14 +568,8 @@ impl AccessTable {
     #[inline]
     pub fn lookup(&self, addr: IpAddr) -> Match {
         match canonical(addr) {
-            IpAddr::V4(a) => {
-                let k = u32::from(a);
-                self.v4.find(k, k.into())
-            }
-            IpAddr::V6(a) => {
-                let k = u128::from(a);
-                self.v6.find(Key::from_wide(k), k)
-            }
+            IpAddr::V4(a) => self.v4.find(u32::from(a).into()),
+            IpAddr::V6(a) => self.v6.find(u128::from(a)),
         }
     }
 
@@ -736,25 +750,35 @@ mod tests {
     #[test]
     fn indexed_table_matches_oracle() {
         // Enough rules to switch the index on; deterministic spread over the space.
-        let mut rules = Vec::new();
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for i in 0..2000u32 {
+        let mut next = move || {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let len = (x % 33) as u8;
-            let action = Action::ALL[(i % 5) as usize];
-            let v4 = Prefix::truncate(IpAddr::V4(Ipv4Addr::from((x >> 32) as u32)), len).unwrap();
-            rules.push(Rule { prefix: v4, action });
-        }
+            x
+        };
+        let rules: Vec<Rule> = (0..2000)
+            .map(|i| {
+                let x = next();
+                let addr = IpAddr::V4(Ipv4Addr::from((x >> 32) as u32));
+                Rule {
+                    prefix: Prefix::truncate(addr, (x % 33) as u8).unwrap(),
+                    action: Action::ALL[i % 5],
+                }
+            })
+            .collect();
         let t = AccessTable::new(&rules, Action::Serve);
         assert!(!t.v4.index.is_empty());
         for _ in 0..20_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let a = IpAddr::V4(Ipv4Addr::from(x as u32));
+            let a = IpAddr::V4(Ipv4Addr::from(next() as u32));
             assert_eq!(t.lookup(a), linear_lookup(&rules, Action::Serve, a), "{a}");
         }
+    }
+
+    #[test]
+    fn shareable_between_workers() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<AccessTable>();
+        send_sync::<crate::policy::RateLimiter>();
     }
 }
