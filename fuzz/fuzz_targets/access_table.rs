@@ -39,7 +39,12 @@ fuzz_target!(|data: &[u8]| {
     let table = AccessTable::new(&rules, default);
     let check = |a: IpAddr| assert_eq!(table.lookup(a), linear_lookup(&rules, default, a), "{a}");
     for r in &rules {
-        for (edge, step) in [(r.prefix.addr(), -1), (r.prefix.addr(), 0), (r.prefix.last(), 0), (r.prefix.last(), 1)] {
+        for (edge, step) in [
+            (r.prefix.addr(), -1),
+            (r.prefix.addr(), 0),
+            (r.prefix.last(), 0),
+            (r.prefix.last(), 1),
+        ] {
             probe(edge, step).into_iter().for_each(check);
         }
     }
