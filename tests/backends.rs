@@ -16,6 +16,15 @@ fn backends() -> Vec<(&'static str, &'static str)> {
     v
 }
 
+/// How many io_uring instances a process holds open.
+fn io_uring_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().contains("io_uring"))
+        .count()
+}
+
 #[test]
 fn both_backends_answer_count_and_measure() {
     for (io, name) in backends() {
@@ -55,6 +64,12 @@ fn both_backends_answer_count_and_measure() {
         srv.wait_counter("answered", answered);
         let s = srv.stats();
         assert_eq!(s["total"]["backend"], name, "{io}");
+        // The label is not enough: the io_uring backend must really hold an io_uring.
+        assert_eq!(
+            io_uring_fds(srv.child.id()) > 0,
+            io == "uring",
+            "{io}: io_uring fds in the server"
+        );
         assert_eq!(s["total"]["counters"]["answered"].as_u64(), Some(answered), "{io}");
         assert_eq!(s["total"]["counters"]["received"].as_u64(), Some(answered + 4), "{io}");
         assert_eq!(s["total"]["counters"]["drop_control_mode"].as_u64(), Some(2), "{io}");

@@ -220,6 +220,14 @@ where
                 if let Some(id) = cpu {
                     core_affinity::set_for_current(core_affinity::CoreId { id });
                 }
+                if backend == "io_uring" {
+                    match uring::run(&sockets, &mut handler, &stop) {
+                        Ok(()) => return Ok(()),
+                        Err(uring::Unsupported(why)) => {
+                            log::warn!("worker {i}: io_uring failed ({why}); using recvmmsg/sendmmsg")
+                        }
+                    }
+                }
                 mmsg::run(&sockets, &mut handler, &stop)
             })?;
         threads.push(t);
