@@ -26,7 +26,7 @@ const BGID: u16 = 0;
 /// Room for a sockaddr_in6 (28 bytes; v4 fits too), rounded up so that the control data that
 /// follows it in the buffer is 8-byte aligned, as `cmsghdr` requires.
 const NAME_LEN: usize = (size_of::<libc::sockaddr_in6>() + 7) & !7;
-const _: () = assert!((HEADER_LEN + NAME_LEN) % 8 == 0);
+const _: () = assert!((HEADER_LEN + NAME_LEN).is_multiple_of(8));
 /// Room for SCM_TIMESTAMPNS + IP(V6)_PKTINFO.
 const CONTROL_LEN: usize = 128;
 /// io_uring_recvmsg_out header, then name, control and payload (see `RecvMsgOut`).
