@@ -18,7 +18,7 @@ use std::time::Duration;
 fn low_rate_run_against_gnomon_is_clean_on_both_backends() {
     let mut ios = vec![IoMode::Mmsg];
     match gnomon::server::uring::probe() {
-        Ok(()) => ios.push(IoMode::Uring),
+        Ok(()) => ios.extend([IoMode::Uring, IoMode::UringSend]),
         Err(e) => eprintln!("SKIPPED io_uring backend: {}", e.0),
     }
     for io in ios {

@@ -60,6 +60,8 @@ pub enum IoMode {
     /// io_uring where the kernel allows it, else mmsg.
     Auto,
     Uring,
+    /// io_uring for the replies too (one `SendMsg` per reply) instead of `sendmmsg`.
+    UringSend,
     Mmsg,
 }
 
@@ -69,8 +71,11 @@ impl std::str::FromStr for IoMode {
         match s {
             "auto" => Ok(IoMode::Auto),
             "uring" | "io_uring" => Ok(IoMode::Uring),
+            "uring-send" => Ok(IoMode::UringSend),
             "mmsg" => Ok(IoMode::Mmsg),
-            _ => Err(format!("unknown io backend `{s}` (expected auto, uring or mmsg)")),
+            _ => Err(format!(
+                "unknown io backend `{s}` (expected auto, uring, uring-send or mmsg)"
+            )),
         }
     }
 }
@@ -149,8 +154,14 @@ fn available_cpus() -> Vec<usize> {
 fn choose_backend(io: IoMode) -> io::Result<&'static str> {
     match io {
         IoMode::Mmsg => Ok("mmsg"),
-        IoMode::Uring => uring::probe()
-            .map(|()| "io_uring")
+        IoMode::Uring | IoMode::UringSend => uring::probe()
+            .map(|()| {
+                if io == IoMode::UringSend {
+                    "io_uring-send"
+                } else {
+                    "io_uring"
+                }
+            })
             .map_err(|uring::Unsupported(why)| io::Error::new(io::ErrorKind::Unsupported, format!("io_uring: {why}"))),
         IoMode::Auto => Ok(match uring::probe() {
             Ok(()) => "io_uring",
@@ -220,8 +231,8 @@ where
                 if let Some(id) = cpu {
                     core_affinity::set_for_current(core_affinity::CoreId { id });
                 }
-                if backend == "io_uring" {
-                    match uring::run(&sockets, &mut handler, &stop) {
+                if backend.starts_with("io_uring") {
+                    match uring::run(&sockets, &mut handler, &stop, backend == "io_uring-send") {
                         Ok(()) => return Ok(()),
                         Err(uring::Unsupported(why)) => {
                             log::warn!("worker {i}: io_uring failed ({why}); using recvmmsg/sendmmsg")

@@ -2,9 +2,10 @@
 //! built in place in the ring's buffers and sent with one `sendmmsg` per batch, buffers returned
 //! to the ring once per batch. One `io_uring_enter` wait and one `sendmmsg` per batch.
 //!
-//! Why `sendmmsg` and not io_uring sends: on this kernel io_uring `SendMsg` per reply (even with
-//! `CQE_SKIP_SUCCESS`) measured no faster than one `sendmmsg` per batch (DESIGN section 8), and a
-//! synchronous send lets the buffer go straight back to the ring.
+//! Replies go out either with one `sendmmsg` per batch (`io = "uring"`: the send is synchronous,
+//! so buffers go straight back to the ring) or as one io_uring `SendMsg` per reply, submitted
+//! with the next wait (`io = "uring-send"`: each buffer goes back when its send completes).
+//! `benches/compare.sh` measures both; README says which won here.
 
 use super::socket::{BUF_LEN, CTRL_WORDS, build_pktinfo, parse_cmsgs, sockaddr_to_std};
 use super::{Datagram, Handler};
@@ -22,6 +23,8 @@ use std::time::Duration;
 const RING_ENTRIES: u16 = 2048;
 /// Completions handled per batch (and per `sendmmsg`).
 const BATCH: usize = 64;
+/// Marks a send completion's user_data (the low 16 bits are the buffer id).
+const SEND_TAG: u64 = 1 << 63;
 const BGID: u16 = 0;
 /// Room for a sockaddr_in6 (28 bytes; v4 fits too), rounded up so that the control data that
 /// follows it in the buffer is 8-byte aligned, as `cmsghdr` requires.
@@ -163,7 +166,16 @@ struct SocketState {
     send_iovs: Box<[libc::iovec]>,
     send_ctrl: Box<[[u64; CTRL_WORDS]]>,
     rx_ns: Box<[i64]>,
+    bids: Box<[u16]>,
     pending: usize,
+}
+
+/// The msghdr of a reply in flight as an io_uring send; one per buffer id, because it must live
+/// until the send completes, past the batch that built it.
+struct SendSlot {
+    hdr: libc::msghdr,
+    iov: libc::iovec,
+    ctrl: [u64; CTRL_WORDS],
 }
 
 impl SocketState {
@@ -181,6 +193,7 @@ impl SocketState {
             send_iovs: vec![unsafe { zeroed::<libc::iovec>() }; BATCH].into_boxed_slice(),
             send_ctrl: vec![[0u64; CTRL_WORDS]; BATCH].into_boxed_slice(),
             rx_ns: vec![0i64; BATCH].into_boxed_slice(),
+            bids: vec![0u16; BATCH].into_boxed_slice(),
             pending: 0,
         }
     }
@@ -196,7 +209,12 @@ struct Completion {
 
 /// Serves `sockets` until `stop`; `Err(Unsupported)` if the kernel refuses multishot receive
 /// before any datagram was served (the caller then falls back to mmsg).
-pub fn run<H: Handler>(sockets: &[Socket], handler: &mut H, stop: &AtomicBool) -> Result<(), Unsupported> {
+pub fn run<H: Handler>(
+    sockets: &[Socket],
+    handler: &mut H,
+    stop: &AtomicBool,
+    uring_send: bool,
+) -> Result<(), Unsupported> {
     let mut ring = build_ring(256).map_err(|e| Unsupported(format!("io_uring_setup: {e}")))?;
     // Saves a file-table lookup on every io_uring_enter; optional.
     let _ = ring.submitter().register_ring_fd();
@@ -209,6 +227,14 @@ pub fn run<H: Handler>(sockets: &[Socket], handler: &mut H, stop: &AtomicBool) -
     let mut completions = [Completion::default(); BATCH];
     let timeout = types::Timespec::from(Duration::from_millis(100));
     let mut returned: Vec<u16> = Vec::with_capacity(BATCH);
+    let mut slots: Box<[SendSlot]> = (0..RING_ENTRIES)
+        // SAFETY: plain C structs; all-zero is a valid (empty) value.
+        .map(|_| SendSlot {
+            hdr: unsafe { zeroed() },
+            iov: unsafe { zeroed() },
+            ctrl: [0; CTRL_WORDS],
+        })
+        .collect();
 
     while !stop.load(Ordering::Relaxed) {
         for (i, s) in socks.iter_mut().enumerate() {
@@ -250,6 +276,14 @@ pub fn run<H: Handler>(sockets: &[Socket], handler: &mut H, stop: &AtomicBool) -
             let mut received = 0;
             returned.clear();
             for c in &completions[..n] {
+                if c.user_data & SEND_TAG != 0 {
+                    // An io_uring send finished: its buffer can take a new datagram.
+                    bufring.push(c.user_data as u16);
+                    if c.result < 0 {
+                        handler.send_failed(1);
+                    }
+                    continue;
+                }
                 let s = &mut socks[c.user_data as usize];
                 if !cqueue::more(c.flags) {
                     s.armed = false;
@@ -315,6 +349,11 @@ pub fn run<H: Handler>(sockets: &[Socket], handler: &mut H, stop: &AtomicBool) -
                 }
                 let r = s.pending;
                 s.pending += 1;
+                s.bids[r] = bid;
+                if uring_send {
+                    // Held until its send completes (pushed last just above).
+                    returned.pop();
+                }
                 s.rx_ns[r] = info.rx_realtime_ns.unwrap_or(0);
                 s.send_iovs[r] = libc::iovec {
                     iov_base: payload.as_mut_ptr().cast(),
@@ -352,6 +391,36 @@ pub fn run<H: Handler>(sockets: &[Socket], handler: &mut H, stop: &AtomicBool) -
                         let reply = unsafe { std::slice::from_raw_parts_mut(iov.iov_base.cast::<u8>(), iov.iov_len) };
                         handler.stamp(reply, s.rx_ns[r], &tx);
                     }
+                    if uring_send {
+                        for r in 0..s.pending {
+                            let bid = s.bids[r];
+                            let slot = &mut slots[bid as usize];
+                            slot.iov = s.send_iovs[r];
+                            slot.ctrl = s.send_ctrl[r];
+                            slot.hdr = s.send_hdrs[r].msg_hdr;
+                            slot.hdr.msg_iov = &mut slot.iov;
+                            if slot.hdr.msg_controllen > 0 {
+                                slot.hdr.msg_control = slot.ctrl.as_mut_ptr().cast();
+                            }
+                            let sqe = opcode::SendMsg::new(types::Fd(s.fd), &slot.hdr)
+                                .build()
+                                .user_data(SEND_TAG | u64::from(bid));
+                            loop {
+                                // SAFETY: the slot (msghdr, iovec, cmsg) and the buffer it points
+                                // at stay untouched until this send's completion returns the bid.
+                                if unsafe { ring.submission().push(&sqe) }.is_ok() {
+                                    break;
+                                }
+                                // Queue full: hand what is queued to the kernel, then retry.
+                                if ring.submit().is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        replied += s.pending;
+                        s.pending = 0;
+                        continue;
+                    }
                     let mut sent = 0;
                     while sent < s.pending {
                         // SAFETY: send_hdrs[sent..pending] are initialised and point at live buffers.
@@ -373,7 +442,8 @@ pub fn run<H: Handler>(sockets: &[Socket], handler: &mut H, stop: &AtomicBool) -
                     s.pending = 0;
                 }
             }
-            // The sends were synchronous, so every buffer of the batch can go back now.
+            // Buffers of dropped requests and of synchronous sends go back now; io_uring sends
+            // return theirs on completion.
             for &bid in &returned {
                 bufring.push(bid);
             }
