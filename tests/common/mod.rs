@@ -392,3 +392,9 @@ pub fn chrony_measurements(server: std::net::SocketAddr, dir: &std::path::Path) 
         .map(str::to_string)
         .collect()
 }
+
+/// The offset `chronyd -Q` reports ("System clock wrong by X seconds"), if it got one.
+pub fn chrony_offset(out: &str) -> Option<f64> {
+    let line = out.lines().find(|l| l.contains("System clock wrong by"))?;
+    line.split("wrong by ").nth(1)?.split_whitespace().next()?.parse().ok()
+}
