@@ -90,14 +90,7 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(64));
     let (mut publisher, reader) = clock::snapshot(ClockState::unsynchronized(-24));
     let now = clock::realtime_ns();
-    publisher.publish(ClockState {
-        base_realtime_ns: now,
-        leap: LeapIndicator::NoWarning,
-        stratum: 2,
-        reference_id: RefId([192, 0, 2, 1]),
-        reference_time_ns: now,
-        ..ClockState::unsynchronized(-24)
-    });
+    publisher.publish(ClockState::local(2, -24, now));
     let peer: std::net::SocketAddr = "198.51.100.7:40000".parse().unwrap();
     for (name, policy) in [
         ("ntp_handler_open", open_policy()),

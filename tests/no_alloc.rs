@@ -3,7 +3,6 @@
 
 use gnomon::clock::{self, ClockState};
 use gnomon::policy::{Action, PolicyConfig, PolicySet, RateLimitConfig, Rule, SharedPolicy};
-use gnomon::proto::{LeapIndicator, RefId};
 use gnomon::server::ntp::NtpHandler;
 use gnomon::server::stats::WorkerStats;
 use gnomon::server::{Datagram, Handler};
@@ -53,14 +52,7 @@ fn policy() -> Arc<SharedPolicy> {
 fn ntp_handler_does_not_allocate_per_request() {
     let (mut publisher, reader) = clock::snapshot(ClockState::unsynchronized(-24));
     let now = clock::realtime_ns();
-    publisher.publish(ClockState {
-        base_realtime_ns: now,
-        leap: LeapIndicator::NoWarning,
-        stratum: 2,
-        reference_id: RefId([192, 0, 2, 1]),
-        reference_time_ns: now,
-        ..ClockState::unsynchronized(-24)
-    });
+    publisher.publish(ClockState::local(2, -24, now));
     let mut h = NtpHandler::new(reader, policy(), Arc::new(WorkerStats::new(0, None, "test")));
     let mut bufs = vec![[0u8; 1025]; 64];
     let peer: std::net::SocketAddr = "198.51.100.7:40000".parse().unwrap();

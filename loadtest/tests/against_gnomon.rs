@@ -4,7 +4,6 @@
 
 use gnomon::clock::{self, ClockState};
 use gnomon::policy::{PolicyConfig, PolicySet, SharedPolicy};
-use gnomon::proto::{LeapIndicator, RefId};
 use gnomon::server::ntp::NtpHandler;
 use gnomon::server::stats::Counter;
 use gnomon::server::{IoMode, ServeOptions};
@@ -24,14 +23,7 @@ fn low_rate_run_against_gnomon_is_clean_on_both_backends() {
     for io in ios {
         let now = clock::realtime_ns();
         let (mut publisher, reader) = clock::snapshot(ClockState::unsynchronized(-24));
-        publisher.publish(ClockState {
-            base_realtime_ns: now,
-            leap: LeapIndicator::NoWarning,
-            stratum: 1,
-            reference_id: RefId::LOCL,
-            reference_time_ns: now,
-            ..ClockState::unsynchronized(-24)
-        });
+        publisher.publish(ClockState::local(1, -24, now));
         let policy = Arc::new(SharedPolicy::new(PolicySet::build(PolicyConfig::default(), None)));
         let stop = Arc::new(AtomicBool::new(false));
         let opts = ServeOptions {

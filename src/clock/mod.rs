@@ -60,6 +60,19 @@ impl ClockState {
         }
     }
 
+    /// The LOCAL clock: the kernel clock itself, claimed at `stratum` with refid LOCL, no
+    /// correction, reference time `now_ns` (the "LOCAL clock" of ntpd tutorials).
+    pub fn local(stratum: u8, precision: i8, now_ns: i64) -> ClockState {
+        ClockState {
+            base_realtime_ns: now_ns,
+            leap: LeapIndicator::NoWarning,
+            stratum: stratum.clamp(1, 15),
+            reference_id: RefId::LOCL,
+            reference_time_ns: now_ns,
+            ..ClockState::unsynchronized(precision)
+        }
+    }
+
     pub fn is_synchronized(&self) -> bool {
         self.leap != LeapIndicator::Unsynchronized && self.stratum < 16
     }

@@ -160,18 +160,9 @@ impl Discipline {
     pub fn local(&mut self, now_ns: i64, stratum: u8) -> ClockState {
         self.local_stratum = Some(stratum);
         self.state = ClockState {
-            base_realtime_ns: now_ns,
-            offset_ns: 0,
-            frequency: 0.0,
-            leap: LeapIndicator::NoWarning,
-            stratum: stratum.clamp(1, 15),
-            reference_id: RefId::LOCL,
-            reference_time_ns: now_ns,
-            root_delay: 0.0,
-            root_dispersion: 0.0,
-            dispersion_rate: PHI,
+            generation: self.state.generation,
             max_root_dispersion: self.max_root_dispersion,
-            ..self.state
+            ..ClockState::local(stratum, self.state.precision, now_ns)
         };
         self.state
     }
