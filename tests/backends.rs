@@ -90,12 +90,7 @@ fn both_backends_answer_count_and_measure() {
         );
         assert!(p50 > 0 && p50 <= p99 && p99 <= max, "{io}: {lat}");
         assert!(s["total"]["batch_mean"].as_f64().unwrap() >= 1.0);
-        let text = Command::new(GNOMON)
-            .arg("stats")
-            .arg("--control")
-            .arg(&srv.control)
-            .output()
-            .unwrap();
+        let text = srv.ctl(&["stats"]);
         let text = String::from_utf8_lossy(&text.stdout).to_string();
         assert!(text.contains(&format!("backend {name}")), "{text}");
         assert!(

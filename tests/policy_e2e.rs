@@ -153,7 +153,6 @@ fn reload_changes_the_outcome_without_dropping_a_request() {
     let srv = Gnomon::start(&format!("local_stratum = 2\n{RULES}"));
     let target = srv.addr();
     let cfg_path = srv.dir.join("gnomon.toml");
-    let control = srv.control.clone();
     let s = from("127.0.5.10");
     // Before: DENY.
     let h = Header::decode(&exchange(&s, target, &request(4, 3, 1)).unwrap()).unwrap();
@@ -174,12 +173,7 @@ fn reload_changes_the_outcome_without_dropping_a_request() {
         "address = \"127.0.5.0 mask 255.255.255.0\"\naction = \"exempt\"",
     );
     std::fs::write(&cfg_path, text).unwrap();
-    let out = Command::new(GNOMON)
-        .arg("reload")
-        .arg("--control")
-        .arg(&control)
-        .output()
-        .unwrap();
+    let out = srv.ctl(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("reloaded"));
     let kinds = sender.join().unwrap();
@@ -192,12 +186,7 @@ fn reload_changes_the_outcome_without_dropping_a_request() {
     );
     // A broken file is refused and the running policy stays.
     std::fs::write(&cfg_path, "[[restrict]]\naddress = \"nonsense\"\naction = \"deny\"\n").unwrap();
-    let out = Command::new(GNOMON)
-        .arg("reload")
-        .arg("--control")
-        .arg(&control)
-        .output()
-        .unwrap();
+    let out = srv.ctl(&["reload"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(":2: key `address`"),
@@ -215,7 +204,7 @@ fn reload_changes_the_outcome_without_dropping_a_request() {
     std::fs::write(&cfg_path, std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     let text = format!(
         "control_socket = \"{}\"\nlisten = [\"127.0.0.1:0\"]\nlocal_stratum = 2\n{RULES}",
-        control.display()
+        srv.control.display()
     );
     std::fs::write(&cfg_path, text).unwrap();
     let _ = Command::new("kill")

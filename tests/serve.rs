@@ -173,12 +173,7 @@ fn bad_input_is_dropped_counted_and_never_answered() {
     assert_eq!(h.mode, Mode::Server);
     assert_eq!(h.stratum, 2);
     // The text view shows the same reasons.
-    let text = Command::new(GNOMON)
-        .arg("stats")
-        .arg("--control")
-        .arg(&srv.control)
-        .output()
-        .unwrap();
+    let text = srv.ctl(&["stats"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("drop_control_mode"), "{text}");
 }

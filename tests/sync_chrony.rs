@@ -10,7 +10,6 @@ use common::*;
 use gnomon::clock::{ClockState, realtime_ns, snapshot};
 use gnomon::proto::{Header, LeapIndicator, NtpTimestamp, RefId, respond};
 use gnomon::sync::{SyncConfig, spawn};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -26,11 +25,7 @@ fn row(v: &serde_json::Value, port: u16) -> &serde_json::Value {
 }
 
 fn sources_json(srv: &Gnomon) -> serde_json::Value {
-    let out = Command::new(GNOMON)
-        .args(["sources", "--json", "--control"])
-        .arg(&srv.control)
-        .output()
-        .unwrap();
+    let out = srv.ctl(&["sources", "--json"]);
     serde_json::from_slice(&out.stdout).expect("sources json")
 }
 
@@ -42,11 +37,7 @@ fn wait_json(srv: &Gnomon, what: &str, limit: Duration, ok: impl Fn(&serde_json:
             return v;
         }
         if start.elapsed() > limit {
-            let text = Command::new(GNOMON)
-                .args(["sources", "--why", "--control"])
-                .arg(&srv.control)
-                .output()
-                .unwrap();
+            let text = srv.ctl(&["sources", "--why"]);
             panic!(
                 "timed out waiting for {what}:\n{}",
                 String::from_utf8_lossy(&text.stdout)
@@ -106,22 +97,14 @@ fn gnomon_serve_syncs_to_chronyd_and_serves_stratum_2() {
     assert_eq!(v["system"]["stratum"], 2);
     assert_eq!(v["system"]["refid"], "127.0.0.1");
     // The text views an operator reads.
-    let text = Command::new(GNOMON)
-        .args(["sources", "--why", "--control"])
-        .arg(&srv.control)
-        .output()
-        .unwrap();
+    let text = srv.ctl(&["sources", "--why"]);
     let text = String::from_utf8_lossy(&text.stdout).to_string();
     assert!(text.lines().any(|l| l.starts_with('*')), "{text}");
     assert!(
         text.lines().any(|l| l.starts_with('x') && l.contains("falseticker")),
         "{text}"
     );
-    let status = Command::new(GNOMON)
-        .args(["status", "--control"])
-        .arg(&srv.control)
-        .output()
-        .unwrap();
+    let status = srv.ctl(&["status"]);
     assert!(
         String::from_utf8_lossy(&status.stdout).contains("127.0.0.1"),
         "{}",

@@ -27,9 +27,7 @@ impl Handler for EchoHandler {
 
     #[inline]
     fn handle(&mut self, d: Datagram<'_>) -> usize {
-        self.local.add(Counter::Received, 1);
-        if d.truncated {
-            self.local.add(Counter::Oversized, 1);
+        if !self.local.received(d.truncated) {
             return 0;
         }
         self.local.add(Counter::Answered, 1);

@@ -75,9 +75,7 @@ impl Handler for NtpHandler {
 
     #[inline]
     fn handle(&mut self, d: Datagram<'_>) -> usize {
-        self.local.add(Counter::Received, 1);
-        if d.truncated {
-            self.local.add(Counter::Oversized, 1);
+        if !self.local.received(d.truncated) {
             return 0;
         }
         if let Err(e) = check_request(&d.buf[..d.len]) {

@@ -197,6 +197,18 @@ impl Default for LocalStats {
 }
 
 impl LocalStats {
+    /// Counts a received datagram; false when it was truncated (longer than the buffer), which
+    /// is counted as oversized and dropped. Every handler starts here, the echo ceiling too, so
+    /// both do the same bookkeeping.
+    #[inline]
+    pub fn received(&mut self, truncated: bool) -> bool {
+        self.counts[Counter::Received as usize] += 1;
+        if truncated {
+            self.counts[Counter::Oversized as usize] += 1;
+        }
+        !truncated
+    }
+
     #[inline]
     pub fn add(&mut self, c: Counter, n: u64) {
         self.counts[c as usize] += n;

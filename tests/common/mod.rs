@@ -120,15 +120,19 @@ impl Gnomon {
         self.addrs[0]
     }
 
-    /// `gnomon stats --json` parsed.
-    pub fn stats(&self) -> serde_json::Value {
-        let out = Command::new(GNOMON)
-            .arg("stats")
-            .arg("--json")
+    /// Runs `gnomon ARGS --control <this server's control socket>`.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(GNOMON)
+            .args(args)
             .arg("--control")
             .arg(&self.control)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// `gnomon stats --json` parsed.
+    pub fn stats(&self) -> serde_json::Value {
+        let out = self.ctl(&["stats", "--json"]);
         assert!(
             out.status.success(),
             "stats failed: {}",
