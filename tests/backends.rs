@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 use gnomon::proto::{Header, LeapIndicator, Mode, NtpTimestamp};
-use std::process::Command;
 
 /// Backends this kernel allows; io_uring is skipped (not failed) where it is refused.
 fn backends() -> Vec<(&'static str, &'static str)> {
