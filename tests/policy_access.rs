@@ -60,7 +60,9 @@ proptest! {
     ) {
         let t = AccessTable::new(&rules, default);
         for a in probes(&rules, &extra) {
-            prop_assert_eq!(t.lookup(a), linear_lookup(&rules, default, a), "address {}", a);
+            let want = linear_lookup(&rules, default, a);
+            prop_assert_eq!(t.lookup(a), want, "address {}", a);
+            prop_assert_eq!(t.action(a), want.action, "address {}", a);
         }
     }
 
@@ -73,7 +75,9 @@ proptest! {
     ) {
         let t = AccessTable::new(&rules, default);
         for a in probes(&rules, &extra) {
-            prop_assert_eq!(t.lookup(a), linear_lookup(&rules, default, a), "address {}", a);
+            let want = linear_lookup(&rules, default, a);
+            prop_assert_eq!(t.lookup(a), want, "address {}", a);
+            prop_assert_eq!(t.action(a), want.action, "address {}", a);
         }
     }
 

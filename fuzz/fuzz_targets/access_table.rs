@@ -37,7 +37,11 @@ fuzz_target!(|data: &[u8]| {
     let default = Action::ALL[usize::from(d) % Action::ALL.len()];
     let rules: Vec<Rule> = body.chunks_exact(18).map(|c| rule(c.try_into().unwrap())).collect();
     let table = AccessTable::new(&rules, default);
-    let check = |a: IpAddr| assert_eq!(table.lookup(a), linear_lookup(&rules, default, a), "{a}");
+    let check = |a: IpAddr| {
+        let want = linear_lookup(&rules, default, a);
+        assert_eq!(table.lookup(a), want, "{a}");
+        assert_eq!(table.action(a), want.action, "{a}");
+    };
     for r in &rules {
         for (edge, step) in [
             (r.prefix.addr(), -1),

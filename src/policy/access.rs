@@ -14,21 +14,21 @@
 //!
 //! # Why sorted ranges and not a trie
 //! A set of prefixes cuts each address space into at most `2n + 1` intervals on which the
-//! answer is constant. The table stores, per family, the interval starts sorted with each
-//! interval's answer beside its start (8 bytes an entry for IPv4, 24 for IPv6), plus a direct
-//! index on 16 address bits that narrows the search to the few intervals beginning in that
+//! answer is constant. The table stores, per family, the interval starts sorted, plus a direct
+//! index on up to 16 address bits that narrows the search to the few intervals beginning in that
 //! slice of the space; those are counted over a fixed window of 8 entries, which has no branch to
-//! mispredict, with a binary search only for crowded buckets. A lookup is then one index load
-//! and one or two adjacent cache lines: about the cost of a poptrie lookup, with a build that is
-//! a sort and one sweep and an obvious correctness argument (it is the oracle's answer,
-//! precomputed per interval). A multibit trie would need prefix expansion and leaf pushing to
-//! match that, and a plain binary trie takes up to 128 dependent loads.
+//! mispredict, with a binary search only for crowded buckets. A lookup is then one index load and
+//! one cache line of starts: about the cost of a poptrie lookup, with a build that is a sort and
+//! one sweep and an obvious correctness argument (it is the oracle's answer, precomputed per
+//! interval). A multibit trie would need prefix expansion and leaf pushing to match that, and a
+//! plain binary trie takes up to 128 dependent loads.
 //!
-//! The 16 index bits are those right after the longest prefix all interval starts share, so that
+//! The index bits are those right after the longest prefix all interval starts share, so that
 //! IPv6 rules, which mostly sit in 2000::/3, spread over the whole index rather than a few
-//! buckets. Tables with fewer than 64 intervals skip the 256 KiB index and binary-search.
-//! With 100,000 random rules the IPv4 table (1.4 MiB) stays in L2 and meets the 50 ns goal;
-//! the IPv6 one (4.8 MiB) waits on one cache miss past L2 per lookup (see benches/policy.rs).
+//! buckets. What the lookup touches is 8 bytes an interval whatever the family: the 60 bits of
+//! the start after the bits its bucket fixes, with the action (see `Ranges`). That keeps
+//! 100,000 IPv6 rules (200,000 intervals) at 1.6 MB hot, inside a 2 MiB L2, where 128-bit starts
+//! beside their answers took 4.8 MB and a cache miss past L2 on most lookups.
 #![forbid(unsafe_code)]
 
 use core::fmt;
@@ -336,12 +336,15 @@ pub fn linear_lookup(rules: &[Rule], default: Action, addr: IpAddr) -> Match {
     }
 }
 
-/// Bits of the direct index in front of the binary search.
-const INDEX_BITS: u32 = 16;
+/// Bounds on the bits of the direct index in front of the search: about one bucket per interval.
+const MIN_INDEX_BITS: u32 = 4;
+const MAX_INDEX_BITS: u32 = 16;
 /// Up to this many candidate intervals are counted in a fixed window rather than binary-searched.
-const LINEAR_MAX: usize = 8;
-/// Below this many intervals the index costs more memory than the search steps it saves.
-const INDEX_MIN_INTERVALS: usize = 64;
+const WINDOW: usize = 8;
+/// Bits of an interval start kept in its hot entry, after the bits its bucket already fixes.
+const KEY_BITS: u32 = 60;
+/// Hot entry flag: the start has bits below the [`KEY_BITS`] kept, held in `Ranges::low`.
+const INEXACT: u64 = 1 << 3;
 
 /// A [`Match`] in 4 bytes: the action in the low 3 bits, rule index + 1 above (0: the default).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -358,69 +361,55 @@ impl Packed {
     #[inline]
     fn unpack(self) -> Match {
         Match {
-            action: Action::ALL[(self.0 & 7) as usize],
+            action: action_bits(self.0.into()),
             rule: (self.0 >> 3).checked_sub(1),
         }
     }
 }
 
-/// An interval's first address in the family's width, compared as an unsigned integer.
-trait Key: Copy {
-    fn from_wide(x: u128) -> Self;
-    fn wide(self) -> u128;
+#[inline]
+fn action_bits(x: u64) -> Action {
+    Action::ALL[(x & 7) as usize]
 }
 
-impl Key for u32 {
-    fn from_wide(x: u128) -> u32 {
-        x as u32
-    }
-
-    #[inline]
-    fn wide(self) -> u128 {
-        self.into()
-    }
-}
-
-/// IPv6 as two words: 8-byte alignment keeps an [`Entry`] at 24 bytes where `u128` would pad it
-/// to 32.
-impl Key for [u64; 2] {
-    fn from_wide(x: u128) -> [u64; 2] {
-        [(x >> 64) as u64, x as u64]
-    }
-
-    #[inline]
-    fn wide(self) -> u128 {
-        (u128::from(self[0]) << 64) | u128::from(self[1])
-    }
-}
-
-/// Start and answer side by side, so the search's last cache line also holds the answer.
-#[derive(Clone, Copy, Debug)]
-struct Entry<K> {
-    start: K,
-    answer: Packed,
-}
-
-/// The intervals of one family, sorted by start.
+/// The intervals of one address family, sorted by start.
+///
+/// The hot path reads only `index` and `hot`: 8 bytes an interval, so that 100,000 IPv6 rules
+/// (200,000 intervals) fit in a 2 MiB L2 beside the index. A hot entry is the [`KEY_BITS`] of
+/// the start right after the bits the bucket fixes, a flag, and the action. Starts compared
+/// within one bucket share those fixed bits, so comparing the kept bits orders them exactly
+/// unless two agree on all of them; only starts with bits set further down (rules longer than
+/// about /80) can then be wrong, and those carry [`INEXACT`] and their remaining bits in `low`.
+/// The rule index, which only diagnostics want, sits apart in `answers`.
 #[derive(Clone, Debug)]
-struct Ranges<K> {
-    /// `entries[0].start == 0`; interval `i` runs up to `entries[i + 1].start - 1`.
-    entries: Box<[Entry<K>]>,
-    /// Empty, or `2^INDEX_BITS + 1` entries: `index[b]` is the interval holding the first address
-    /// of the region whose index bits are `b`; the last entry is the last interval.
+struct Ranges {
+    /// Interval `i` starts at the `i`-th start and runs up to the next one; the first starts at
+    /// 0. Padded with [`WINDOW`] entries so the fixed window never reads past the end.
+    hot: Box<[u64]>,
+    /// The full answer per interval.
+    answers: Box<[Packed]>,
+    /// Per interval, the start's bits below the kept ones; empty when no start has any.
+    low: Box<[u64]>,
+    /// `2^index_bits + 1` entries: `index[b]` is how many starts lie below the region's bucket
+    /// `b`, so bucket `b` holds the starts `index[b]..index[b + 1]`.
     index: Box<[u32]>,
     /// The region: the longest prefix that all starts but the first share (capped so that the
     /// index bits fit after it), as a mask and a value. The index covers the region only:
     /// below it the answer is the first interval's, above it the last interval's.
     region_mask: u128,
     region_base: u128,
-    /// Where the index bits sit: `(key >> index_shift) & (2^INDEX_BITS - 1)`.
+    /// Bucket of a key: `(key >> index_shift) & bucket_mask`.
     index_shift: u32,
+    bucket_mask: usize,
+    /// Kept bits of a key: `(key << key_shift) >> (128 - KEY_BITS)`.
+    key_shift: u32,
+    /// The bits below the kept ones, for `low`.
+    low_mask: u128,
 }
 
-impl<K: Key> Ranges<K> {
+impl Ranges {
     /// `prefixes`: (first, last, answer) in a `width`-bit space.
-    fn build(mut prefixes: Vec<(u128, u128, usize)>, rules: &[Rule], default: Action, width: u32) -> Ranges<K> {
+    fn build(mut prefixes: Vec<(u128, u128, usize)>, rules: &[Rule], default: Action, width: u32) -> Ranges {
         let max = host_mask(width, 0);
         let default = Match {
             action: default,
@@ -474,78 +463,104 @@ impl<K: Key> Ranges<K> {
             }
         }
 
-        let entries: Box<[Entry<K>]> = out
-            .iter()
-            .map(|&(s, m)| Entry {
-                start: K::from_wide(s),
-                answer: Packed::new(m),
-            })
-            .collect();
-        let (mut index, mut region_mask, mut region_base, mut index_shift) = (Vec::new(), 0, 0, 0);
-        if out.len() >= INDEX_MIN_INTERVALS {
-            // Real IPv6 rules sit mostly in 2000::/3 and all in a few /16s: indexing the bits
-            // after their common prefix spreads them over the buckets instead of a handful.
-            let (lo, hi) = (out[1].0, out[out.len() - 1].0);
-            let common = ((lo ^ hi).leading_zeros() - (128 - width)).min(width - INDEX_BITS);
-            index_shift = width - common - INDEX_BITS;
-            region_mask = max & !host_mask(width, common as u8);
-            region_base = lo & region_mask;
-            index.reserve_exact((1 << INDEX_BITS) + 1);
-            let mut p = 0usize;
-            for b in 0u128..1 << INDEX_BITS {
-                let first = region_base | (b << index_shift);
-                while p + 1 < out.len() && out[p + 1].0 <= first {
-                    p += 1;
-                }
-                index.push(p as u32);
-            }
-            index.push((out.len() - 1) as u32);
+        let n = out.len();
+        let index_bits = (usize::BITS - (n - 1).leading_zeros()).clamp(MIN_INDEX_BITS, MAX_INDEX_BITS);
+        // Real IPv6 rules sit mostly in 2000::/3 and all in a few /16s: indexing the bits after
+        // their common prefix spreads them over the buckets instead of a handful. At least one
+        // bit stays below the index, and at least MIN_INDEX_BITS sit above the kept key bits, so
+        // that the bits below those fit a u64.
+        let (lo, hi) = if n >= 2 { (out[1].0, out[n - 1].0) } else { (0, 0) };
+        let common = ((lo ^ hi).leading_zeros() - (128 - width)).min(width - index_bits - 1);
+        let index_shift = width - common - index_bits;
+        let key_shift = 128 - index_shift;
+        let low_mask = host_mask(128, (key_shift + KEY_BITS).min(128) as u8);
+        let region_mask = max & !host_mask(width, common as u8);
+        let region_base = lo & region_mask;
+
+        let mut hot = Vec::with_capacity(n + WINDOW);
+        let mut low = Vec::with_capacity(n);
+        for &(start, m) in &out {
+            let rest = (start & low_mask) as u64;
+            let kept = ((start << key_shift) >> (128 - KEY_BITS)) as u64;
+            hot.push(kept << 4 | if rest != 0 { INEXACT } else { 0 } | m.action as u64);
+            low.push(rest);
         }
+        hot.resize(n + WINDOW, u64::MAX);
+        if low.iter().all(|&r| r == 0) {
+            low = Vec::new();
+        }
+
+        let mut index = Vec::with_capacity((1 << index_bits) + 1);
+        let mut below = 0usize;
+        for b in 0u128..1 << index_bits {
+            let first = region_base | (b << index_shift);
+            while below < n && out[below].0 < first {
+                below += 1;
+            }
+            index.push(below as u32);
+        }
+        index.push(n as u32);
         Ranges {
-            entries,
+            hot: hot.into_boxed_slice(),
+            answers: out.iter().map(|&(_, m)| Packed::new(m)).collect(),
+            low: low.into_boxed_slice(),
             index: index.into_boxed_slice(),
             region_mask,
             region_base,
             index_shift,
+            bucket_mask: (1 << index_bits) - 1,
+            key_shift,
+            low_mask,
         }
     }
 
-    /// `key` is the address in the family's width.
-    #[inline]
-    fn find(&self, key: u128) -> Match {
-        let wide = key;
-        let last = self.entries.len() - 1;
-        let (lo, hi) = if self.index.is_empty() {
-            (0, last)
-        } else if wide & self.region_mask != self.region_base {
-            return self.entries[if wide < self.region_base { 0 } else { last }]
-                .answer
-                .unpack();
-        } else {
-            let b = (wide >> self.index_shift) as usize & ((1 << INDEX_BITS) - 1);
-            (self.index[b] as usize, self.index[b + 1] as usize)
-        };
-        // start[lo] <= key < start[hi + 1]: count the starts in between that are <= key. A
-        // bucket mostly holds a few, so count over a fixed window: every start past `hi` is
-        // greater than the key and adds nothing, and a fixed trip count has no branch to
+    /// The interval holding `key` (the address in the family's width).
+    #[inline(always)]
+    fn position(&self, key: u128) -> usize {
+        let last = self.answers.len() - 1;
+        if key & self.region_mask != self.region_base {
+            return if key < self.region_base { 0 } else { last };
+        }
+        let b = (key >> self.index_shift) as usize & self.bucket_mask;
+        let (from, to) = (self.index[b] as usize, self.index[b + 1] as usize);
+        let kept = ((key << self.key_shift) >> (128 - KEY_BITS)) as u64;
+        // A hot entry is <= this exactly when its kept bits are <= the key's.
+        let probe = kept << 4 | 0xf;
+        // The interval before the bucket's first start holds the bucket's first address, so the
+        // answer is that one plus the bucket's starts <= key. A bucket mostly holds a few, so
+        // count over a fixed window masked to the bucket: a fixed trip count has no branch to
         // mispredict, unlike a binary search.
-        let n = match self.entries.get(lo + 1..lo + 1 + LINEAR_MAX) {
-            Some(window) if hi - lo <= LINEAR_MAX => window.iter().map(|e| usize::from(e.start.wide() <= key)).sum(),
-            _ => self.entries[lo + 1..=hi].partition_point(|e| e.start.wide() <= key),
+        let len = to - from;
+        let n = if len <= WINDOW {
+            let window: &[u64; WINDOW] = self.hot[from..from + WINDOW].try_into().expect("padded");
+            (0..WINDOW).map(|k| usize::from((window[k] <= probe) & (k < len))).sum()
+        } else {
+            self.hot[from..to].partition_point(|&e| e <= probe)
         };
-        self.entries[lo + n].answer.unpack()
+        // `from == 0` only for the bucket holding address 0, whose start 0 is counted.
+        let mut pos = from + n - 1;
+        let e = self.hot[pos];
+        if e & INEXACT != 0 && e >> 4 == kept {
+            // Starts that agree with the key on every kept bit were all counted; undo those whose
+            // remaining bits are greater. They sort last among the equal ones.
+            let rest = (key & self.low_mask) as u64;
+            while pos >= from.max(1) && self.hot[pos] >> 4 == kept && self.low[pos] > rest {
+                pos -= 1;
+            }
+        }
+        pos
     }
 
     fn memory_bytes(&self) -> usize {
-        size_of_val(&*self.entries) + size_of_val(&*self.index)
+        size_of_val(&*self.hot) + size_of_val(&*self.answers) + size_of_val(&*self.low) + size_of_val(&*self.index)
     }
 }
 
 /// Longest-prefix-match table, immutable once built (rebuild and swap the whole table on reload).
 #[derive(Clone, Debug)]
 pub struct AccessTable {
-    v4: Ranges<u32>,
-    v6: Ranges<[u64; 2]>,
+    v4: Ranges,
+    v6: Ranges,
     rules: usize,
 }
 
@@ -568,12 +583,35 @@ impl AccessTable {
         }
     }
 
-    /// The action for a client address. IPv4-mapped IPv6 addresses are looked up as IPv4.
-    #[inline]
+    /// The action for a client address: the hot path's question. IPv4-mapped IPv6 addresses are
+    /// looked up as IPv4.
+    #[inline(always)]
+    pub fn action(&self, addr: IpAddr) -> Action {
+        let (ranges, key) = self.family(addr);
+        action_bits(ranges.hot[ranges.position(key)])
+    }
+
+    /// The action and the rule that gave it, for diagnostics and tests; same answer as
+    /// [`AccessTable::action`].
     pub fn lookup(&self, addr: IpAddr) -> Match {
-        match canonical(addr) {
-            IpAddr::V4(a) => self.v4.find(u32::from(a).into()),
-            IpAddr::V6(a) => self.v6.find(u128::from(a)),
+        let (ranges, key) = self.family(addr);
+        ranges.answers[ranges.position(key)].unpack()
+    }
+
+    /// The family's intervals and the address as their key. [`canonical`] by integer compare:
+    /// `Ipv6Addr::to_ipv4_mapped` works on segments and costs more than the rest of a lookup.
+    #[inline(always)]
+    fn family(&self, addr: IpAddr) -> (&Ranges, u128) {
+        match addr {
+            IpAddr::V4(a) => (&self.v4, u32::from(a).into()),
+            IpAddr::V6(a) => {
+                let x = u128::from(a);
+                if x >> 32 == V4_MAPPED >> 32 {
+                    (&self.v4, x & 0xffff_ffff)
+                } else {
+                    (&self.v6, x)
+                }
+            }
         }
     }
 
@@ -772,10 +810,44 @@ mod tests {
             })
             .collect();
         let t = AccessTable::new(&rules, Action::Serve);
-        assert!(!t.v4.index.is_empty());
+        assert!(t.v4.index.len() > 1 << 10, "the index grows with the table");
         for _ in 0..20_000 {
             let a = IpAddr::V4(Ipv4Addr::from(next() as u32));
             assert_eq!(t.lookup(a), linear_lookup(&rules, Action::Serve, a), "{a}");
+        }
+    }
+
+    #[test]
+    fn starts_that_differ_only_past_the_kept_bits() {
+        // Hosts next to each other inside one /80 agree on every kept bit of their starts, so
+        // only the low bits tell them apart; with the index on (many rules elsewhere) too.
+        let mut rules: Vec<Rule> = (0..8u128)
+            .map(|i| {
+                let a = (0x2001_0db8u128 << 96) | (i * 2 + 1);
+                Rule {
+                    prefix: Prefix::new(IpAddr::V6(Ipv6Addr::from(a)), 128).unwrap(),
+                    action: Action::ALL[i as usize % 5],
+                }
+            })
+            .chain([Rule {
+                // Far away, so that the starts share no prefix the table could drop.
+                prefix: "ff00::/8".parse().unwrap(),
+                action: Action::Deny,
+            }])
+            .collect();
+        for (n, extra) in [(0, 0u128), (500, 1 << 100)] {
+            rules.extend((0..n).map(|i| Rule {
+                prefix: Prefix::truncate(IpAddr::V6(Ipv6Addr::from(extra * (i + 2))), 48).unwrap(),
+                action: Action::Deny,
+            }));
+            let t = AccessTable::new(&rules, Action::Serve);
+            assert!(!t.v6.low.is_empty(), "the starts must need their low bits");
+            for i in 0..20u128 {
+                let a = IpAddr::V6(Ipv6Addr::from((0x2001_0db8u128 << 96) | i));
+                let want = linear_lookup(&rules, Action::Serve, a);
+                assert_eq!(t.lookup(a), want, "{a}");
+                assert_eq!(t.action(a), want.action, "{a}");
+            }
         }
     }
 

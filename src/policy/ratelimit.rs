@@ -45,7 +45,7 @@
 //! once whatever worker receives them. Races tolerated, all failing open or closed by at most
 //! one request: the 8 loads of a bucket scan are not one snapshot, so two workers inserting the
 //! same new client at once can take two slots (the second ages out unused); a CAS lost more than
-//! [`CAS_ATTEMPTS`] times in a row (one slot hammered by several workers) drops the request;
+//! `CAS_ATTEMPTS` times in a row (one slot hammered by several workers) drops the request;
 //! a 16-bit tag match between different clients in one bucket (1 in 65536) shares their state.
 //! No counters are kept here: the caller counts [`Checked`] outcomes in its own per-worker
 //! counters, so the table sees no writes but the slot updates themselves.

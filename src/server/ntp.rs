@@ -90,7 +90,7 @@ impl Handler for NtpHandler {
             }
         };
         let ip = peer_ip(&d.peer);
-        let action = self.policy.access.lookup(ip).action;
+        let action = self.policy.access.action(ip);
         self.local.add(Counter::from_action(action), 1);
         let template = match action {
             Action::Serve | Action::Exempt => &self.template,

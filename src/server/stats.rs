@@ -174,7 +174,7 @@ impl WorkerStats {
     }
 }
 
-/// The worker's own side: plain integers and histograms, published by [`LocalStats::flush`].
+/// The worker's own side: plain integers and histograms, published by [`LocalStats::maybe_flush`].
 pub struct LocalStats {
     counts: [u64; Counter::COUNT],
     latency: Histogram<u64>,

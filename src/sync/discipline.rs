@@ -83,7 +83,7 @@ impl std::error::Error for ClockModeError {}
 
 const CAP_SYS_TIME: u32 = 25;
 
-/// True when the `CapEff:` line of a /proc/<pid>/status text has CAP_SYS_TIME.
+/// True when the `CapEff:` line of a `/proc/PID/status` text has CAP_SYS_TIME.
 pub fn status_has_cap_sys_time(status: &str) -> Result<bool, ClockModeError> {
     let hex = status
         .lines()
