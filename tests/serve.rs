@@ -293,3 +293,38 @@ fn help_and_version() {
         assert!(help.contains(cmd), "{help}");
     }
 }
+
+/// Mode `system` steers the kernel clock, so without CAP_SYS_TIME the server must refuse to
+/// start, saying why, rather than fail later. As root the capability is dropped with setpriv
+/// (util-linux) for the child. The clock is never touched: the check comes before anything.
+#[test]
+fn system_clock_mode_without_cap_sys_time_is_refused() {
+    let dir = tempdir("nocap");
+    let conf = dir.join("system.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = [\"127.0.0.1:{}\"]\ncontrol_socket = \"{}\"\nclock_mode = \"system\"\n\
+             [[upstream]]\naddress = \"127.0.0.1\"\nport = {}\n",
+            free_port(),
+            dir.join("ctl").display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut cmd = if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--bounding-set=-sys_time", "--inh-caps=-sys_time", "--", GNOMON]);
+        c
+    } else {
+        Command::new(GNOMON)
+    };
+    cmd.arg("serve").arg("--config").arg(&conf);
+    let (success, output) = run_bounded(&mut cmd, Duration::from_secs(10));
+    assert!(
+        !success && !output.contains("<killed"),
+        "must exit at once, failing: {output}"
+    );
+    assert!(output.contains("clock mode \"system\" needs CAP_SYS_TIME"), "{output}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -7,7 +7,7 @@ use gnomon::clock::ClockState;
 use gnomon::proto::{
     LeapIndicator, NtpShort, NtpTimestamp, RefId, ReplyTemplate, ServerInfo, respond, stamp_transmit, write_reply,
 };
-use gnomon::sync::{SyncConfig, SyncCore, SyncReport, UpstreamConfig};
+use gnomon::sync::{SimulatedKernel, SyncConfig, SyncCore, SyncReport, Timeline, UpstreamConfig};
 use std::net::SocketAddr;
 
 const NS: i64 = 1_000_000_000;
@@ -113,6 +113,33 @@ struct Sim {
     max_error: f64,
     worst_margin: f64,
     published: usize,
+    /// Mode system: the kernel clock steered by the timeline. The local clock above is then the
+    /// oscillator (the raw timeline), and replies are served from the kernel clock.
+    kernel: Option<SteeredKernel>,
+}
+
+struct SteeredKernel {
+    timeline: Timeline,
+    kernel: SimulatedKernel,
+    /// What the workers read: the correction of the kernel clock.
+    snapshot: ClockState,
+    /// Largest |kernel clock - true time| after `measure_from`.
+    max_kernel_error: f64,
+    /// Snapshot changes that moved served time by more than a few ns.
+    jumps: usize,
+}
+
+impl SteeredKernel {
+    fn steer(&mut self, state: &ClockState, raw: i64) {
+        self.kernel.oscillator_ns = raw;
+        self.timeline.steer(&mut self.kernel, state, raw);
+        let next = self.timeline.snapshot(state);
+        let k = self.kernel.realtime_at(raw);
+        if self.snapshot.is_synchronized() && (next.true_time_ns(k) - self.snapshot.true_time_ns(k)).abs() > 4 {
+            self.jumps += 1;
+        }
+        self.snapshot = next;
+    }
 }
 
 fn upstream(s: &SimServer, iburst: bool) -> UpstreamConfig {
@@ -151,7 +178,22 @@ impl Sim {
             max_error: 0.0,
             worst_margin: f64::NEG_INFINITY,
             published: 0,
+            kernel: None,
         }
+    }
+
+    /// Mode system: the kernel clock starts equal to the local clock, with no frequency setting.
+    fn steer_kernel(mut self) -> Sim {
+        let mut kernel = SimulatedKernel::new(self.now, 0.0);
+        let timeline = Timeline::new(true, gnomon::sync::KernelClock::read(&mut kernel), 0.0);
+        self.kernel = Some(SteeredKernel {
+            snapshot: timeline.snapshot(&self.state),
+            timeline,
+            kernel,
+            max_kernel_error: 0.0,
+            jumps: 0,
+        });
+        self
     }
 
     fn publish(&mut self, new: ClockState) {
@@ -169,6 +211,9 @@ impl Sim {
         }
         self.state = new;
         self.published += 1;
+        if let Some(k) = &mut self.kernel {
+            k.steer(&new, self.now);
+        }
     }
 
     fn probe(&mut self) {
@@ -181,6 +226,16 @@ impl Sim {
         self.worst_margin = self.worst_margin.max(error.abs() - distance);
         if self.now >= self.measure_from {
             self.max_error = self.max_error.max(error.abs());
+        }
+        if let Some(k) = &mut self.kernel {
+            let true_ns = self.clock.true_of_local(self.now);
+            let kernel_ns = k.kernel.realtime_at(self.now);
+            // What a worker stamps: the kernel clock corrected by the snapshot.
+            let served = (k.snapshot.true_time_ns(kernel_ns) - true_ns) as f64 * 1e-9;
+            assert!((served - error).abs() < 1e-8, "served {served} vs engine {error}");
+            if self.now >= self.measure_from {
+                k.max_kernel_error = k.max_kernel_error.max((kernel_ns - true_ns).abs() as f64 * 1e-9);
+            }
         }
     }
 
@@ -223,7 +278,8 @@ impl Sim {
         let end = self.now + duration;
         loop {
             let arrival = self.in_flight.iter().map(|f| f.0).min();
-            let next = [self.core.next_deadline(), arrival, Some(self.next_probe)]
+            let steer_at = self.kernel.as_ref().and_then(|k| k.timeline.deadline());
+            let next = [self.core.next_deadline(), arrival, Some(self.next_probe), steer_at]
                 .into_iter()
                 .flatten()
                 .min()
@@ -236,6 +292,12 @@ impl Sim {
             if next == self.next_probe {
                 self.probe();
                 self.next_probe += PROBE_NS;
+            }
+            if steer_at == Some(next) {
+                let state = self.state;
+                if let Some(k) = &mut self.kernel {
+                    k.steer(&state, next);
+                }
             }
             if let Some(k) = self.in_flight.iter().position(|f| f.0 == next) {
                 let (t4, from, reply) = self.in_flight.swap_remove(k);
@@ -331,6 +393,36 @@ fn cold_start_100ms_100ppm_syncs_within_10_minutes() {
         "{}",
         r.system.frequency_ppm
     );
+}
+
+/// Mode system on the same cold start: the kernel clock itself ends up within 1 ms of true
+/// time, while served time (kernel clock plus what the snapshot still corrects) is exactly what
+/// the engine computes at every probe, and never jumps.
+#[test]
+fn system_mode_cold_start_steers_the_kernel_clock() {
+    let mut sim = Sim::new(cold_clock(), vec![SimServer::good(1)], false, 1).steer_kernel();
+    sim.measure_from = sim.now + 15 * MINUTE;
+    sim.run_for(2 * HOUR);
+    sim.assert_continuous();
+    assert!(sim.max_error < 1e-3, "served max offset {} s", sim.max_error);
+    let k = sim.kernel.as_ref().unwrap();
+    eprintln!(
+        "kernel: max |error| {:.1} us after 15 minutes, {} adjtimex calls, setting {:+.3} ppm",
+        k.max_kernel_error * 1e6,
+        k.kernel.calls,
+        k.timeline.frequency_setting() * 1e6
+    );
+    assert!(
+        k.max_kernel_error < 1e-3,
+        "kernel clock max offset {} s",
+        k.max_kernel_error
+    );
+    assert_eq!(k.jumps, 0, "served time jumped when the kernel was steered");
+    assert_eq!(k.timeline.external_steps, 0);
+    // The local oscillator runs 100 ppm fast: the kernel is set about 100 ppm slow.
+    assert!((k.timeline.frequency_setting() * 1e6 + 100.0).abs() < 1.0);
+    let r = sim.report();
+    assert_eq!(r.sources[0].tally, '*');
 }
 
 #[test]

@@ -260,6 +260,17 @@ impl Config {
                 sync.upstreams.push(parse_upstream(&loc, u, pool)?);
             }
         }
+        if let Some(m) = &raw.clock_mode
+            && sync.mode == ClockMode::System
+            && sync.upstreams.is_empty()
+        {
+            return Err(loc.value(
+                m,
+                "clock_mode = \"system\" needs an [[upstream]] or [[pool]]: without one there is no \
+                 time to steer the kernel clock to"
+                    .to_string(),
+            ));
+        }
         Ok(Config {
             sync,
             policy,
@@ -498,6 +509,9 @@ mod tests {
         assert_eq!(c.sync.max_root_dispersion, 0.5);
         let e = Config::parse("[[upstream]]\naddress = \"a\"\nminpoll = 8\nmaxpoll = 4\n", "f").unwrap_err();
         assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("maxpoll")), "{e}");
+        let e = Config::parse("local_stratum = 3\nclock_mode = \"system\"\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("clock_mode")), "{e}");
+        assert!(e.to_string().contains("needs an [[upstream]]"), "{e}");
         let e = Config::parse("clock_mode = \"kernel\"\n", "f").unwrap_err();
         assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("clock_mode")), "{e}");
         let e = Config::parse("[[upstream]]\nadress = \"a\"\n", "f").unwrap_err();

@@ -53,8 +53,6 @@ pub enum ClockModeError {
     MissingCapSysTime,
     /// /proc/self/status could not be read or parsed.
     CapabilityUnknown,
-    /// Steering the kernel clock is not implemented yet.
-    SystemModeNotImplemented,
 }
 
 impl fmt::Display for ClockModeError {
@@ -71,10 +69,6 @@ impl fmt::Display for ClockModeError {
                     "clock mode \"system\": cannot read capabilities from /proc/self/status"
                 )
             }
-            ClockModeError::SystemModeNotImplemented => write!(
-                f,
-                "clock mode \"system\" (steering the kernel clock) is not implemented yet; use mode \"software\""
-            ),
         }
     }
 }
@@ -93,8 +87,8 @@ pub fn status_has_cap_sys_time(status: &str) -> Result<bool, ClockModeError> {
     Ok(bits >> CAP_SYS_TIME & 1 == 1)
 }
 
-/// Checks that `mode` can run here. Software always can; system mode is refused: without the
-/// capability with a clear error, and with it because steering is not written yet.
+/// Checks that `mode` can run here: software always can, system only with CAP_SYS_TIME (checked
+/// up front, so that a missing capability is a start-up error, not a failed adjtimex later).
 pub fn check_system_mode(mode: ClockMode) -> Result<(), ClockModeError> {
     if mode == ClockMode::Software {
         return Ok(());
@@ -103,7 +97,7 @@ pub fn check_system_mode(mode: ClockMode) -> Result<(), ClockModeError> {
     if !status_has_cap_sys_time(&status)? {
         return Err(ClockModeError::MissingCapSysTime);
     }
-    Err(ClockModeError::SystemModeNotImplemented)
+    Ok(())
 }
 
 /// The estimate being followed, anchored at the realtime it was made for.
@@ -311,7 +305,13 @@ mod tests {
             Err(ClockModeError::CapabilityUnknown)
         );
         assert_eq!(check_system_mode(ClockMode::Software), Ok(()));
-        assert!(check_system_mode(ClockMode::System).is_err());
+        // System mode is refused exactly when this process lacks the capability.
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        let expected = match status_has_cap_sys_time(&own).unwrap() {
+            true => Ok(()),
+            false => Err(ClockModeError::MissingCapSysTime),
+        };
+        assert_eq!(check_system_mode(ClockMode::System), expected);
     }
 
     #[test]

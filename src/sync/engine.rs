@@ -362,6 +362,9 @@ impl SyncCore {
                     .or(has_local.then_some(state.base_realtime_ns))
                     .map(|t| nanos_to_secs(now_ns - t)),
                 mode: self.mode.name().to_string(),
+                kernel_frequency_ppm: 0.0,
+                external_steps: 0,
+                kernel_event: None,
             },
         }
     }

@@ -2,13 +2,16 @@
 //! disciplining the published clock snapshot.
 //!
 //! Everything but [`shell`] is sans-IO: plain functions and state machines fed with reply
-//! bytes and times (kernel realtime nanoseconds) by the caller, so the simulation tests drive
-//! the same code on virtual time. [`shell`] is the small I/O layer: the sync thread with its
-//! UDP socket, DNS lookups and the publisher.
+//! bytes and times (nanoseconds of the raw timeline, see [`kernel`]) by the caller, so the
+//! simulation tests drive the same code on virtual time. [`shell`] is the small I/O layer: the
+//! sync thread with its UDP socket, DNS lookups and the publisher; [`adjtimex`] is the kernel
+//! clock.
 
+pub mod adjtimex;
 pub mod discipline;
 pub mod engine;
 pub mod filter;
+pub mod kernel;
 pub mod report;
 pub mod select;
 pub mod shell;
@@ -17,6 +20,7 @@ pub mod source;
 pub use discipline::{ClockModeError, Discipline, SystemEstimate, check_system_mode};
 pub use engine::SyncCore;
 pub use filter::{ClockFilter, Estimate, Sample};
+pub use kernel::{ClockReading, KernelClock, KernelEvent, SimulatedKernel, Timeline};
 pub use report::{SourceReport, SyncReport, SystemReport, render_sources, render_status};
 pub use select::{Candidate, Outcome, Selection, Verdict, select};
 pub use shell::{SyncHandle, SyncReporter, spawn};
@@ -28,7 +32,8 @@ pub enum ClockMode {
     /// The kernel clock is left alone; replies are corrected through the snapshot.
     #[default]
     Software,
-    /// The kernel clock is steered too (needs CAP_SYS_TIME). Not implemented yet: refused.
+    /// The kernel clock is steered too, with adjtimex (needs CAP_SYS_TIME); the snapshot then
+    /// corrects only what the kernel has not caught up with yet. See [`kernel`].
     System,
 }
 

@@ -59,6 +59,12 @@ pub struct SystemReport {
     pub since_update_s: Option<f64>,
     /// "software" or "system".
     pub mode: String,
+    /// The kernel's frequency setting (ppm): steered in system mode, left alone in software mode.
+    pub kernel_frequency_ppm: f64,
+    /// Steps of the kernel clock by other programs since start (each compensated).
+    pub external_steps: u32,
+    /// The last thing that happened to the kernel clock, in words, with when.
+    pub kernel_event: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Debug, serde::Serialize)]
@@ -152,6 +158,15 @@ pub fn render_status(report: &SyncReport) -> String {
     let _ = writeln!(out, "Root dispersion : {:.9} seconds", s.root_dispersion_s);
     let _ = writeln!(out, "Leap status     : {}", s.leap);
     let _ = writeln!(out, "Clock mode      : {}", s.mode);
+    let kernel = if s.mode == "system" { "steered" } else { "left alone" };
+    let _ = writeln!(
+        out,
+        "Kernel clock    : {kernel}, frequency setting {:+.3} ppm, {} external step(s)",
+        s.kernel_frequency_ppm, s.external_steps
+    );
+    if let Some(e) = &s.kernel_event {
+        let _ = writeln!(out, "Kernel event    : {e}");
+    }
     let synced = match (&s.why_unsynced, s.synced) {
         (_, true) if s.holdover => "yes (holdover: no source selected, root dispersion growing)".to_string(),
         (_, true) => "yes".to_string(),
@@ -238,6 +253,11 @@ mod tests {
                 last_update_unix_s: Some(1_700_000_000.0),
                 since_update_s: Some(12.0),
                 mode: "software".into(),
+                kernel_frequency_ppm: 0.0,
+                external_steps: 1,
+                kernel_event: Some(
+                    "kernel clock stepped by +5.000000 s by another program (compensated), 3 s ago".into(),
+                ),
             },
         }
     }
@@ -263,5 +283,13 @@ mod tests {
         assert!(t.contains("2023-11-14 22:13:20 (12 s ago)"), "{t}");
         assert!(t.contains("-100.000 ppm"));
         assert!(t.contains("Synchronised    : yes"));
+        assert!(
+            t.contains("Kernel clock    : left alone, frequency setting +0.000 ppm, 1 external step(s)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("Kernel event    : kernel clock stepped by +5.000000 s"),
+            "{t}"
+        );
     }
 }

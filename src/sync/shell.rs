@@ -2,14 +2,16 @@
 //! when IPv6 is available), DNS through `ToSocketAddrs`, random transmit timestamps from
 //! `getrandom`, and the clock publisher.
 //!
-//! T1 and T4 are `realtime_ns()` readings taken just before the send and just after the receive
-//! returns. Kernel receive timestamps would shave the thread wake-up latency (tens of
+//! T1 and T4 are kernel clock readings taken just before the send and just after the receive
+//! returns, mapped onto the raw timeline the engine runs on ([`Timeline`]). Kernel receive timestamps would shave the thread wake-up latency (tens of
 //! microseconds) off the delay, which matters little for polling servers over a network.
 //! The blocking receive wakes as soon as a reply arrives, so T4 is not quantised by the timeout.
 
+use super::adjtimex::LinuxClock;
 use super::engine::SyncCore;
+use super::kernel::{KernelClock, Timeline};
 use super::report::SyncReport;
-use super::{SyncConfig, UpstreamConfig, check_system_mode};
+use super::{ClockMode, SyncConfig, UpstreamConfig, check_system_mode};
 use crate::clock::{ClockPublisher, realtime_ns};
 use crate::proto::HEADER_LEN;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -75,18 +77,39 @@ pub fn spawn(
 ) -> io::Result<SyncHandle> {
     check_system_mode(config.mode).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
     let socket = open_socket()?;
-    let now = realtime_ns();
+    let mut kernel = LinuxClock;
+    let system = config.mode == ClockMode::System;
+    // Reading the setting needs no privilege; a sandbox that forbids even that only matters
+    // when the clock is to be steered.
+    let frequency = match kernel.frequency() {
+        Ok(f) => f,
+        Err(e) if system => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("clock mode \"system\": adjtimex: {e}"),
+            ));
+        }
+        Err(_) => 0.0,
+    };
+    let timeline = Timeline::new(system, kernel.read(), frequency);
+    let now = timeline.raw_now();
     let mut core = SyncCore::new(&config, precision, now);
     for up in &config.upstreams {
         resolve_into(&mut core, up, now);
     }
-    publisher.publish(core.state());
-    let report = Arc::new(Mutex::new(core.report(now)));
+    publisher.publish(timeline.snapshot(&core.state()));
+    let report = Arc::new(Mutex::new(make_report(&core, &timeline, now)));
     let shared = report.clone();
     let thread = std::thread::Builder::new()
         .name("gnomon-sync".into())
-        .spawn(move || run(core, socket, publisher, shared, &stop))?;
+        .spawn(move || run(core, timeline, kernel, socket, publisher, shared, &stop))?;
     Ok(SyncHandle { report, thread })
+}
+
+fn make_report(core: &SyncCore, timeline: &Timeline, now: i64) -> SyncReport {
+    let mut r = core.report(now);
+    timeline.fill_report(&mut r.system, &core.state(), now);
+    r
 }
 
 /// A dual-stack socket if the host has IPv6, else IPv4 only.
@@ -158,8 +181,12 @@ fn random_u64(fallback: &mut u64) -> u64 {
     })
 }
 
+/// The engine runs on the raw timeline (see [`Timeline`]); every kernel clock reading is mapped
+/// onto it, and every state is mapped back to a correction of the kernel clock for the workers.
 fn run(
     mut core: SyncCore,
+    mut timeline: Timeline,
+    mut kernel: LinuxClock,
     socket: UdpSocket,
     mut publisher: ClockPublisher,
     report: Arc<Mutex<SyncReport>>,
@@ -169,11 +196,17 @@ fn run(
     let mut out = Vec::new();
     let mut buf = [0u8; 1024];
     let mut fallback = 0u64;
-    let mut last_dns = realtime_ns();
+    let mut last_dns = timeline.raw_now();
     let mut last_report = 0i64;
     while !stop.load(Ordering::Relaxed) {
-        let now = realtime_ns();
-        let mut changed = false;
+        let (now, stepped) = timeline.observe(kernel.read());
+        if let Ok(f) = kernel.frequency() {
+            timeline.check_frequency(f);
+        }
+        // A new state, a step by someone else, or a change of the kernel's steering all move
+        // the correction the workers apply.
+        let mut republish = stepped;
+        let mut changed = stepped;
         out.clear();
         core.poll(now, &mut || random_u64(&mut fallback), &mut out);
         for (addr, req) in &out {
@@ -182,8 +215,10 @@ fn run(
             changed = true;
         }
         if let Some(s) = core.tick(now) {
-            publisher.publish(s);
-            changed = true;
+            timeline.steer(&mut kernel, &s, now);
+            republish = true;
+        } else if timeline.deadline().is_some_and(|d| d <= now) {
+            republish |= timeline.steer(&mut kernel, &core.state(), now);
         }
         for pool in core.drop_dead_pool_members() {
             resolve_into(&mut core, &pool, now);
@@ -197,25 +232,32 @@ fn run(
                 changed = true;
             }
         }
+        if republish {
+            publisher.publish(timeline.snapshot(&core.state()));
+            changed = true;
+        }
         if changed || now - last_report >= REPORT_EVERY_NS {
             last_report = now;
-            let r = core.report(now);
+            let r = make_report(&core, &timeline, now);
             match report.lock() {
                 Ok(mut g) => *g = r,
                 Err(poisoned) => *poisoned.into_inner() = r,
             }
         }
-        let wait = core
-            .next_deadline()
-            .map_or(MAX_WAIT_NS, |d| d - realtime_ns())
+        let wait = [core.next_deadline(), timeline.deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(MAX_WAIT_NS, |d| d - timeline.raw_of_kernel(realtime_ns()))
             .clamp(1_000_000, MAX_WAIT_NS);
         let _ = socket.set_read_timeout(Some(Duration::from_nanos(wait as u64)));
         if let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let t4 = realtime_ns();
+            let t4 = timeline.raw_of_kernel(realtime_ns());
             if n >= HEADER_LEN
                 && let Some(s) = core.handle_reply(source_addr(from), &buf[..n], t4)
             {
-                publisher.publish(s);
+                timeline.steer(&mut kernel, &s, t4);
+                publisher.publish(timeline.snapshot(&s));
             }
             last_report = 0;
         }

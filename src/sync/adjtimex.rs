@@ -1,0 +1,116 @@
+//! The real kernel clock for [`super::kernel::Timeline`]: `clock_gettime` and `clock_adjtime`
+//! on CLOCK_REALTIME. Only the frequency, a step and the status words are ever set: the kernel's
+//! own PLL/FLL is switched off, so nothing but gnomon moves the clock's phase.
+
+use super::kernel::{ClockReading, KernelClock};
+use std::io;
+
+/// One `timex` unit of frequency: 2^-16 ppm.
+const FREQ_UNIT: f64 = 1e-6 / 65536.0;
+/// A reading pair whose two CLOCK_REALTIME reads are further apart was preempted: retried.
+const READ_WINDOW_NS: i64 = 20_000;
+
+/// CLOCK_REALTIME via `clock_adjtime`.
+#[derive(Debug, Default)]
+pub struct LinuxClock;
+
+fn gettime(clock: libc::clockid_t) -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; the clock ids used exist on every Linux.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    // time_t and c_long are i64 here but i32 on some 32-bit targets.
+    #[allow(clippy::useless_conversion)]
+    let ns = i64::from(ts.tv_sec) * 1_000_000_000 + i64::from(ts.tv_nsec);
+    ns
+}
+
+/// `clock_adjtime(CLOCK_REALTIME)` with the given modes; the kernel's view comes back in it.
+fn adjtime(tx: &mut libc::timex) -> io::Result<libc::c_int> {
+    // SAFETY: `tx` is a valid, initialised timex owned by the caller for the duration of the call.
+    let r = unsafe { libc::clock_adjtime(libc::CLOCK_REALTIME, tx) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+}
+
+fn timex(modes: libc::c_uint) -> libc::timex {
+    // SAFETY: timex is plain integers; all-zero is a valid value (modes 0 = read only).
+    let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+    tx.modes = modes;
+    tx
+}
+
+impl KernelClock for LinuxClock {
+    fn read(&mut self) -> ClockReading {
+        let mut best = None;
+        for _ in 0..8 {
+            let a = gettime(libc::CLOCK_REALTIME);
+            let monotonic_ns = gettime(libc::CLOCK_MONOTONIC);
+            let b = gettime(libc::CLOCK_REALTIME);
+            let reading = ClockReading {
+                realtime_ns: a + (b - a) / 2,
+                monotonic_ns,
+            };
+            if b - a <= READ_WINDOW_NS {
+                return reading;
+            }
+            best.get_or_insert(reading);
+        }
+        best.expect("eight readings")
+    }
+
+    fn frequency(&mut self) -> io::Result<f64> {
+        let mut tx = timex(0);
+        adjtime(&mut tx)?;
+        Ok(tx.freq as f64 * FREQ_UNIT)
+    }
+
+    fn set_frequency(&mut self, frequency: f64) -> io::Result<f64> {
+        let mut tx = timex(libc::ADJ_FREQUENCY);
+        tx.freq = (frequency / FREQ_UNIT).round() as _;
+        adjtime(&mut tx)?;
+        Ok(tx.freq as f64 * FREQ_UNIT)
+    }
+
+    fn step(&mut self, delta_ns: i64) -> io::Result<()> {
+        let mut tx = timex(libc::ADJ_SETOFFSET | libc::ADJ_NANO);
+        // The kernel wants a normalised timeval: tv_usec (nanoseconds with ADJ_NANO) in [0, 1e9).
+        tx.time.tv_sec = delta_ns.div_euclid(1_000_000_000) as _;
+        tx.time.tv_usec = delta_ns.rem_euclid(1_000_000_000) as _;
+        adjtime(&mut tx).map(drop)
+    }
+
+    fn set_sync_status(&mut self, synced: bool, max_error: f64, est_error: f64) -> io::Result<()> {
+        let mut read = timex(0);
+        adjtime(&mut read)?;
+        let mut tx = timex(libc::ADJ_STATUS | libc::ADJ_MAXERROR | libc::ADJ_ESTERROR);
+        // Keep what others set (leap flags among them) but the PLL/FLL, which would move the
+        // phase behind gnomon's back, and say whether time is synchronised.
+        let mut status = read.status & !(libc::STA_PLL | libc::STA_FLL | libc::STA_UNSYNC);
+        if !synced {
+            status |= libc::STA_UNSYNC;
+        }
+        tx.status = status;
+        // Microseconds; the kernel caps them at 16 s (NTP_PHASE_LIMIT).
+        tx.maxerror = (max_error * 1e6).clamp(0.0, 16e6) as _;
+        tx.esterror = (est_error * 1e6).clamp(0.0, 16e6) as _;
+        adjtime(&mut tx).map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Read-only: modes 0 changes nothing, so this runs anywhere without touching the clock.
+    #[test]
+    fn reads_the_kernel_clock_without_changing_it() {
+        let mut k = LinuxClock;
+        let f = k.frequency().expect("adjtimex read needs no privilege");
+        assert!(f.abs() <= 600e-6, "frequency setting {f}");
+        let r = k.read();
+        let again = k.read();
+        assert!(again.realtime_ns >= r.realtime_ns);
+        // No step between two readings: their REALTIME - MONOTONIC agree closely.
+        let gap = |c: ClockReading| c.realtime_ns - c.monotonic_ns;
+        assert!((gap(again) - gap(r)).abs() < 1_000_000);
+    }
+}
