@@ -193,20 +193,25 @@ impl Timeline {
         (self.raw_now, changed)
     }
 
-    /// Compares the kernel's frequency setting with the one last seen or made.
-    pub fn check_frequency(&mut self, frequency: f64) {
-        if (frequency - self.frequency_setting).abs() > FREQUENCY_CHANGED {
-            self.last_event = Some(KernelEvent::FrequencyChanged {
-                raw_ns: self.raw_now,
-                from: self.frequency_setting,
-                to: frequency,
-            });
-            self.frequency_setting = frequency;
-            if !self.system {
-                // The raw clock now runs at the new rate: what the filters will see as wander.
-                self.start_frequency = frequency;
-            }
+    /// Compares the kernel's frequency setting with the one last seen or made; true when someone
+    /// else changed it. Once steering, call [`Timeline::steer`] then to put it back: until that
+    /// call, `applied` runs at the wrong rate, which the next samples see as a phase error.
+    pub fn check_frequency(&mut self, frequency: f64) -> bool {
+        if (frequency - self.frequency_setting).abs() <= FREQUENCY_CHANGED {
+            return false;
         }
+        self.last_event = Some(KernelEvent::FrequencyChanged {
+            raw_ns: self.raw_now,
+            from: self.frequency_setting,
+            to: frequency,
+        });
+        self.frequency_setting = frequency;
+        if !self.engaged {
+            // Not steering: the raw clock now runs at the new rate, which the filters will see
+            // as wander.
+            self.start_frequency = frequency;
+        }
+        true
     }
 
     /// Starts a new linear piece of `applied` at `raw`, continuous with the old one.
@@ -475,7 +480,7 @@ mod tests {
         run(&mut tl, &mut k, &state, 12e-6, 10);
         // ...and a frequency change by someone else is reported.
         k.set_frequency(40e-6).unwrap();
-        tl.check_frequency(k.frequency().unwrap());
+        assert!(tl.check_frequency(k.frequency().unwrap()));
         assert!(matches!(tl.last_event, Some(KernelEvent::FrequencyChanged { .. })));
         assert_eq!(k.calls, 1, "only the test touched the kernel");
     }
@@ -510,6 +515,20 @@ mod tests {
         );
         assert_eq!(tl.external_steps, 0, "its own slews are not mistaken for steps");
         assert_eq!(tl.deadline(), None);
+        assert!(
+            !tl.check_frequency(k.frequency().unwrap()),
+            "its own setting is not a change"
+        );
+        // Another program resets the frequency: reported, and put back at the next steer.
+        k.set_frequency(0.0).unwrap();
+        assert!(tl.check_frequency(k.frequency().unwrap()));
+        assert!(matches!(tl.last_event, Some(KernelEvent::FrequencyChanged { to, .. }) if to == 0.0));
+        tl.steer(&mut k, &state, tl.raw_now());
+        assert!(
+            (k.frequency().unwrap() - rate).abs() < 1e-10,
+            "{}",
+            k.frequency().unwrap()
+        );
     }
 
     #[test]

@@ -200,12 +200,14 @@ fn run(
     let mut last_report = 0i64;
     while !stop.load(Ordering::Relaxed) {
         let (now, stepped) = timeline.observe(kernel.read());
-        if let Ok(f) = kernel.frequency() {
-            timeline.check_frequency(f);
-        }
         // A new state, a step by someone else, or a change of the kernel's steering all move
         // the correction the workers apply.
         let mut republish = stepped;
+        if let Ok(f) = kernel.frequency()
+            && timeline.check_frequency(f)
+        {
+            republish |= timeline.steer(&mut kernel, &core.state(), now);
+        }
         let mut changed = stepped;
         out.clear();
         core.poll(now, &mut || random_u64(&mut fallback), &mut out);
