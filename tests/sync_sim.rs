@@ -228,6 +228,16 @@ impl Sim {
             self.max_error = self.max_error.max(error.abs());
         }
         if let Some(k) = &mut self.kernel {
+            // What the sync thread does on waking: map the kernel clock onto the raw timeline,
+            // noticing steps by others (and republishing then).
+            k.kernel.oscillator_ns = self.now;
+            let (raw, stepped) = k.timeline.observe(gnomon::sync::KernelClock::read(&mut k.kernel));
+            assert!((raw - self.now).abs() <= 2, "raw {raw} vs oscillator {}", self.now);
+            if stepped {
+                // Republish, and in system mode start slewing the kernel back.
+                k.timeline.steer(&mut k.kernel, &self.state, raw);
+                k.snapshot = k.timeline.snapshot(&self.state);
+            }
             let true_ns = self.clock.true_of_local(self.now);
             let kernel_ns = k.kernel.realtime_at(self.now);
             // What a worker stamps: the kernel clock corrected by the snapshot.
@@ -423,6 +433,19 @@ fn system_mode_cold_start_steers_the_kernel_clock() {
     assert!((k.timeline.frequency_setting() * 1e6 + 100.0).abs() < 1.0);
     let r = sim.report();
     assert_eq!(r.sources[0].tally, '*');
+    // Someone steps the kernel clock 2 s ahead: served time stays exact at every probe (checked
+    // in `probe`), the step is counted, and the kernel is slewed back, not stepped again.
+    sim.kernel.as_mut().unwrap().kernel.external_step(2 * NS);
+    sim.measure_from = i64::MAX;
+    sim.run_for(10 * MINUTE);
+    let k = sim.kernel.as_ref().unwrap();
+    assert_eq!(k.timeline.external_steps, 1);
+    let kernel_error = (k.kernel.realtime_at(sim.now) - sim.clock.true_of_local(sim.now)) as f64 * 1e-9;
+    assert!(
+        (1.7..1.8).contains(&kernel_error),
+        "2 s slewed back at 400 ppm for 10 minutes leaves 1.76 s: {kernel_error}"
+    );
+    sim.assert_continuous();
 }
 
 #[test]

@@ -379,7 +379,8 @@ fn action_bits(x: u64) -> Action {
 /// the start right after the bits the bucket fixes, a flag, and the action. Starts compared
 /// within one bucket share those fixed bits, so comparing the kept bits orders them exactly
 /// unless two agree on all of them; only starts with bits set further down (rules longer than
-/// about /80) can then be wrong, and those carry [`INEXACT`] and their remaining bits in `low`.
+/// the shared prefix plus the index bits plus 60: /79 for rules spread over 2000::/3, /64 at
+/// worst) can then be wrong, and those carry [`INEXACT`] and their remaining bits in `low`.
 /// The rule index, which only diagnostics want, sits apart in `answers`.
 #[derive(Clone, Debug)]
 struct Ranges {
@@ -541,12 +542,15 @@ impl Ranges {
         let mut pos = from + n - 1;
         let e = self.hot[pos];
         if e & INEXACT != 0 && e >> 4 == kept {
-            // Starts that agree with the key on every kept bit were all counted; undo those whose
-            // remaining bits are greater. They sort last among the equal ones.
+            // Starts that agree with the key on every kept bit were all counted; keep those whose
+            // remaining bits are <= the key's. Both searches are binary: a config can hold a long
+            // run of such starts (100,000 hosts in one /96), and a spoofed address in it must
+            // not cost a walk.
             let rest = (key & self.low_mask) as u64;
-            while pos >= from.max(1) && self.hot[pos] >> 4 == kept && self.low[pos] > rest {
-                pos -= 1;
-            }
+            let run = from + self.hot[from..=pos].partition_point(|&h| h >> 4 < kept);
+            // The interval before the run holds everything below it: start 0 at the latest.
+            pos = run + self.low[run..=pos].partition_point(|&l| l <= rest);
+            pos -= 1;
         }
         pos
     }
@@ -821,7 +825,8 @@ mod tests {
     fn starts_that_differ_only_past_the_kept_bits() {
         // Hosts next to each other inside one /80 agree on every kept bit of their starts, so
         // only the low bits tell them apart; with the index on (many rules elsewhere) too.
-        let mut rules: Vec<Rule> = (0..8u128)
+        // A long run of them, as a config listing many hosts of one network would have.
+        let mut rules: Vec<Rule> = (0..300u128)
             .map(|i| {
                 let a = (0x2001_0db8u128 << 96) | (i * 2 + 1);
                 Rule {
@@ -842,7 +847,7 @@ mod tests {
             }));
             let t = AccessTable::new(&rules, Action::Serve);
             assert!(!t.v6.low.is_empty(), "the starts must need their low bits");
-            for i in 0..20u128 {
+            for i in 0..620u128 {
                 let a = IpAddr::V6(Ipv6Addr::from((0x2001_0db8u128 << 96) | i));
                 let want = linear_lookup(&rules, Action::Serve, a);
                 assert_eq!(t.lookup(a), want, "{a}");

@@ -145,6 +145,11 @@ impl Discipline {
         &self.state
     }
 
+    /// The estimated frequency correction, without any slew in progress (s/s).
+    pub fn frequency(&self) -> Option<f64> {
+        self.target.map(|t| t.frequency)
+    }
+
     pub fn has_synced(&self) -> bool {
         self.target.is_some() || self.local_stratum.is_some()
     }

@@ -13,8 +13,9 @@
 //!   difference still to go, so served time is right and continuous from the first update while
 //!   the kernel catches up at a bounded rate.
 //! - **An external step costs nothing but a short window.** Steps (settimeofday, clock_settime,
-//!   ADJ_SETOFFSET) move CLOCK_REALTIME but not CLOCK_MONOTONIC, so a change in their difference
-//!   is a step by someone. It is folded into `applied`: the raw timeline and every sample stay
+//!   ADJ_SETOFFSET) move CLOCK_REALTIME but not CLOCK_BOOTTIME, so a change in their difference
+//!   is a step by someone. (Not CLOCK_MONOTONIC: it stops during suspend, which CLOCK_REALTIME
+//!   does not, so a resumed machine would look stepped by its sleep.) It is folded into `applied`: the raw timeline and every sample stay
 //!   valid, and the next snapshot takes the step back out of served time. Until then (at most one
 //!   sync-loop wake-up, 100 ms) replies are off by the step; the status says when it happened.
 //!
@@ -38,18 +39,18 @@ const NEGLIGIBLE_RESIDUAL_NS: i64 = 100;
 /// At the first synchronisation, a kernel clock this far off is stepped rather than slewed
 /// (chrony's usual `makestep 1 3`; slewing 1 s at 400 ppm would take 40 minutes).
 pub const STEP_THRESHOLD_NS: i64 = 1_000_000_000;
-/// A change of CLOCK_REALTIME - CLOCK_MONOTONIC larger than this is a step. Reading both clocks
+/// A change of CLOCK_REALTIME - CLOCK_BOOTTIME larger than this is a step. Reading both clocks
 /// takes well under a microsecond; a preempted read is retried by [`ClockReading`]'s producer.
 pub const STEP_DETECT_NS: i64 = 1_000_000;
 /// Kernel frequency settings further apart than this (s/s) were changed by someone else; the
 /// kernel's unit is 2^-16 ppm, so rounding never comes close.
 const FREQUENCY_CHANGED: f64 = 1e-9;
 
-/// CLOCK_REALTIME and CLOCK_MONOTONIC read together.
+/// CLOCK_REALTIME and CLOCK_BOOTTIME read together.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct ClockReading {
     pub realtime_ns: i64,
-    pub monotonic_ns: i64,
+    pub boottime_ns: i64,
 }
 
 /// What the sync thread can do to the kernel clock. The real one is `adjtimex`
@@ -65,6 +66,9 @@ pub trait KernelClock {
     /// Tells the kernel whether time is synchronised and how good it is (seconds), which other
     /// programs read and which lets the kernel copy the time to the RTC.
     fn set_sync_status(&mut self, synced: bool, max_error: f64, est_error: f64) -> io::Result<()>;
+    /// Before the first change: cancels phase corrections another program left running in the
+    /// kernel (a PLL offset, an adjtime() slew), which would move the clock behind gnomon's back.
+    fn take_over(&mut self) -> io::Result<()>;
 }
 
 /// Something the operator should know about the kernel clock.
@@ -118,7 +122,7 @@ pub struct Timeline {
     start_frequency: f64,
     /// The setting last seen or made, to notice others changing it.
     frequency_setting: f64,
-    /// CLOCK_REALTIME - CLOCK_MONOTONIC at the last reading.
+    /// CLOCK_REALTIME - CLOCK_BOOTTIME at the last reading.
     gap: i64,
     raw_now: i64,
     slew_end: Option<i64>,
@@ -141,7 +145,7 @@ impl Timeline {
             slope: 0.0,
             start_frequency: frequency,
             frequency_setting: frequency,
-            gap: reading.realtime_ns - reading.monotonic_ns,
+            gap: reading.realtime_ns - reading.boottime_ns,
             raw_now: reading.realtime_ns,
             slew_end: None,
             engaged: false,
@@ -173,7 +177,7 @@ impl Timeline {
     /// Takes a reading of both clocks; returns the raw time now, and whether `applied` changed
     /// (someone stepped the kernel clock), in which case the snapshot must be republished.
     pub fn observe(&mut self, reading: ClockReading) -> (i64, bool) {
-        let gap = reading.realtime_ns - reading.monotonic_ns;
+        let gap = reading.realtime_ns - reading.boottime_ns;
         let delta = gap - self.gap;
         self.gap = gap;
         let mut changed = false;
@@ -267,6 +271,9 @@ impl Timeline {
         state: &ClockState,
         raw_now: i64,
     ) -> io::Result<()> {
+        if !self.engaged {
+            kernel.take_over()?;
+        }
         self.rebase(raw_now);
         let mut residual = state.offset_at(raw_now) - self.applied_base;
         if !self.engaged && residual.abs() >= STEP_THRESHOLD_NS {
@@ -295,10 +302,26 @@ impl Timeline {
         self.slew_end = end;
         let synced = state.is_synchronized();
         if self.told_synced != Some(synced) || synced {
-            let distance = state.root_delay / 2.0 + state.root_dispersion_at(raw_now);
-            kernel.set_sync_status(synced, distance, state.root_dispersion_at(raw_now))?;
+            // The kernel clock's own error: served time's, plus what it has yet to slew (the RTC
+            // is set from it, and other programs trust it).
+            let behind = residual.abs() as f64 * 1e-9;
+            let distance = state.root_delay / 2.0 + state.root_dispersion_at(raw_now) + behind;
+            kernel.set_sync_status(synced, distance, state.root_dispersion_at(raw_now) + behind)?;
             self.told_synced = Some(synced);
         }
+        Ok(())
+    }
+
+    /// On stopping (system mode): leaves the kernel at the estimated frequency `frequency` of
+    /// the raw clock's correction, without any slew in progress, so that the clock keeps good
+    /// time while gnomon is not running instead of drifting at a slew's rate.
+    pub fn release<K: KernelClock + ?Sized>(&mut self, kernel: &mut K, frequency: Option<f64>) -> io::Result<()> {
+        let Some(frequency) = frequency.filter(|_| self.system && self.engaged) else {
+            return Ok(());
+        };
+        let want = (1.0 + self.start_frequency) * (1.0 + frequency) - 1.0;
+        self.frequency_setting = kernel.set_frequency(want.clamp(-KERNEL_MAX_FREQUENCY, KERNEL_MAX_FREQUENCY))?;
+        self.slew_end = None;
         Ok(())
     }
 
@@ -382,7 +405,7 @@ impl KernelClock for SimulatedKernel {
         let realtime_ns = self.realtime_at(self.oscillator_ns);
         ClockReading {
             realtime_ns,
-            monotonic_ns: realtime_ns - self.steps,
+            boottime_ns: realtime_ns - self.steps,
         }
     }
 
@@ -410,6 +433,11 @@ impl KernelClock for SimulatedKernel {
     fn set_sync_status(&mut self, synced: bool, max_error: f64, _est_error: f64) -> io::Result<()> {
         self.synced = synced;
         self.max_error = max_error;
+        Ok(())
+    }
+
+    fn take_over(&mut self) -> io::Result<()> {
+        self.calls += 1;
         Ok(())
     }
 }
@@ -498,6 +526,10 @@ mod tests {
         let state = synced(tl.raw_now(), 50_000_000, -100e-6);
         assert!(tl.steer(&mut k, &state, tl.raw_now()));
         assert!(k.synced, "the kernel is told it is synchronised");
+        assert!(
+            k.max_error > 0.05,
+            "...with an error bound that counts the 50 ms still to slew"
+        );
         let frequency = k.frequency().unwrap();
         assert!(
             frequency <= KERNEL_MAX_FREQUENCY && frequency > 100e-6,
@@ -524,6 +556,17 @@ mod tests {
         assert!(tl.check_frequency(k.frequency().unwrap()));
         assert!(matches!(tl.last_event, Some(KernelEvent::FrequencyChanged { to, .. }) if to == 0.0));
         tl.steer(&mut k, &state, tl.raw_now());
+        assert!(
+            (k.frequency().unwrap() - rate).abs() < 1e-10,
+            "{}",
+            k.frequency().unwrap()
+        );
+        assert!(k.max_error < 0.01, "once on served time, the bound is served time's");
+        // Stopping in the middle of a slew leaves the estimated rate, not the slew's.
+        let ahead = synced(tl.raw_now(), state.offset_at(tl.raw_now()) + 10_000_000, -100e-6);
+        tl.steer(&mut k, &ahead, tl.raw_now());
+        assert!((k.frequency().unwrap() - rate).abs() > 100e-6, "slewing");
+        tl.release(&mut k, Some(-100e-6)).unwrap();
         assert!(
             (k.frequency().unwrap() - rate).abs() < 1e-10,
             "{}",

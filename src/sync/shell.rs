@@ -9,7 +9,7 @@
 
 use super::adjtimex::LinuxClock;
 use super::engine::SyncCore;
-use super::kernel::{KernelClock, Timeline};
+use super::kernel::{KernelClock, KernelEvent, Timeline};
 use super::report::SyncReport;
 use super::{ClockMode, SyncConfig, UpstreamConfig, check_system_mode};
 use crate::clock::{ClockPublisher, realtime_ns};
@@ -198,29 +198,40 @@ fn run(
     let mut fallback = 0u64;
     let mut last_dns = timeline.raw_now();
     let mut last_report = 0i64;
+    let mut logged = EventLog::default();
     while !stop.load(Ordering::Relaxed) {
         let (now, stepped) = timeline.observe(kernel.read());
         // A new state, a step by someone else, or a change of the kernel's steering all move
-        // the correction the workers apply.
+        // the correction the workers apply. After someone else's step or frequency change, the
+        // kernel is put back on course at once (system mode).
         let mut republish = stepped;
+        if stepped {
+            timeline.steer(&mut kernel, &core.state(), now);
+        }
         if let Ok(f) = kernel.frequency()
             && timeline.check_frequency(f)
         {
             republish |= timeline.steer(&mut kernel, &core.state(), now);
-        }
-        let mut changed = stepped;
-        out.clear();
-        core.poll(now, &mut || random_u64(&mut fallback), &mut out);
-        for (addr, req) in &out {
-            // A failed send is a lost poll: the reachability register records it.
-            let _ = socket.send_to(req, wire_addr(is_v6, *addr));
-            changed = true;
         }
         if let Some(s) = core.tick(now) {
             timeline.steer(&mut kernel, &s, now);
             republish = true;
         } else if timeline.deadline().is_some_and(|d| d <= now) {
             republish |= timeline.steer(&mut kernel, &core.state(), now);
+        }
+        // Before anything that can block (DNS below): replies must not wait for a correction
+        // that has changed, least of all for a step.
+        if republish {
+            publisher.publish(timeline.snapshot(&core.state()));
+        }
+        logged.note(&timeline, now);
+        let mut changed = republish;
+        out.clear();
+        core.poll(now, &mut || random_u64(&mut fallback), &mut out);
+        for (addr, req) in &out {
+            // A failed send is a lost poll: the reachability register records it.
+            let _ = socket.send_to(req, wire_addr(is_v6, *addr));
+            changed = true;
         }
         for pool in core.drop_dead_pool_members() {
             resolve_into(&mut core, &pool, now);
@@ -233,10 +244,6 @@ fn run(
                 resolve_into(&mut core, &up, now);
                 changed = true;
             }
-        }
-        if republish {
-            publisher.publish(timeline.snapshot(&core.state()));
-            changed = true;
         }
         if changed || now - last_report >= REPORT_EVERY_NS {
             last_report = now;
@@ -254,15 +261,48 @@ fn run(
             .clamp(1_000_000, MAX_WAIT_NS);
         let _ = socket.set_read_timeout(Some(Duration::from_nanos(wait as u64)));
         if let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let t4 = timeline.raw_of_kernel(realtime_ns());
-            if n >= HEADER_LEN
-                && let Some(s) = core.handle_reply(source_addr(from), &buf[..n], t4)
-            {
-                timeline.steer(&mut kernel, &s, t4);
-                publisher.publish(timeline.snapshot(&s));
+            // Through `observe`, so that a step since the top of the loop is neither in T4 nor
+            // left in served time.
+            let (t4, stepped) = timeline.observe(kernel.read());
+            let reply = (n >= HEADER_LEN)
+                .then(|| core.handle_reply(source_addr(from), &buf[..n], t4))
+                .flatten();
+            if let Some(s) = reply.as_ref().or(stepped.then_some(&core.state())) {
+                timeline.steer(&mut kernel, s, t4);
+            }
+            if stepped || reply.is_some() {
+                publisher.publish(timeline.snapshot(&core.state()));
             }
             last_report = 0;
         }
+    }
+    // Mode system: leave the kernel running at the estimated rate, not mid-slew.
+    if let Err(e) = timeline.release(&mut kernel, core.frequency()) {
+        log::warn!("could not leave the kernel clock at the estimated frequency: {e}");
+    }
+}
+
+/// Logs what happens to the kernel clock: each new kind of event at once, a repeat of the same
+/// kind (another daemon fighting over the frequency, say) at most once a minute.
+#[derive(Default)]
+struct EventLog {
+    last: Option<(std::mem::Discriminant<KernelEvent>, i64)>,
+    seen: Option<KernelEvent>,
+}
+
+impl EventLog {
+    fn note(&mut self, timeline: &Timeline, now: i64) {
+        let Some(e) = timeline.last_event else { return };
+        if self.seen == Some(e) {
+            return;
+        }
+        self.seen = Some(e);
+        let kind = std::mem::discriminant(&e);
+        if self.last.is_some_and(|(k, at)| k == kind && now - at < 60_000_000_000) {
+            return;
+        }
+        self.last = Some((kind, now));
+        log::warn!("{e}");
     }
 }
 
