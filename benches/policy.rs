@@ -94,6 +94,36 @@ fn access(c: &mut Criterion) {
     }
 }
 
+/// The worst case for the hot entries: 100,000 hosts of one network plus one far rule, so that
+/// every host's start agrees with its neighbours on all 60 kept bits and only the cold low bits
+/// order them. Clients are spread over those hosts.
+fn access_host_run(c: &mut Criterion) {
+    let base = 0x2001_0db8u128 << 96;
+    let mut rules: Vec<Rule> = (0..100_000u128)
+        .map(|i| Rule {
+            prefix: Prefix::truncate(IpAddr::V6(Ipv6Addr::from(base | (i * 2))), 128).unwrap(),
+            action: Action::Deny,
+        })
+        .collect();
+    rules.push(Rule {
+        prefix: "8000::/1".parse().unwrap(),
+        action: Action::Ignore,
+    });
+    let table = AccessTable::new(&rules, Action::Serve);
+    let mut rng = Rng(3);
+    let addrs: Vec<IpAddr> = (0..ADDRS)
+        .map(|_| IpAddr::V6(Ipv6Addr::from(base | u128::from(rng.next() % 200_000))))
+        .collect();
+    let mut i = 0;
+    c.bench_function("access_lookup_100k_hosts_one_net_v6", |b| {
+        b.iter(|| {
+            i = (i + 1) & (ADDRS - 1);
+            let a = *black_box(&addrs[i]);
+            black_box(table.action(a))
+        })
+    });
+}
+
 fn ratelimit(c: &mut Criterion) {
     let mut rng = Rng(2);
     let cfg = RateLimitConfig {
@@ -121,5 +151,5 @@ fn ratelimit(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, access, ratelimit);
+criterion_group!(benches, access, access_host_run, ratelimit);
 criterion_main!(benches);

@@ -17,10 +17,11 @@
 //! answer is constant. The table stores, per family, the interval starts sorted, plus a direct
 //! index on up to 16 address bits that narrows the search to the few intervals beginning in that
 //! slice of the space; those are counted over a fixed window of 8 entries, which has no branch to
-//! mispredict, with a binary search only for crowded buckets. A lookup is then one index load and
-//! one cache line of starts: about the cost of a poptrie lookup, with a build that is a sort and
-//! one sweep and an obvious correctness argument (it is the oracle's answer, precomputed per
-//! interval). A multibit trie would need prefix expansion and leaf pushing to match that, and a
+//! mispredict, with a short binary search for the few buckets holding more, and a table of its own
+//! (the same structure, one level down) for a bucket holding many more, as clustered rules do. A
+//! lookup is then one index load and one cache line of starts: about the cost of a poptrie
+//! lookup, with a build that is a sort and one sweep and an obvious correctness argument (it is
+//! the oracle's answer, precomputed per interval). A multibit trie would need prefix expansion and leaf pushing to match that, and a
 //! plain binary trie takes up to 128 dependent loads.
 //!
 //! The index bits are those right after the longest prefix all interval starts share, so that
@@ -339,8 +340,16 @@ pub fn linear_lookup(rules: &[Rule], default: Action, addr: IpAddr) -> Match {
 /// Bounds on the bits of the direct index in front of the search: about one bucket per interval.
 const MIN_INDEX_BITS: u32 = 4;
 const MAX_INDEX_BITS: u32 = 16;
-/// Up to this many candidate intervals are counted in a fixed window rather than binary-searched.
+/// Up to this many candidate intervals are counted in a fixed window, more are binary-searched
+/// (in a few cache lines), and over `SUB_TABLE_MIN` get a table of their own.
 const WINDOW: usize = 8;
+/// Random rules crowd about 2% of buckets past the window, mostly by a few: a table each would
+/// cost more memory (and L2) than the short search it saves.
+const SUB_TABLE_MIN: usize = 32;
+/// Levels of such tables; a bucket still crowded below the last is binary-searched. Each level
+/// fixes at least MIN_INDEX_BITS more address bits, so crowding this deep takes over 2^20 rules
+/// inside one /100 or so.
+const MAX_DEPTH: u32 = 5;
 /// Bits of an interval start kept in its hot entry, after the bits its bucket already fixes.
 const KEY_BITS: u32 = 60;
 /// Hot entry flag: the start has bits below the [`KEY_BITS`] kept, held in `Ranges::low`.
@@ -406,6 +415,9 @@ struct Ranges {
     key_shift: u32,
     /// The bits below the kept ones, for `low`.
     low_mask: u128,
+    /// Tables of crowded buckets, by bucket: (bucket, position of its first interval here,
+    /// table). Its position `j` is `base + j` here.
+    subs: Box<[(u32, usize, Ranges)]>,
 }
 
 impl Ranges {
@@ -464,6 +476,13 @@ impl Ranges {
             }
         }
 
+        Ranges::from_intervals(&out, width, 0)
+    }
+
+    /// The table over sorted intervals `out`, looked up only with keys >= `out[0].0`. Crowded
+    /// buckets get a table of their own, down to `MAX_DEPTH` levels.
+    fn from_intervals(out: &[(u128, Match)], width: u32, depth: u32) -> Ranges {
+        let max = host_mask(width, 0);
         let n = out.len();
         let index_bits = (usize::BITS - (n - 1).leading_zeros()).clamp(MIN_INDEX_BITS, MAX_INDEX_BITS);
         // Real IPv6 rules sit mostly in 2000::/3 and all in a few /16s: indexing the bits after
@@ -480,7 +499,7 @@ impl Ranges {
 
         let mut hot = Vec::with_capacity(n + WINDOW);
         let mut low = Vec::with_capacity(n);
-        for &(start, m) in &out {
+        for &(start, m) in out {
             let rest = (start & low_mask) as u64;
             let kept = ((start << key_shift) >> (128 - KEY_BITS)) as u64;
             hot.push(kept << 4 | if rest != 0 { INEXACT } else { 0 } | m.action as u64);
@@ -501,7 +520,26 @@ impl Ranges {
             index.push(below as u32);
         }
         index.push(n as u32);
+
+        // A bucket with more starts than the window gets its own table over the bits after
+        // what its starts share: clustered rules (a /48 full of /64s, thousands of hosts of one
+        // network) then cost another level, not a binary search over thousands.
+        let mut subs = Vec::new();
+        if depth < MAX_DEPTH {
+            for b in 0..1usize << index_bits {
+                let (from, to) = (index[b] as usize, index[b + 1] as usize);
+                if to - from <= SUB_TABLE_MIN {
+                    continue;
+                }
+                // The interval holding the bucket's first address, then the bucket's starts.
+                let base = from.saturating_sub(1);
+                let mut list = out[base..to].to_vec();
+                list[0].0 = list[0].0.max(region_base | ((b as u128) << index_shift));
+                subs.push((b as u32, base, Ranges::from_intervals(&list, width, depth + 1)));
+            }
+        }
         Ranges {
+            subs: subs.into_boxed_slice(),
             hot: hot.into_boxed_slice(),
             answers: out.iter().map(|&(_, m)| Packed::new(m)).collect(),
             low: low.into_boxed_slice(),
@@ -532,31 +570,69 @@ impl Ranges {
         // count over a fixed window masked to the bucket: a fixed trip count has no branch to
         // mispredict, unlike a binary search.
         let len = to - from;
-        let n = if len <= WINDOW {
-            let window: &[u64; WINDOW] = self.hot[from..from + WINDOW].try_into().expect("padded");
-            (0..WINDOW).map(|k| usize::from((window[k] <= probe) & (k < len))).sum()
-        } else {
-            self.hot[from..to].partition_point(|&e| e <= probe)
-        };
+        if len > WINDOW {
+            return self.crowded(b as u32, from, to, probe, key);
+        }
+        let window: &[u64; WINDOW] = self.hot[from..from + WINDOW].try_into().expect("padded");
+        let n: usize = (0..WINDOW).map(|k| usize::from((window[k] <= probe) & (k < len))).sum();
         // `from == 0` only for the bucket holding address 0, whose start 0 is counted.
         let mut pos = from + n - 1;
         let e = self.hot[pos];
         if e & INEXACT != 0 && e >> 4 == kept {
-            // Starts that agree with the key on every kept bit were all counted; keep those whose
-            // remaining bits are <= the key's. Both searches are binary: a config can hold a long
-            // run of such starts (100,000 hosts in one /96), and a spoofed address in it must
-            // not cost a walk.
+            // Starts that agree with the key on every kept bit were all counted; undo those whose
+            // remaining bits are greater. They sort last among the equal ones, and the window
+            // holds at most WINDOW of them.
             let rest = (key & self.low_mask) as u64;
-            let run = from + self.hot[from..=pos].partition_point(|&h| h >> 4 < kept);
-            // The interval before the run holds everything below it: start 0 at the latest.
-            pos = run + self.low[run..=pos].partition_point(|&l| l <= rest);
-            pos -= 1;
+            while pos >= from.max(1) && self.hot[pos] >> 4 == kept && self.low[pos] > rest {
+                pos -= 1;
+            }
         }
         pos
     }
 
+    /// How many of the starts `from..to` (a crowded bucket) are <= `key`: one binary search,
+    /// on the kept bits and, where a start has them, the low bits too, so that a long run of
+    /// starts equal in their kept bits (100,000 hosts of one /96 beside a far rule) costs
+    /// log2 steps, not a walk a spoofed source could aim at.
+    #[inline(never)]
+    fn crowded(&self, bucket: u32, from: usize, to: usize, probe: u64, key: u128) -> usize {
+        if let Ok(k) = self.subs.binary_search_by_key(&bucket, |s| s.0) {
+            let (_, base, sub) = &self.subs[k];
+            return base + sub.position(key);
+        }
+        from + self.count_crowded(from, to, probe, key) - 1
+    }
+
+    /// A binary search over a bucket with no table of its own.
+    fn count_crowded(&self, from: usize, to: usize, probe: u64, key: u128) -> usize {
+        let hot = &self.hot[from..to];
+        if self.low.is_empty() {
+            return hot.partition_point(|&e| e <= probe);
+        }
+        let low = &self.low[from..to];
+        let full = |j: usize| (u128::from(hot[j] >> 4) << 64) | u128::from(low[j]);
+        let target = (u128::from(probe >> 4) << 64) | (key & self.low_mask);
+        // Branch-free halving (as std's partition_point): the steps' loads can overlap, and a
+        // compare that goes either way half the time costs no mispredictions.
+        let (mut base, mut size) = (0, hot.len());
+        while size > 1 {
+            let half = size / 2;
+            base = if full(base + half) <= target { base + half } else { base };
+            size -= half;
+        }
+        base + usize::from(full(base) <= target)
+    }
+
     fn memory_bytes(&self) -> usize {
-        size_of_val(&*self.hot) + size_of_val(&*self.answers) + size_of_val(&*self.low) + size_of_val(&*self.index)
+        size_of_val(&*self.hot)
+            + size_of_val(&*self.answers)
+            + size_of_val(&*self.low)
+            + size_of_val(&*self.index)
+            + self
+                .subs
+                .iter()
+                .map(|s| size_of::<(u32, usize, Ranges)>() + s.2.memory_bytes())
+                .sum::<usize>()
     }
 }
 
@@ -847,6 +923,7 @@ mod tests {
             }));
             let t = AccessTable::new(&rules, Action::Serve);
             assert!(!t.v6.low.is_empty(), "the starts must need their low bits");
+            assert!(!t.v6.subs.is_empty(), "300 hosts crowd one bucket: a table of its own");
             for i in 0..620u128 {
                 let a = IpAddr::V6(Ipv6Addr::from((0x2001_0db8u128 << 96) | i));
                 let want = linear_lookup(&rules, Action::Serve, a);
