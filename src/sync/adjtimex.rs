@@ -12,17 +12,34 @@ const FREQ_UNIT: f64 = 1e-6 / 65536.0;
 const READ_WINDOW_NS: i64 = 20_000;
 
 /// CLOCK_REALTIME via `clock_adjtime`.
-#[derive(Debug, Default)]
-pub struct LinuxClock;
+#[derive(Debug)]
+pub struct LinuxClock(());
 
-fn gettime(clock: libc::clockid_t) -> i64 {
+impl LinuxClock {
+    /// Fails where a sandbox denies CLOCK_REALTIME or CLOCK_BOOTTIME: a clock that reads 0 would
+    /// look like an external step at every reading.
+    pub fn new() -> io::Result<LinuxClock> {
+        gettime(libc::CLOCK_REALTIME)?;
+        gettime(libc::CLOCK_BOOTTIME)?;
+        Ok(LinuxClock(()))
+    }
+}
+
+fn gettime(clock: libc::clockid_t) -> io::Result<i64> {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid, writable timespec; the clock ids used exist on every Linux.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
+    // SAFETY: `ts` is a valid, writable timespec that outlives the call.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     // time_t and c_long are i64 here but i32 on some 32-bit targets.
     #[allow(clippy::useless_conversion)]
     let ns = i64::from(ts.tv_sec) * 1_000_000_000 + i64::from(ts.tv_nsec);
-    ns
+    Ok(ns)
+}
+
+/// Reads a clock that [`LinuxClock::new`] has shown to work.
+fn now(clock: libc::clockid_t) -> i64 {
+    gettime(clock).unwrap_or_else(|e| unreachable!("clock {clock} worked at start-up: {e}"))
 }
 
 /// `clock_adjtime(CLOCK_REALTIME)` with the given modes; the kernel's view comes back in it.
@@ -43,9 +60,9 @@ impl KernelClock for LinuxClock {
     fn read(&mut self) -> ClockReading {
         let mut best: Option<(i64, ClockReading)> = None;
         for _ in 0..8 {
-            let a = gettime(libc::CLOCK_REALTIME);
-            let boottime_ns = gettime(libc::CLOCK_BOOTTIME);
-            let b = gettime(libc::CLOCK_REALTIME);
+            let a = now(libc::CLOCK_REALTIME);
+            let boottime_ns = now(libc::CLOCK_BOOTTIME);
+            let b = now(libc::CLOCK_REALTIME);
             let reading = ClockReading {
                 realtime_ns: a + (b - a) / 2,
                 boottime_ns,
@@ -103,8 +120,12 @@ impl KernelClock for LinuxClock {
     fn take_over(&mut self) -> io::Result<()> {
         // A PLL offset left by ntpd or chronyd keeps being applied every second; writing offset
         // 0 in PLL mode cancels it (the status is rewritten by set_sync_status afterwards).
+        // Meanwhile the kernel is told it is unsynchronised (so it does not set the RTC from a
+        // clock gnomon has not yet corrected), and leap flags others set are kept.
+        let mut read = timex(0);
+        adjtime(&mut read)?;
         let mut pll = timex(libc::ADJ_OFFSET | libc::ADJ_STATUS);
-        pll.status = libc::STA_PLL;
+        pll.status = libc::STA_PLL | libc::STA_UNSYNC | (read.status & (libc::STA_INS | libc::STA_DEL));
         pll.offset = 0;
         adjtime(&mut pll)?;
         // An adjtime() slew in progress is separate: a single-shot offset of 0 cancels it.
@@ -121,7 +142,7 @@ mod tests {
     /// Read-only: modes 0 changes nothing, so this runs anywhere without touching the clock.
     #[test]
     fn reads_the_kernel_clock_without_changing_it() {
-        let mut k = LinuxClock;
+        let mut k = LinuxClock::new().expect("clocks readable");
         let f = k.frequency().expect("adjtimex read needs no privilege");
         assert!(f.abs() <= 600e-6, "frequency setting {f}");
         let r = k.read();

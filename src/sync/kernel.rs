@@ -257,6 +257,8 @@ impl Timeline {
         }
         let result = self.steer_inner(kernel, state, raw_now);
         if let Err(e) = result {
+            // Retry once a second, not at every wake-up of the sync loop (a due deadline).
+            self.slew_end = self.slew_end.map(|end| end.max(raw_now.saturating_add(1_000_000_000)));
             self.last_event = Some(KernelEvent::Failed {
                 raw_ns: raw_now,
                 errno: e.raw_os_error().unwrap_or(0),
@@ -290,8 +292,12 @@ impl Timeline {
         let (slew, end) = if residual.abs() < NEGLIGIBLE_RESIDUAL_NS {
             (0.0, None)
         } else {
-            let duration = ((residual.abs() as f64 / KERNEL_SLEW) as i64).max(MIN_KERNEL_SLEW_NS);
-            (residual as f64 / duration as f64, Some(raw_now + duration))
+            // Saturating: an external step of weeks takes longer than i64 nanoseconds can count.
+            let duration = ((residual.unsigned_abs() as f64 / KERNEL_SLEW) as i64).max(MIN_KERNEL_SLEW_NS);
+            (
+                residual as f64 / duration as f64,
+                Some(raw_now.saturating_add(duration)),
+            )
         };
         // The kernel's rate is (1 + start)(1 + slope) against true seconds where the raw clock's
         // is (1 + start): the product, not the sum, or the slope is off by start * slope.
@@ -593,5 +599,72 @@ mod tests {
         );
         let left = run(&mut tl, &mut k, &later, 0.0, 10);
         assert!(left > S, "2 s cannot be slewed in 10 s: {left}");
+    }
+
+    /// A VM restored from an old snapshot, its clock then set weeks ahead by an agent: slewing
+    /// that back takes longer than i64 nanoseconds count; the end of the slew saturates.
+    #[test]
+    fn an_external_step_of_weeks_keeps_a_deadline_ahead() {
+        let mut k = SimulatedKernel::new(O0, 0.0);
+        let mut tl = Timeline::new(true, k.read(), 0.0);
+        let state = synced(tl.raw_now(), 10_000_000, 0.0);
+        tl.steer(&mut k, &state, tl.raw_now());
+        k.oscillator_ns += S;
+        tl.observe(k.read());
+        k.external_step(40 * 86_400 * S);
+        k.oscillator_ns += S;
+        let (raw, stepped) = tl.observe(k.read());
+        assert!(stepped);
+        assert!(tl.steer(&mut k, &state, raw));
+        assert!(
+            tl.deadline().is_some_and(|d| d > raw),
+            "{:?} after {raw}",
+            tl.deadline()
+        );
+    }
+
+    /// adjtimex failing mid-slew (a capability dropped, a seccomp filter): the deadline moves a
+    /// second ahead, so the sync loop retries at 1 Hz instead of spinning on a due deadline.
+    #[test]
+    fn a_failed_steer_is_retried_a_second_later() {
+        struct Failing(SimulatedKernel, bool);
+        impl KernelClock for Failing {
+            fn read(&mut self) -> ClockReading {
+                self.0.read()
+            }
+            fn frequency(&mut self) -> io::Result<f64> {
+                self.0.frequency()
+            }
+            fn set_frequency(&mut self, frequency: f64) -> io::Result<f64> {
+                if self.1 {
+                    return Err(io::Error::from_raw_os_error(libc::EPERM));
+                }
+                self.0.set_frequency(frequency)
+            }
+            fn step(&mut self, delta_ns: i64) -> io::Result<()> {
+                self.0.step(delta_ns)
+            }
+            fn set_sync_status(&mut self, synced: bool, max_error: f64, est_error: f64) -> io::Result<()> {
+                self.0.set_sync_status(synced, max_error, est_error)
+            }
+            fn take_over(&mut self) -> io::Result<()> {
+                self.0.take_over()
+            }
+        }
+        let mut k = Failing(SimulatedKernel::new(O0, 0.0), false);
+        let mut tl = Timeline::new(true, k.read(), 0.0);
+        let state = synced(tl.raw_now(), 10_000_000, 0.0);
+        tl.steer(&mut k, &state, tl.raw_now());
+        let end = tl.deadline().expect("slewing 10 ms");
+        k.1 = true;
+        k.0.oscillator_ns = end + S;
+        let (raw, _) = tl.observe(k.read());
+        assert!(tl.steer(&mut k, &state, raw));
+        assert!(matches!(
+            tl.last_event,
+            Some(KernelEvent::Failed { errno: libc::EPERM, .. })
+        ));
+        let next = tl.deadline().expect("still slewing");
+        assert!(next >= raw + S, "deadline {next} is not a second after {raw}");
     }
 }

@@ -77,7 +77,7 @@ pub fn spawn(
 ) -> io::Result<SyncHandle> {
     check_system_mode(config.mode).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
     let socket = open_socket()?;
-    let mut kernel = LinuxClock;
+    let mut kernel = LinuxClock::new()?;
     let system = config.mode == ClockMode::System;
     // Reading the setting needs no privilege; a sandbox that forbids even that only matters
     // when the clock is to be steered.
