@@ -12,6 +12,7 @@
 #   IOS="mmsg uring"                   backends for gnomon and echo (default both)
 #   GNOMON_ARGS="..."                  extra arguments for `gnomon serve`
 #   QUICK=1                            short steps, for checking that the script works
+#   FIXED_RATE=150000                  the fixed run at this rate instead of half the maximum
 # Environment knobs below (PORT, CLIENTS, RAMP_START, ...) have defaults.
 set -euo pipefail
 
@@ -108,6 +109,9 @@ measure() {
     max=$(json "$OUT/$tag-ramp.json" "round(r['ramp']['max_rate'])")
     ended=$(json "$OUT/$tag-ramp.json" "r['ramp']['ended_by']")
     half=$((max / 2))
+    # A common rate, when two runs' CPU per reply are to be compared: it depends on the rate
+    # (batch sizes), and half of a generator-bound maximum differs from run to run.
+    [[ -n ${FIXED_RATE:-} && $max -gt 0 ]] && half=$FIXED_RATE
     if [[ $half -lt 1 ]]; then
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$io" 0 - - - - "$ended" - - >>"$RESULTS"
         return
