@@ -3,11 +3,9 @@
 //! over, the kernel's PLL/FLL is switched off and phase corrections left by other programs are
 //! cancelled (as chrony does), so nothing but gnomon moves the clock's phase.
 
-use super::kernel::{ClockReading, KernelClock};
+use super::kernel::{ClockReading, KERNEL_FREQUENCY_UNIT, KernelClock};
 use std::io;
 
-/// One `timex` unit of frequency: 2^-16 ppm.
-const FREQ_UNIT: f64 = 1e-6 / 65536.0;
 /// A reading pair whose two CLOCK_REALTIME reads are further apart was preempted: retried.
 const READ_WINDOW_NS: i64 = 20_000;
 
@@ -81,14 +79,14 @@ impl KernelClock for LinuxClock {
     fn frequency(&mut self) -> io::Result<f64> {
         let mut tx = timex(0);
         adjtime(&mut tx)?;
-        Ok(tx.freq as f64 * FREQ_UNIT)
+        Ok(tx.freq as f64 * KERNEL_FREQUENCY_UNIT)
     }
 
     fn set_frequency(&mut self, frequency: f64) -> io::Result<f64> {
         let mut tx = timex(libc::ADJ_FREQUENCY);
-        tx.freq = (frequency / FREQ_UNIT).round() as _;
+        tx.freq = (frequency / KERNEL_FREQUENCY_UNIT).round() as _;
         adjtime(&mut tx)?;
-        Ok(tx.freq as f64 * FREQ_UNIT)
+        Ok(tx.freq as f64 * KERNEL_FREQUENCY_UNIT)
     }
 
     fn step(&mut self, delta_ns: i64) -> io::Result<()> {

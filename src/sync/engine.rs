@@ -190,12 +190,12 @@ impl SyncCore {
         self.reselect(t4_ns)
     }
 
-    /// Ends slews and refreshes the local clock; returns a state to publish if one is due.
     /// The estimated frequency correction without slew, once synchronised (s/s).
     pub fn frequency(&self) -> Option<f64> {
         self.discipline.frequency()
     }
 
+    /// Ends slews and refreshes the local clock; returns a state to publish if one is due.
     pub fn tick(&mut self, now_ns: i64) -> Option<ClockState> {
         self.discipline.tick(now_ns)
     }

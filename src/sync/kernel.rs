@@ -15,9 +15,10 @@
 //! - **An external step costs nothing but a short window.** Steps (settimeofday, clock_settime,
 //!   ADJ_SETOFFSET) move CLOCK_REALTIME but not CLOCK_BOOTTIME, so a change in their difference
 //!   is a step by someone. (Not CLOCK_MONOTONIC: it stops during suspend, which CLOCK_REALTIME
-//!   does not, so a resumed machine would look stepped by its sleep.) It is folded into `applied`: the raw timeline and every sample stay
-//!   valid, and the next snapshot takes the step back out of served time. Until then (at most one
-//!   sync-loop wake-up, 100 ms) replies are off by the step; the status says when it happened.
+//!   does not, so a resumed machine would look stepped by its sleep.) It is folded into
+//!   `applied`: the raw timeline and every sample stay valid, and the next snapshot takes the
+//!   step back out of served time. Until then (at most one sync-loop wake-up, 100 ms) replies
+//!   are off by the step; the status says when it happened.
 //!
 //! Slews by another program (adjtime, ADJ_OFFSET) move both clocks alike and cannot be told from
 //! oscillator wander that way; a changed kernel frequency setting is reported instead.
@@ -30,6 +31,8 @@ use std::io;
 
 /// Largest frequency adjustment the Linux kernel accepts (s/s): its MAXFREQ, 500 ppm.
 pub const KERNEL_MAX_FREQUENCY: f64 = 500e-6;
+/// The kernel's unit of frequency adjustment (`timex.freq`), in s/s: 2^-16 ppm.
+pub const KERNEL_FREQUENCY_UNIT: f64 = 1e-6 / 65536.0;
 /// Share of the kernel's range used to remove a residual, on top of the frequency correction.
 pub const KERNEL_SLEW: f64 = 400e-6;
 /// Shortest kernel slew: small residuals are spread over this long.
@@ -299,23 +302,28 @@ impl Timeline {
                 Some(raw_now.saturating_add(duration)),
             )
         };
-        // The kernel's rate is (1 + start)(1 + slope) against true seconds where the raw clock's
-        // is (1 + start): the product, not the sum, or the slope is off by start * slope.
-        let want = (1.0 + self.start_frequency) * (1.0 + state.frequency + slew) - 1.0;
-        let took = kernel.set_frequency(want.clamp(-KERNEL_MAX_FREQUENCY, KERNEL_MAX_FREQUENCY))?;
-        self.frequency_setting = took;
+        let took = self.set_rate(kernel, state.frequency + slew)?;
         self.slope = (1.0 + took) / (1.0 + self.start_frequency) - 1.0;
         self.slew_end = end;
         let synced = state.is_synchronized();
         if self.told_synced != Some(synced) || synced {
             // The kernel clock's own error: served time's, plus what it has yet to slew (the RTC
             // is set from it, and other programs trust it).
-            let behind = residual.abs() as f64 * 1e-9;
-            let distance = state.root_delay / 2.0 + state.root_dispersion_at(raw_now) + behind;
-            kernel.set_sync_status(synced, distance, state.root_dispersion_at(raw_now) + behind)?;
+            let dispersion = state.root_dispersion_at(raw_now) + residual.abs() as f64 * 1e-9;
+            kernel.set_sync_status(synced, state.root_delay / 2.0 + dispersion, dispersion)?;
             self.told_synced = Some(synced);
         }
         Ok(())
+    }
+
+    /// Sets the kernel frequency so that the kernel clock runs at `rate` (s/s) against the raw
+    /// clock; returns the setting the kernel took.
+    fn set_rate<K: KernelClock + ?Sized>(&mut self, kernel: &mut K, rate: f64) -> io::Result<f64> {
+        // The kernel's rate is (1 + start)(1 + rate) against true seconds where the raw clock's
+        // is (1 + start): the product, not the sum, or the rate is off by start * rate.
+        let want = (1.0 + self.start_frequency) * (1.0 + rate) - 1.0;
+        self.frequency_setting = kernel.set_frequency(want.clamp(-KERNEL_MAX_FREQUENCY, KERNEL_MAX_FREQUENCY))?;
+        Ok(self.frequency_setting)
     }
 
     /// On stopping (system mode): leaves the kernel at the estimated frequency `frequency` of
@@ -325,8 +333,7 @@ impl Timeline {
         let Some(frequency) = frequency.filter(|_| self.system && self.engaged) else {
             return Ok(());
         };
-        let want = (1.0 + self.start_frequency) * (1.0 + frequency) - 1.0;
-        self.frequency_setting = kernel.set_frequency(want.clamp(-KERNEL_MAX_FREQUENCY, KERNEL_MAX_FREQUENCY))?;
+        self.set_rate(kernel, frequency)?;
         self.slew_end = None;
         Ok(())
     }
@@ -424,9 +431,8 @@ impl KernelClock for SimulatedKernel {
         let osc = self.oscillator_ns;
         self.adjust_base = self.adjust_at(osc);
         self.osc_base = osc;
-        // The kernel's unit: 2^-16 ppm.
-        let scaled = (frequency.clamp(-KERNEL_MAX_FREQUENCY, KERNEL_MAX_FREQUENCY) * 1e6 * 65536.0).round();
-        self.frequency = scaled / 65536.0 * 1e-6;
+        let units = (frequency.clamp(-KERNEL_MAX_FREQUENCY, KERNEL_MAX_FREQUENCY) / KERNEL_FREQUENCY_UNIT).round();
+        self.frequency = units * KERNEL_FREQUENCY_UNIT;
         Ok(self.frequency)
     }
 
