@@ -21,8 +21,8 @@
 //! (the same structure, one level down) for a bucket holding many more, as clustered rules do. A
 //! lookup is then one index load and one cache line of starts: about the cost of a poptrie
 //! lookup, with a build that is a sort and one sweep and an obvious correctness argument (it is
-//! the oracle's answer, precomputed per interval). A multibit trie would need prefix expansion and leaf pushing to match that, and a
-//! plain binary trie takes up to 128 dependent loads.
+//! the oracle's answer, precomputed per interval). A multibit trie would need prefix expansion
+//! and leaf pushing to match that, and a plain binary trie takes up to 128 dependent loads.
 //!
 //! The index bits are those right after the longest prefix all interval starts share, so that
 //! IPv6 rules, which mostly sit in 2000::/3, spread over the whole index rather than a few

@@ -3,8 +3,9 @@
 //! `getrandom`, and the clock publisher.
 //!
 //! T1 and T4 are kernel clock readings taken just before the send and just after the receive
-//! returns, mapped onto the raw timeline the engine runs on ([`Timeline`]). Kernel receive timestamps would shave the thread wake-up latency (tens of
-//! microseconds) off the delay, which matters little for polling servers over a network.
+//! returns, mapped onto the raw timeline the engine runs on ([`Timeline`]). Kernel receive
+//! timestamps would shave the thread wake-up latency (tens of microseconds) off the delay,
+//! which matters little for polling servers over a network.
 //! The blocking receive wakes as soon as a reply arrives, so T4 is not quantised by the timeout.
 
 use super::adjtimex::LinuxClock;
