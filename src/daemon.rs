@@ -8,7 +8,6 @@ use crate::server::{self, ntp::NtpHandler};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 /// Re-reads the config file and swaps in its access rules and rate limits. Everything else
 /// (listen addresses, workers, time sources) needs a restart, and the answer says so.
@@ -26,8 +25,11 @@ fn reload(source: &str, policy: &SharedPolicy) -> Result<String, String> {
     ))
 }
 
-/// Runs until SIGINT or SIGTERM.
+/// Runs until SIGINT or SIGTERM, or until a part of the server fails (then with its error).
 pub fn serve(cfg: Config) -> io::Result<()> {
+    // Before anything is bound: a second gnomon with this control socket must not start at all.
+    let _lock = server::listeners::InstanceLock::acquire(&cfg.control_socket)?;
+    let control_listener = control::bind(&cfg.control_socket)?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
@@ -86,32 +88,23 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         _ => None,
     });
     let ctx = Arc::new(ControlContext::new(srv.stats.clone(), Some(extra)));
-    let control = match control::spawn(&cfg.control_socket, ctx, stop.clone()) {
-        Ok(h) => {
-            log::info!("control socket {}", cfg.control_socket.display());
-            Some(h)
-        }
-        Err(e) => {
-            log::warn!("control socket {} not available: {e}", cfg.control_socket.display());
-            None
-        }
-    };
+    let control = control_listener.spawn(ctx, stop.clone())?;
+    log::info!("control socket {}", cfg.control_socket.display());
 
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(100));
+    let r = srv.supervise(&stop, || {
         if reload_requested.swap(false, Ordering::Relaxed) {
             match reload(&cfg.source, &policy) {
                 Ok(m) => log::info!("SIGHUP: {m}"),
                 Err(m) => log::error!("SIGHUP: {m}"),
             }
         }
-    }
+        control
+            .is_finished()
+            .then(|| io::Error::other("the control socket thread ended"))
+    });
     log::info!("stopping");
-    let r = srv.join();
     let _ = sync.join();
-    if let Some(c) = control {
-        let _ = c.join();
-    }
+    let _ = control.join();
     log::info!("stopped");
     r
 }
@@ -129,8 +122,5 @@ pub fn bench_echo(opts: &server::ServeOptions) -> io::Result<()> {
             srv.backend
         );
     }
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    srv.join()
+    srv.supervise(&stop, || None)
 }

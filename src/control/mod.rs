@@ -5,11 +5,11 @@
 pub mod stats_view;
 
 use crate::server::stats::WorkerStats;
-use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -60,53 +60,144 @@ impl ControlContext {
     }
 }
 
-/// Serves the control socket on its own thread until `stop`.
-pub fn spawn(path: &Path, ctx: Arc<ControlContext>, stop: Arc<AtomicBool>) -> io::Result<JoinHandle<()>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+/// The longest request line the server reads; commands are a few words.
+pub const MAX_REQUEST_LINE: usize = 4096;
+/// Clients served at once; one more is told the server is busy.
+pub const MAX_CLIENTS: usize = 8;
+/// How long a client may take to send its line or read the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The bound control socket, not yet served.
+pub struct ControlListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+/// Binds the control socket. Only a stale socket (no server answers on it) is removed first;
+/// anything else at `path` is the operator's and stays, with a start-up error.
+pub fn bind(path: &Path) -> io::Result<ControlListener> {
+    let ctx = |e: io::Error| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(ctx)?;
     }
-    // A socket left by a process that died is in the way; a live one is not ours to take.
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{} is in use by a running server", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    listener.set_nonblocking(true)?;
-    let path: PathBuf = path.to_path_buf();
-    std::thread::Builder::new()
-        .name("gnomon-control".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(mut r) = ctx.rates.lock() {
-                    r.tick(&ctx.stats);
-                }
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let _ = handle_client(stream, &ctx);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
-                    Err(e) => {
-                        log::warn!("control socket: {e}");
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ctx(e)),
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ctx(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "a running server answers on it",
+                )));
             }
-            let _ = std::fs::remove_file(&path);
-        })
+            std::fs::remove_file(path).map_err(ctx)?;
+        }
+        Ok(m) => {
+            let kind = if m.file_type().is_symlink() {
+                "a symbolic link"
+            } else if m.is_dir() {
+                "a directory"
+            } else if m.is_file() {
+                "a regular file"
+            } else {
+                "not a socket"
+            };
+            return Err(ctx(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "the path is {kind}, not a socket; it is left alone (remove it or set `control_socket` elsewhere)"
+                ),
+            )));
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(ctx)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(ctx)?;
+    listener.set_nonblocking(true).map_err(ctx)?;
+    Ok(ControlListener {
+        listener,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Binds and serves `path` (see [`bind`] and [`ControlListener::spawn`]).
+pub fn spawn(path: &Path, ctx: Arc<ControlContext>, stop: Arc<AtomicBool>) -> io::Result<JoinHandle<()>> {
+    bind(path)?.spawn(ctx, stop)
+}
+
+/// Counts a client thread for as long as it lives.
+struct ClientSlot(Arc<AtomicUsize>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ControlListener {
+    /// Serves the socket until `stop`: the accept loop on its own thread, each client on a
+    /// thread of its own (at most [`MAX_CLIENTS`]), so a client that sends nothing holds only
+    /// itself, and only for [`CLIENT_TIMEOUT`].
+    pub fn spawn(self, ctx: Arc<ControlContext>, stop: Arc<AtomicBool>) -> io::Result<JoinHandle<()>> {
+        let ControlListener { listener, path } = self;
+        let active = Arc::new(AtomicUsize::new(0));
+        std::thread::Builder::new()
+            .name("gnomon-control".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut r) = ctx.rates.lock() {
+                        r.tick(&ctx.stats);
+                    }
+                    match listener.accept() {
+                        Ok((stream, _)) => serve_client(stream, &ctx, &active),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(50))
+                        }
+                        Err(e) => {
+                            log::warn!("control socket: {e}");
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                }
+                let _ = std::fs::remove_file(&path);
+            })
+    }
+}
+
+fn serve_client(stream: UnixStream, ctx: &Arc<ControlContext>, active: &Arc<AtomicUsize>) {
+    if active.fetch_add(1, Ordering::Relaxed) >= MAX_CLIENTS {
+        active.fetch_sub(1, Ordering::Relaxed);
+        // Never wait on a client here: one that does not read loses the answer.
+        let _ = stream.set_nonblocking(true);
+        let _ = (&stream).write_all(b"error: too many control clients at once, try again\n");
+        return;
+    }
+    let slot = ClientSlot(active.clone());
+    let ctx = ctx.clone();
+    let spawned = std::thread::Builder::new()
+        .name("gnomon-control-client".into())
+        .spawn(move || {
+            let _slot = slot;
+            let _ = handle_client(stream, &ctx);
+        });
+    if let Err(e) = spawned {
+        log::warn!("control socket: no thread for a client: {e}");
+    }
 }
 
 fn handle_client(stream: UnixStream, ctx: &ControlContext) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
-    let reply = ctx.answer(line.trim());
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut line = Vec::new();
+    BufReader::new((&stream).take(MAX_REQUEST_LINE as u64 + 1)).read_until(b'\n', &mut line)?;
+    let reply = if line.len() > MAX_REQUEST_LINE {
+        format!("error: request line longer than {MAX_REQUEST_LINE} bytes\n")
+    } else {
+        match std::str::from_utf8(&line) {
+            Ok(l) => ctx.answer(l.trim()),
+            Err(_) => "error: request is not UTF-8\n".to_string(),
+        }
+    };
     (&stream).write_all(reply.as_bytes())
 }
 

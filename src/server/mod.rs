@@ -2,6 +2,7 @@
 //! [`Handler`] that decides what each datagram gets. The only `unsafe` of the crate lives here.
 
 pub mod echo;
+pub mod listeners;
 pub mod mmsg;
 pub mod ntp;
 pub mod socket;
@@ -14,8 +15,9 @@ use socket2::Socket;
 use stats::WorkerStats;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -127,21 +129,94 @@ pub struct Server {
     pub local_addrs: Vec<SocketAddr>,
     pub stats: Vec<Arc<WorkerStats>>,
     pub backend: &'static str,
-    threads: Vec<JoinHandle<io::Result<()>>>,
+    /// `None` once joined.
+    threads: Vec<Option<JoinHandle<io::Result<()>>>>,
+    /// Each worker sends its index here when it ends, however it ends.
+    exits: mpsc::Receiver<usize>,
+}
+
+/// Tells the supervisor that a worker ended: dropped when the worker's thread returns or unwinds.
+struct ExitNotice {
+    worker: usize,
+    tx: mpsc::Sender<usize>,
+}
+
+impl Drop for ExitNotice {
+    fn drop(&mut self) {
+        let _ = self.tx.send(self.worker);
+    }
 }
 
 impl Server {
+    /// Waits up to `timeout` for a worker to end, and says why it did. Before `stop` a worker
+    /// only ends when something went wrong, so any end is an error.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<io::Error> {
+        let i = self.exits.recv_timeout(timeout).ok()?;
+        let t = self.threads.get_mut(i)?.take()?;
+        Some(match t.join() {
+            Ok(Err(e)) => io::Error::new(e.kind(), format!("worker {i} failed: {e}")),
+            Ok(Ok(())) => io::Error::other(format!("worker {i} ended on its own")),
+            Err(_) => io::Error::other(format!("worker {i} panicked")),
+        })
+    }
+
+    /// Runs until `stop` is set or a worker ends. `tick` runs about every 100 ms and may report a
+    /// failure elsewhere in the process. On a failure it is logged at once, `stop` is set for
+    /// every other thread, and the error is returned so the process exits non-zero and its
+    /// supervisor restarts it rather than running on with fewer workers.
+    pub fn supervise(mut self, stop: &AtomicBool, mut tick: impl FnMut() -> Option<io::Error>) -> io::Result<()> {
+        let failure = loop {
+            if stop.load(Ordering::Relaxed) {
+                break None;
+            }
+            if let Some(e) = self.wait_exit(Duration::from_millis(100)).or_else(&mut tick)
+                && !stop.load(Ordering::Relaxed)
+            {
+                break Some(e);
+            }
+        };
+        if let Some(e) = &failure {
+            log::error!("{e}: stopping the whole server");
+        }
+        stop.store(true, Ordering::Relaxed);
+        let rest = self.join();
+        match failure {
+            Some(e) => Err(e),
+            None => rest,
+        }
+    }
+
     /// Waits for every worker; the first error wins.
     pub fn join(self) -> io::Result<()> {
         let mut result = Ok(());
-        for t in self.threads {
-            let r = t.join().unwrap_or_else(|_| Err(io::Error::other("worker panicked")));
+        for (i, t) in self.threads.into_iter().enumerate() {
+            let Some(t) = t else { continue };
+            let r = t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other(format!("worker {i} panicked"))));
             if result.is_ok() {
                 result = r;
             }
         }
         result
     }
+}
+
+/// Fault injection for the tests of the supervision above: debug builds with
+/// `GNOMON_FAULT=worker-error` make worker 0 fail 500 ms after start (so the server is up and
+/// serving on its other workers first). Release builds never read the variable.
+fn injected_fault(worker: usize) -> Option<io::Error> {
+    if !cfg!(debug_assertions) || worker != 0 || std::env::var_os("GNOMON_FAULT").is_none_or(|v| v != "worker-error") {
+        return None;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    Some(io::Error::other("fault injected by GNOMON_FAULT=worker-error"))
+}
+
+/// Whether a bind failed because the address family is missing from the kernel (socket() gives
+/// EAFNOSUPPORT when IPv6 is disabled at boot; bind can give EADDRNOTAVAIL).
+fn family_unavailable(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL))
 }
 
 fn available_cpus() -> Vec<usize> {
@@ -198,15 +273,31 @@ where
     // other workers join the same reuseport group on that port.
     let mut per_worker: Vec<Vec<Socket>> = (0..workers).map(|_| Vec::new()).collect();
     let mut local_addrs = Vec::new();
+    let mut own_inodes: Vec<u64> = Vec::new();
     for &addr in &opts.listen {
-        let first = bind_udp(addr, &opts.socket).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+        let first = match bind_udp(addr, &opts.socket) {
+            Ok(s) => s,
+            // The default listens on both wildcards; a host without IPv6 still serves IPv4. A
+            // specific address of a missing family is a config error and stays one.
+            Err(e) if addr.ip().is_unspecified() && family_unavailable(&e) => {
+                log::warn!("skipping listen address {addr}: {e} (the kernel lacks this address family)");
+                continue;
+            }
+            Err(e) => return Err(listeners::bind_error(addr, e, &own_inodes)),
+        };
+        own_inodes.extend(listeners::socket_inode(first.as_raw_fd()));
+        // With SO_REUSEPORT the kernel lets another socket of our user share the port; the
+        // kernel's table shows it. Port 0 is a fresh port nobody else can hold.
+        if addr.port() != 0 {
+            listeners::check_unshared(addr, &own_inodes)?;
+        }
         let bound = first.local_addr()?.as_socket().unwrap_or(addr);
         local_addrs.push(bound);
         per_worker[0].push(first);
         for sockets in per_worker.iter_mut().skip(1) {
-            sockets.push(
-                bind_udp(bound, &opts.socket).map_err(|e| io::Error::new(e.kind(), format!("bind {bound}: {e}")))?,
-            );
+            let s = bind_udp(bound, &opts.socket).map_err(|e| listeners::bind_error(bound, e, &own_inodes))?;
+            own_inodes.extend(listeners::socket_inode(s.as_raw_fd()));
+            sockets.push(s);
         }
         // Attached after the whole group is bound, so the kernel's socket index i is worker i.
         if let Some(prog) = steering::program(opts.steering, bound.is_ipv6(), workers as u32) {
@@ -215,19 +306,34 @@ where
                 .map_err(|e| io::Error::new(e.kind(), format!("reuseport steering on {bound}: {e}")))?;
         }
     }
+    if local_addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            "none of the listen addresses can be bound",
+        ));
+    }
 
     let backend = choose_backend(opts.io)?;
     let mut stats = Vec::new();
     let mut threads = Vec::new();
+    let (exit_tx, exits) = mpsc::channel();
     for (i, sockets) in per_worker.into_iter().enumerate() {
         let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
         let st = Arc::new(WorkerStats::new(i, cpu, backend));
         stats.push(st.clone());
         let mut handler = make_handler(i, st);
         let stop = stop.clone();
+        let notice = ExitNotice {
+            worker: i,
+            tx: exit_tx.clone(),
+        };
         let t = std::thread::Builder::new()
             .name(format!("gnomon-worker-{i}"))
             .spawn(move || {
+                let _notice = notice;
+                if let Some(e) = injected_fault(i) {
+                    return Err(e);
+                }
                 if let Some(id) = cpu {
                     core_affinity::set_for_current(core_affinity::CoreId { id });
                 }
@@ -241,12 +347,13 @@ where
                 }
                 mmsg::run(&sockets, &mut handler, &stop)
             })?;
-        threads.push(t);
+        threads.push(Some(t));
     }
     Ok(Server {
         local_addrs,
         stats,
         backend,
         threads,
+        exits,
     })
 }

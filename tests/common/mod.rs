@@ -70,11 +70,15 @@ impl Gnomon {
         cfg.push_str(extra);
         let path = dir.join("gnomon.toml");
         std::fs::write(&path, cfg).unwrap();
-        let mut child = Command::new(GNOMON)
-            .arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .args(args)
+        let mut cmd = Command::new(GNOMON);
+        cmd.arg("serve").arg("--config").arg(&path).args(args);
+        Self::launch(cmd, dir, control)
+    }
+
+    /// Runs `cmd` (a `gnomon serve` the caller set up, e.g. with its own environment) and waits
+    /// until it serves; `dir` is removed when the server is dropped.
+    pub fn launch(mut cmd: Command, dir: PathBuf, control: PathBuf) -> Gnomon {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
