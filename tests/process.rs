@@ -53,6 +53,10 @@ fn second_instance_on_the_same_port_refuses_and_names_the_first() {
     // Its own control socket, so only the check of the kernel's UDP table can stop it.
     let out = refused(&config(&dir, &format!("listen = [\"127.0.0.1:{port}\"]\n")));
     assert!(
+        !dir.join("control.sock").exists(),
+        "the refused server left its control socket"
+    );
+    assert!(
         out.contains(&format!("127.0.0.1:{port} is already served by gnomon")),
         "{out}"
     );
@@ -128,6 +132,52 @@ fn address_taken_without_reuseport_names_the_holder() {
     let out = refused(&config(&dir, &format!("listen = [\"{taken}\"]\n")));
     assert!(out.contains(&format!("bind {taken}")), "{out}");
     assert!(out.contains(&format!("pid {}", std::process::id())), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn reuseport_group_of_another_user_is_refused_by_the_kernel_and_named() {
+    if !is_root() {
+        eprintln!("SKIPPED: starting a server as another user needs root");
+        return;
+    }
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The bare echo server binds with SO_REUSEPORT, as user nobody.
+    let mut other = Command::new(GNOMON)
+        .args(["bench-echo", "--listen", &addr.to_string()])
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gnomon::server::listeners::read_udp_table()
+        .unwrap()
+        .iter()
+        .any(|e| e.local == addr && e.uid == 65534)
+    {
+        if Instant::now() > deadline {
+            let _ = other.kill();
+            let _ = other.wait();
+            panic!("the echo server as nobody did not bind {addr} within 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dir = tempdir("otheruid");
+    let (ok, out) = run_bounded(
+        Command::new(GNOMON)
+            .arg("serve")
+            .arg("--config")
+            .arg(config(&dir, &format!("listen = [\"{addr}\"]\n"))),
+        Duration::from_secs(10),
+    );
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(!ok && !out.contains("<killed"), "{out}");
+    assert!(out.contains(&format!("bind {addr}: Address already in use")), "{out}");
+    assert!(out.contains(&format!("gnomon (pid {}", other.id())), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

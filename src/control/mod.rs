@@ -67,10 +67,20 @@ pub const MAX_CLIENTS: usize = 8;
 /// How long a client may take to send its line or read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The bound control socket, not yet served.
+/// The bound control socket, not yet served. Dropped unserved (the server failed to start),
+/// it removes its socket file.
 pub struct ControlListener {
     listener: UnixListener,
     path: PathBuf,
+    served: bool,
+}
+
+impl Drop for ControlListener {
+    fn drop(&mut self) {
+        if !self.served {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Binds the control socket. Only a stale socket (no server answers on it) is removed first;
@@ -116,6 +126,7 @@ pub fn bind(path: &Path) -> io::Result<ControlListener> {
     Ok(ControlListener {
         listener,
         path: path.to_path_buf(),
+        served: false,
     })
 }
 
@@ -137,8 +148,9 @@ impl ControlListener {
     /// Serves the socket until `stop`: the accept loop on its own thread, each client on a
     /// thread of its own (at most [`MAX_CLIENTS`]), so a client that sends nothing holds only
     /// itself, and only for [`CLIENT_TIMEOUT`].
-    pub fn spawn(self, ctx: Arc<ControlContext>, stop: Arc<AtomicBool>) -> io::Result<JoinHandle<()>> {
-        let ControlListener { listener, path } = self;
+    pub fn spawn(mut self, ctx: Arc<ControlContext>, stop: Arc<AtomicBool>) -> io::Result<JoinHandle<()>> {
+        let listener = self.listener.try_clone()?;
+        let path = self.path.clone();
         let active = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new()
             .name("gnomon-control".into())
@@ -160,6 +172,7 @@ impl ControlListener {
                 }
                 let _ = std::fs::remove_file(&path);
             })
+            .inspect(|_| self.served = true)
     }
 }
 
