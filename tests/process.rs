@@ -280,6 +280,42 @@ fn a_silent_control_client_does_not_block_others() {
     drop(silent);
 }
 
+#[test]
+fn control_clients_beyond_the_cap_are_told_so_at_once() {
+    let srv = Gnomon::start("");
+    let cap = gnomon::control::MAX_CLIENTS;
+    let silent: Vec<UnixStream> = (0..cap).map(|_| UnixStream::connect(&srv.control).unwrap()).collect();
+    let mut extra = UnixStream::connect(&srv.control).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = String::new();
+    let _ = extra.read_to_string(&mut reply);
+    assert!(reply.starts_with("error: too many control clients"), "reply {reply:?}");
+    drop(silent);
+    // The slots free up as the silent clients go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !srv.ctl(&["stats"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "stats still refused 5 s after the silent clients left"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_request_line_of_exactly_the_cap_is_answered() {
+    let srv = Gnomon::start("");
+    let cap = gnomon::control::MAX_REQUEST_LINE;
+    let mut line = "stats".to_string();
+    line.push_str(&" ".repeat(cap - line.len()));
+    let mut s = UnixStream::connect(&srv.control).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(!reply.starts_with("error"), "reply {reply:?}");
+}
+
 fn vm_hwm_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();

@@ -130,11 +130,6 @@ pub fn bind(path: &Path) -> io::Result<ControlListener> {
     })
 }
 
-/// Binds and serves `path` (see [`bind`] and [`ControlListener::spawn`]).
-pub fn spawn(path: &Path, ctx: Arc<ControlContext>, stop: Arc<AtomicBool>) -> io::Result<JoinHandle<()>> {
-    bind(path)?.spawn(ctx, stop)
-}
-
 /// Counts a client thread for as long as it lives.
 struct ClientSlot(Arc<AtomicUsize>);
 
@@ -203,7 +198,8 @@ fn handle_client(stream: UnixStream, ctx: &ControlContext) -> io::Result<()> {
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut line = Vec::new();
     BufReader::new((&stream).take(MAX_REQUEST_LINE as u64 + 1)).read_until(b'\n', &mut line)?;
-    let reply = if line.len() > MAX_REQUEST_LINE {
+    // A full-length line with its newline is `MAX_REQUEST_LINE + 1` bytes and is fine.
+    let reply = if line.len() > MAX_REQUEST_LINE && !line.ends_with(b"\n") {
         format!("error: request line longer than {MAX_REQUEST_LINE} bytes\n")
     } else {
         match std::str::from_utf8(&line) {
