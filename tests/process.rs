@@ -265,16 +265,16 @@ fn a_stale_control_socket_is_replaced() {
 #[test]
 fn a_silent_control_client_does_not_block_others() {
     let srv = Gnomon::start("");
-    // The old server handled clients one by one, waiting 2 s for each one's line: three silent
-    // clients held `gnomon stats` for 6 s.
-    let silent: Vec<UnixStream> = (0..3).map(|_| UnixStream::connect(&srv.control).unwrap()).collect();
+    // The old server handled clients one by one, waiting 2 s for each one's line: four silent
+    // clients held `gnomon stats` for 8 s.
+    let silent: Vec<UnixStream> = (0..4).map(|_| UnixStream::connect(&srv.control).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
     let out = srv.ctl(&["stats"]);
     let took = t.elapsed();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        took < Duration::from_millis(1500),
+        took < Duration::from_secs(3),
         "stats took {took:?} behind silent clients"
     );
     drop(silent);
@@ -358,8 +358,22 @@ fn an_overlong_control_line_gets_an_error_without_memory_growth() {
 
 /// Makes `socket(AF_INET6, ...)` fail with EAFNOSUPPORT in the child, as on a kernel booted with
 /// `ipv6.disable=1`. (A network namespace with `disable_ipv6=1` does not reproduce it: there
-/// `bind([::])` still succeeds, only specific IPv6 addresses fail.)
+/// `bind([::])` still succeeds, only specific IPv6 addresses fail.) False, with a SKIPPED line,
+/// where the filter cannot be installed.
 fn without_ipv6(cmd: &mut Command) -> bool {
+    let mut probe = Command::new("/bin/true");
+    add_ipv6_filter(&mut probe)
+        && {
+            let ok = probe.status().is_ok_and(|s| s.success());
+            if !ok {
+                eprintln!("SKIPPED: cannot install a seccomp filter here");
+            }
+            ok
+        }
+        && add_ipv6_filter(cmd)
+}
+
+fn add_ipv6_filter(cmd: &mut Command) -> bool {
     let arch: u32 = if cfg!(all(target_arch = "x86_64", target_endian = "little")) {
         0xC000_003E // AUDIT_ARCH_X86_64
     } else if cfg!(all(target_arch = "aarch64", target_endian = "little")) {

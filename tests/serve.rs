@@ -46,9 +46,10 @@ fn ntpdig_accepts_local_stratum_server() {
         eprintln!("SKIPPED: ntpdig only talks to port 123, which needs root");
         return;
     }
-    let srv = Gnomon::start("listen = [\"127.0.1.41:123\"]\nlocal_stratum = 4\n");
+    let ip = own_loopback().to_string();
+    let srv = Gnomon::start(&format!("listen = [\"{ip}:123\"]\nlocal_stratum = 4\n"));
     let (ok, out) = run_bounded(
-        Command::new(NTPDIG).args(["-j", "-t", "2", "127.0.1.41"]),
+        Command::new(NTPDIG).args(["-j", "-t", "2", &ip]),
         Duration::from_secs(10),
     );
     assert!(ok, "ntpdig failed:\n{out}");
@@ -63,7 +64,8 @@ fn ntpdig_accepts_local_stratum_server() {
 
 #[test]
 fn unsynchronised_server_is_rejected_by_real_clients() {
-    let srv = Gnomon::start("listen = [\"127.0.1.42:123\", \"127.0.0.1:0\"]\n");
+    let ip = own_loopback().to_string();
+    let srv = Gnomon::start(&format!("listen = [\"{ip}:123\", \"127.0.0.1:0\"]\n"));
     let port_any = srv.addrs[1];
     // What the reply says: LI 3 and stratum 0 (RFC 5905 section 7.3: 16 is sent as 0), refid INIT.
     let sock = client(port_any);
@@ -95,7 +97,7 @@ fn unsynchronised_server_is_rejected_by_real_clients() {
     }
     if have_tool(NTPDIG) && is_root() {
         let (ok, out) = run_bounded(
-            Command::new(NTPDIG).args(["-d", "-t", "2", "127.0.1.42"]),
+            Command::new(NTPDIG).args(["-d", "-t", "2", &ip]),
             Duration::from_secs(10),
         );
         assert!(!ok, "ntpdig accepted an unsynchronised server:\n{out}");

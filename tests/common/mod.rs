@@ -268,6 +268,16 @@ impl Drop for Chronyd {
     }
 }
 
+static LOOPBACK_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A loopback address of this test's own, for a test that needs a fixed port (ntpdig only talks
+/// to 123): gnomon refuses to share an address and port, so test runs at the same time on this
+/// machine must not pick the same one. Made of the pid and a count (up to 4 per process).
+pub fn own_loopback() -> std::net::Ipv4Addr {
+    let v = ((LOOPBACK_SEQ.fetch_add(1, Ordering::Relaxed) & 3) << 22) | (std::process::id() & 0x3f_ffff);
+    std::net::Ipv4Addr::new(127, (v >> 16) as u8, (v >> 8) as u8, v as u8)
+}
+
 /// A loopback UDP port nobody uses right now (a small race with other tests is acceptable).
 pub fn free_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
