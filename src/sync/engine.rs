@@ -189,6 +189,11 @@ impl SyncCore {
         self.add_addresses(id, &[addr], now_ns) > 0
     }
 
+    /// Configured entries that are host names, not addresses: what a resolver must serve.
+    pub fn names_to_look_up(&self) -> usize {
+        self.names.iter().filter(|n| !n.literal).count()
+    }
+
     fn members(&self, id: usize) -> usize {
         self.entries.iter().filter(|e| e.name == id).count()
     }
@@ -229,7 +234,7 @@ impl SyncCore {
             Some(format!(
                 "{left_out} address(es) not added: the cap of {MAX_SOURCES} sources in total is reached"
             ))
-        } else if members < want {
+        } else if members < want && !self.names[id].literal {
             Some(format!(
                 "{members} of {want} source(s): the last answer had no other usable address \
                  ({known} already sources, {dead} dropped as dead in the last hour)"
@@ -699,5 +704,97 @@ fn refid_text(refid: RefId, stratum: u8) -> String {
         refid.display(0)
     } else {
         refid.to_ipv4().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(name: &str) -> UpstreamConfig {
+        let mut u = UpstreamConfig::new(name);
+        u.pool = true;
+        u
+    }
+
+    fn addrs(last: &[u8]) -> Vec<SocketAddr> {
+        last.iter().map(|&i| SocketAddr::from(([192, 0, 2, i], 123))).collect()
+    }
+
+    fn core(upstreams: Vec<UpstreamConfig>) -> SyncCore {
+        let config = SyncConfig {
+            upstreams,
+            ..SyncConfig::default()
+        };
+        SyncCore::new(&config, -20, 0)
+    }
+
+    fn lookups(core: &mut SyncCore, now: i64) -> Vec<usize> {
+        let mut out = Vec::new();
+        core.lookups(now, &mut out);
+        out.iter().map(|l| l.id).collect()
+    }
+
+    #[test]
+    fn addresses_need_no_lookup_and_names_wait_for_theirs() {
+        let mut c = core(vec![
+            UpstreamConfig::new("192.0.2.1"),
+            pool("192.0.2.2"),
+            pool("p.example"),
+        ]);
+        assert_eq!(c.names_to_look_up(), 1);
+        assert_eq!(c.sources().count(), 2);
+        assert_eq!(c.next_deadline(), Some(0));
+        let r = c.report(0);
+        assert_eq!(r.sources.len(), 3, "{:?}", r.sources);
+        assert_eq!(r.sources[2].why.as_deref(), Some("waiting for a DNS lookup"));
+        assert_eq!(lookups(&mut c, 0), vec![2]);
+        assert!(lookups(&mut c, 1).is_empty(), "one lookup in flight per name");
+        assert_eq!(
+            c.report(3_000_000_000).sources[2].why.as_deref(),
+            Some("DNS lookup in progress (3 s)")
+        );
+        assert!(c.report(0).system.why_unsynced.is_some());
+    }
+
+    #[test]
+    fn a_failure_is_shown_and_retried_a_minute_later() {
+        let mut c = core(vec![UpstreamConfig::new("a.example")]);
+        assert_eq!(lookups(&mut c, 0), vec![0]);
+        c.resolved(0, Err("timed out".into()), 6);
+        let why = c.report(6).sources[0].why.clone().unwrap();
+        assert!(why.starts_with("DNS failure: timed out (next try in 60 s)"), "{why}");
+        assert_eq!(c.next_deadline(), Some(6 + DNS_RETRY_NS));
+        assert!(lookups(&mut c, 5 + DNS_RETRY_NS).is_empty());
+        assert_eq!(lookups(&mut c, 6 + DNS_RETRY_NS), vec![0]);
+        // An answer nobody waits for (a duplicate) changes nothing.
+        c.resolved(0, Ok(addrs(&[1])), 7 + DNS_RETRY_NS);
+        c.resolved(0, Ok(addrs(&[2])), 8 + DNS_RETRY_NS);
+        assert_eq!(c.sources().map(|s| s.addr).collect::<Vec<_>>(), addrs(&[1]));
+        assert!(c.report(8 + DNS_RETRY_NS).sources.iter().all(|s| s.addr.is_some()));
+        assert_eq!(c.next_deadline(), Some(7 + DNS_RETRY_NS), "its poll, no lookup");
+    }
+
+    #[test]
+    fn pools_take_no_address_that_is_already_a_source() {
+        let mut c = core(vec![pool("a.example"), pool("b.example")]);
+        assert_eq!(lookups(&mut c, 0), vec![0, 1]);
+        c.resolved(0, Ok(addrs(&[1, 2, 3, 4, 5, 6])), 1);
+        c.resolved(1, Ok(addrs(&[3, 4, 5, 6, 7])), 1);
+        let got: Vec<SocketAddr> = c.sources().map(|s| s.addr).collect();
+        assert_eq!(got, addrs(&[1, 2, 3, 4, 5, 6, 7]));
+        let why = c.report(1).sources.last().unwrap().why.clone().unwrap();
+        assert!(
+            why.starts_with(
+                "pool: 3 of 4 members; 3 of 4 source(s): the last answer had no other usable address (2 already sources"
+            ),
+            "{why}"
+        );
+        // Short of a member, the pool asks again, later and later while nothing new comes.
+        assert!(lookups(&mut c, 1 + DNS_RETRY_NS - 1).is_empty());
+        assert_eq!(lookups(&mut c, 1 + DNS_RETRY_NS), vec![1]);
+        c.resolved(1, Ok(addrs(&[3, 4])), 2 + DNS_RETRY_NS);
+        assert!(lookups(&mut c, 2 + 2 * DNS_RETRY_NS).is_empty());
+        assert_eq!(lookups(&mut c, 2 + 3 * DNS_RETRY_NS), vec![1]);
     }
 }

@@ -99,7 +99,7 @@ pub fn spawn(
     // Host names are only looked up once the thread runs, on the resolver's threads: the first
     // state goes out now, whatever DNS does.
     let core = SyncCore::new(&config, precision, now);
-    let resolver = Resolver::start(config.upstreams.len())?;
+    let resolver = Resolver::start(core.names_to_look_up())?;
     publisher.publish(timeline.snapshot(&core.state()));
     let report = Arc::new(Mutex::new(make_report(&core, &timeline, now)));
     let shared = report.clone();
