@@ -7,7 +7,9 @@ use gnomon::clock::ClockState;
 use gnomon::proto::{
     LeapIndicator, NtpShort, NtpTimestamp, RefId, ReplyTemplate, ServerInfo, respond, stamp_transmit, write_reply,
 };
-use gnomon::sync::{SimulatedKernel, SyncConfig, SyncCore, SyncReport, Timeline, UpstreamConfig};
+use gnomon::sync::{
+    MAX_SOURCES, SimulatedKernel, SyncConfig, SyncCore, SyncReport, Timeline, UpstreamConfig, render_status,
+};
 use std::net::SocketAddr;
 
 const NS: i64 = 1_000_000_000;
@@ -90,8 +92,44 @@ impl SimServer {
     }
 }
 
+/// A simulated name server for pool names: each answer hands out fresh addresses (after some
+/// handed out before), and every `dead_every`-th address ever handed out is a dead server.
+struct SimDns {
+    /// Answers on their way: (local arrival time, lookup id).
+    pending: Vec<(i64, usize)>,
+    /// From a lookup to its answer; `None`: the name server never answers.
+    delay: Option<i64>,
+    per_answer: usize,
+    /// The first this many addresses ever handed out head every answer again, as real pool
+    /// names return known addresses.
+    repeat: usize,
+    dead_every: Option<usize>,
+    handed_out: Vec<SocketAddr>,
+    lookups: usize,
+}
+
+impl SimDns {
+    fn new(delay: Option<i64>, per_answer: usize, repeat: usize, dead_every: Option<usize>) -> SimDns {
+        SimDns {
+            pending: Vec::new(),
+            delay,
+            per_answer,
+            repeat,
+            dead_every,
+            handed_out: Vec::new(),
+            lookups: 0,
+        }
+    }
+}
+
 struct Sim {
     core: SyncCore,
+    dns: Option<SimDns>,
+    /// Most sources at once, in total and in one name, and whether one address was ever a
+    /// source twice.
+    max_sources: usize,
+    max_per_name: usize,
+    duplicates: bool,
     clock: LocalClock,
     servers: Vec<SimServer>,
     rng: Rng,
@@ -154,14 +192,20 @@ impl Sim {
             upstreams: servers.iter().map(|s| upstream(s, iburst)).collect(),
             ..SyncConfig::default()
         };
+        Sim::with_config(clock, &config, servers, seed)
+    }
+
+    /// Upstreams given by IP address are sources from the start; names go to `dns`.
+    fn with_config(clock: LocalClock, config: &SyncConfig, servers: Vec<SimServer>, seed: u64) -> Sim {
         let now = clock.local_of_true(T0);
-        let mut core = SyncCore::new(&config, -23, now);
-        for (s, u) in servers.iter().zip(&config.upstreams) {
-            core.add_source(u, s.addr, now);
-        }
+        let core = SyncCore::new(config, -23, now);
         let state = core.state();
         Sim {
             core,
+            dns: None,
+            max_sources: 0,
+            max_per_name: 0,
+            duplicates: false,
             clock,
             servers,
             rng: Rng(seed),
@@ -283,17 +327,68 @@ impl Sim {
         Some((self.clock.local_of_true(t4), reply))
     }
 
+    /// The next answer of the simulated name server: addresses handed out before, then fresh
+    /// ones, each fresh one a new server (dead or alive).
+    fn dns_answer(&mut self) -> Vec<SocketAddr> {
+        let dns = self.dns.as_mut().expect("simulated DNS");
+        let mut addrs: Vec<SocketAddr> = dns.handed_out.iter().take(dns.repeat).copied().collect();
+        while addrs.len() < dns.per_answer {
+            let i = dns.handed_out.len();
+            let addr = SocketAddr::from(([127, 1, (i >> 8) as u8, i as u8], 123));
+            let mut s = SimServer::good(0);
+            s.addr = addr;
+            s.up = dns.dead_every.is_none_or(|n| i % n != n - 1);
+            dns.handed_out.push(addr);
+            self.servers.push(s);
+            addrs.push(addr);
+        }
+        addrs
+    }
+
+    /// Hands the engine's lookups to the simulated name server, and records the source counts.
+    fn lookups(&mut self, now: i64) {
+        let mut out = Vec::new();
+        self.core.lookups(now, &mut out);
+        for l in out {
+            let dns = self.dns.as_mut().expect("a lookup needs the simulated DNS");
+            dns.lookups += 1;
+            if let Some(d) = dns.delay {
+                dns.pending.push((now + d, l.id));
+            }
+        }
+        self.count_sources();
+    }
+
+    fn count_sources(&mut self) {
+        let mut addrs: Vec<SocketAddr> = self.core.sources().map(|s| s.addr).collect();
+        self.max_sources = self.max_sources.max(addrs.len());
+        let mut names: Vec<&str> = self.core.sources().map(|s| s.name.as_str()).collect();
+        names.sort_unstable();
+        let per_name = names.chunk_by(|a, b| a == b).map(<[&str]>::len).max().unwrap_or(0);
+        self.max_per_name = self.max_per_name.max(per_name);
+        addrs.sort_unstable();
+        addrs.dedup();
+        self.duplicates |= addrs.len() != self.core.sources().count();
+    }
+
     /// Runs until local time `end` (relative to the start of the simulation).
     fn run_for(&mut self, duration: i64) {
         let end = self.now + duration;
         loop {
             let arrival = self.in_flight.iter().map(|f| f.0).min();
             let steer_at = self.kernel.as_ref().and_then(|k| k.timeline.deadline());
-            let next = [self.core.next_deadline(), arrival, Some(self.next_probe), steer_at]
-                .into_iter()
-                .flatten()
-                .min()
-                .expect("probe always due");
+            let answer_at = self.dns.as_ref().and_then(|d| d.pending.iter().map(|p| p.0).min());
+            let next = [
+                self.core.next_deadline(),
+                arrival,
+                Some(self.next_probe),
+                steer_at,
+                answer_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("probe always due");
             if next > end {
                 self.now = end;
                 break;
@@ -308,6 +403,15 @@ impl Sim {
                 if let Some(k) = &mut self.kernel {
                     k.steer(&state, next);
                 }
+            }
+            if answer_at == Some(next) {
+                let dns = self.dns.as_mut().unwrap();
+                let k = dns.pending.iter().position(|p| p.0 == next).unwrap();
+                let (_, id) = dns.pending.swap_remove(k);
+                let addrs = self.dns_answer();
+                self.core.resolved(id, Ok(addrs), next);
+                self.count_sources();
+                continue;
             }
             if let Some(k) = self.in_flight.iter().position(|f| f.0 == next) {
                 let (t4, from, reply) = self.in_flight.swap_remove(k);
@@ -331,6 +435,7 @@ impl Sim {
                     self.in_flight.push((t4.max(next + 1), addr, reply));
                 }
             }
+            self.lookups(next);
             if let Some(s) = self.core.tick(next) {
                 self.publish(s);
             }
@@ -626,4 +731,175 @@ fn spoofed_replies_are_rejected_and_counted() {
     assert_eq!(sim.state, before);
     let why = tally(&sim.report(), addr).1;
     assert!(why.contains("3 spoofed/mismatched replies"), "{why}");
+}
+
+fn pool(name: &str) -> UpstreamConfig {
+    let mut u = UpstreamConfig::new(name);
+    u.pool = true;
+    u.iburst = true;
+    u
+}
+
+fn pool_sim(pools: Vec<UpstreamConfig>, dns: SimDns, seed: u64) -> Sim {
+    let config = SyncConfig {
+        upstreams: pools,
+        ..SyncConfig::default()
+    };
+    let mut sim = Sim::with_config(cold_clock(), &config, Vec::new(), seed);
+    sim.dns = Some(dns);
+    sim
+}
+
+/// Issue 11 item 12: a pool of which 1 in 3 servers is dead, whose name gives 8 addresses at
+/// each lookup (3 known ones, then fresh ones). Dead members are replaced, the pool never
+/// holds more than its `max_sources` (4), no address is a source twice, and a day later it has
+/// 4 live members and serves synchronised time.
+#[test]
+fn pool_with_dead_members_stays_within_its_cap_for_a_day() {
+    let mut sim = pool_sim(vec![pool("pool.sim")], SimDns::new(Some(50_000_000), 8, 3, Some(3)), 10);
+    // The lookup is the engine's to ask for, and it shows until answered.
+    sim.run_for(20_000_000);
+    let r = sim.report();
+    assert_eq!(r.sources.len(), 1, "{:?}", r.sources);
+    assert!(
+        r.sources[0]
+            .why
+            .as_deref()
+            .unwrap()
+            .starts_with("DNS lookup in progress"),
+        "{:?}",
+        r.sources[0]
+    );
+    let day = 24 * HOUR;
+    sim.run_for(day);
+    let dns = sim.dns.as_ref().unwrap();
+    eprintln!(
+        "pool: {} lookups, {} addresses handed out, at most {} sources, {} now",
+        dns.lookups,
+        dns.handed_out.len(),
+        sim.max_sources,
+        sim.core.sources().count()
+    );
+    assert!(sim.max_sources <= 4, "pool grew to {} members", sim.max_sources);
+    assert!(!sim.duplicates, "an address was a source twice");
+    assert!(dns.lookups >= 2, "dead members were never replaced");
+    let live = sim
+        .core
+        .sources()
+        .filter(|s| sim.servers.iter().any(|v| v.addr == s.addr && v.up))
+        .count();
+    assert_eq!(
+        (sim.core.sources().count(), live),
+        (4, 4),
+        "dead members replaced by live ones"
+    );
+    assert!(sim.state.is_synchronized());
+    let r = sim.report();
+    assert!(
+        r.sources.iter().all(|s| s.kind == 'p' && s.addr.is_some()),
+        "{:?}",
+        r.sources
+    );
+}
+
+/// Issue 11 item 12: 20 pools of 4 would be 80 sources; the total stays at the cap, and the
+/// pools left short say why.
+#[test]
+fn sources_in_total_stay_within_the_cap() {
+    let pools = (0..20).map(|i| pool(&format!("pool{i}.sim"))).collect();
+    let mut sim = pool_sim(pools, SimDns::new(Some(10_000_000), 8, 0, None), 11);
+    sim.run_for(10 * MINUTE);
+    assert_eq!(sim.max_sources, MAX_SOURCES);
+    assert_eq!(sim.max_per_name, 4);
+    assert!(!sim.duplicates);
+    let r = sim.report();
+    let capped: Vec<&str> = r
+        .sources
+        .iter()
+        .filter(|s| s.addr.is_none())
+        .filter_map(|s| s.why.as_deref())
+        .collect();
+    assert!(!capped.is_empty(), "{:?}", r.sources);
+    assert!(
+        capped.iter().all(|w| w.contains("cap of 64 sources in total")),
+        "{capped:?}"
+    );
+    // Only what could be used was asked for: no lookups for pools once the table is full.
+    assert!(
+        sim.dns.as_ref().unwrap().lookups <= 20,
+        "{}",
+        sim.dns.as_ref().unwrap().lookups
+    );
+}
+
+/// Issue 11 item 11, in the engine: a name whose server never answers leaves the other
+/// upstreams' polls alone, is asked for once (one lookup in flight per name), and shows as in
+/// progress.
+#[test]
+fn a_lookup_that_never_ends_delays_nothing() {
+    let good: Vec<SimServer> = (1..=3).map(SimServer::good).collect();
+    let mut upstreams: Vec<UpstreamConfig> = good.iter().map(|s| upstream(s, true)).collect();
+    upstreams.insert(1, UpstreamConfig::new("never.sim"));
+    let config = SyncConfig {
+        upstreams,
+        ..SyncConfig::default()
+    };
+    let mut sim = Sim::with_config(cold_clock(), &config, good, 12);
+    sim.dns = Some(SimDns::new(None, 8, 0, None));
+    sim.measure_from = sim.now + 10 * MINUTE;
+    sim.run_for(2 * HOUR);
+    let synced = sim.synced_at.expect("synchronised") - sim.clock.local_of_true(T0);
+    assert!(synced < MINUTE, "synced after {} s", synced / NS);
+    sim.assert_continuous();
+    assert_eq!(sim.dns.as_ref().unwrap().lookups, 1);
+    let r = sim.report();
+    let row = r.sources.iter().find(|s| s.name == "never.sim").unwrap();
+    assert!(
+        row.why
+            .as_deref()
+            .unwrap()
+            .starts_with("DNS lookup in progress (7200 s)"),
+        "{row:?}"
+    );
+}
+
+/// Issue 11 item 5: datagrams that are no reply of ours are counted by reason, shown in the
+/// report and in `gnomon status`, and none of them ends the request in flight: the genuine
+/// reply behind them is still taken.
+#[test]
+fn stray_datagrams_are_counted_by_reason_and_change_nothing() {
+    let server = SimServer::good(1);
+    let mut sim = Sim::new(cold_clock(), vec![server.clone()], false, 13);
+    let now = sim.now;
+    let mut out = Vec::new();
+    sim.core.poll(now, &mut || 0x1234_5678_9abc_def0, &mut out);
+    let (addr, req) = out[0];
+    let (t4, genuine) = sim.reply(&server, &req, now).unwrap();
+    let mut forged = genuine;
+    forged[24] ^= 0xff;
+    let stranger = SocketAddr::from(([127, 0, 0, 99], 123));
+    assert_eq!(sim.core.handle_reply(addr, &forged, t4), None);
+    assert_eq!(sim.core.handle_reply(addr, &genuine[..47], t4), None);
+    assert_eq!(sim.core.handle_reply(stranger, &genuine, t4), None);
+    sim.core.handle_reply(addr, &genuine, t4);
+    assert!(
+        sim.core.sources().next().unwrap().reach & 1 == 1,
+        "the genuine reply was taken"
+    );
+    sim.core.handle_reply(addr, &genuine, t4 + 1);
+    let r = sim.report();
+    let st = r.stray;
+    assert_eq!(
+        (st.wrong_origin, st.too_short, st.unknown_source, st.unexpected),
+        (1, 1, 1, 1),
+        "{st:?}"
+    );
+    assert_eq!(sim.core.stray(), st);
+    let status = render_status(&r);
+    assert!(
+        status.contains("Stray replies   : 4 (unknown source 1, wrong origin 1, unexpected 1, too short 1)"),
+        "{status}"
+    );
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["stray"]["too_short"], 1, "{json}");
 }

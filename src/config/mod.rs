@@ -3,7 +3,7 @@
 
 use crate::policy::{Action, PolicyConfig, Rule};
 use crate::server::ServeOptions;
-use crate::sync::{ClockMode, SyncConfig, UpstreamConfig};
+use crate::sync::{ClockMode, MAX_POOL_SOURCES, SyncConfig, UpstreamConfig};
 use serde::Deserialize;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -73,6 +73,7 @@ struct RawUpstream {
     maxpoll: Option<Spanned<i64>>,
     prefer: Option<bool>,
     trust: Option<bool>,
+    max_sources: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -334,6 +335,15 @@ fn parse_upstream(loc: &Locator, u: &RawUpstream, pool: bool) -> Result<Upstream
     up.iburst = u.iburst.unwrap_or(false);
     up.prefer = u.prefer.unwrap_or(false);
     up.trust = u.trust.unwrap_or(false);
+    if let Some(m) = &u.max_sources {
+        if !pool {
+            return Err(loc.value(
+                m,
+                "max_sources applies to [[pool]] entries only: an [[upstream]] is one server",
+            ));
+        }
+        up.max_sources = int_in(loc, m, 1, MAX_POOL_SOURCES.into(), "max_sources")?;
+    }
     Ok(up)
 }
 
@@ -506,6 +516,7 @@ mod tests {
             ("127.0.0.1", 1123, true, 0, 2, true, false)
         );
         assert!(c.sync.upstreams[1].pool);
+        assert_eq!(c.sync.upstreams[1].max_sources, crate::sync::DEFAULT_POOL_SOURCES);
         assert_eq!(c.sync.max_root_dispersion, 0.5);
         let e = Config::parse("[[upstream]]\naddress = \"a\"\nminpoll = 8\nmaxpoll = 4\n", "f").unwrap_err();
         assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("maxpoll")), "{e}");
@@ -516,6 +527,23 @@ mod tests {
         assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("clock_mode")), "{e}");
         let e = Config::parse("[[upstream]]\nadress = \"a\"\n", "f").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("adress"), "{e}");
+    }
+
+    #[test]
+    fn pool_max_sources() {
+        let c = Config::parse("[[pool]]\naddress = \"pool.example\"\nmax_sources = 16\n", "f").unwrap();
+        assert_eq!(c.sync.upstreams[0].max_sources, 16);
+        for bad in ["0", "17", "-1"] {
+            let text = format!("[[pool]]\naddress = \"pool.example\"\nmax_sources = {bad}\n");
+            let e = Config::parse(&text, "f").unwrap_err();
+            assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("max_sources")), "{e}");
+            assert!(e.message.contains("between 1 and 16"), "{e}");
+        }
+        let e = Config::parse("[[upstream]]\naddress = \"a\"\n\nmax_sources = 2\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("max_sources")), "{e}");
+        assert!(e.message.contains("[[pool]] entries only"), "{e}");
+        let e = Config::parse("[[pool]]\naddress = \"p\"\nmax_sources = \"4\"\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("max_sources")), "{e}");
     }
 
     #[test]

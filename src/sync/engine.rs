@@ -1,16 +1,34 @@
 //! The sans-IO sync core: the set of sources, selection after every valid reply, the
 //! discipline, and the operator's report. The I/O shell (and the simulation tests) feed it
-//! datagrams and times and publish the states it returns.
+//! datagrams, DNS answers and times and publish the states it returns.
+//!
+//! The core decides which names to look up and when ([`SyncCore::lookups`]), and what to do
+//! with an answer ([`SyncCore::resolved`]); it never waits for one. So a name server that never
+//! answers costs nothing but the name's own sources, and the caps on pool members and on
+//! sources in total hold whatever DNS returns.
 
 use super::discipline::{Discipline, MIN_SAMPLES_TO_SYNC, SystemEstimate};
 use super::filter::Estimate;
-use super::report::{SourceReport, SyncReport, SystemReport};
+use super::report::{SourceReport, StrayReport, SyncReport, SystemReport};
 use super::select::{Candidate, Verdict, select};
 use super::source::{Rejection, Source};
-use super::{ClockMode, MAX_DISTANCE, SyncConfig, UpstreamConfig, nanos_to_secs};
+use super::{ClockMode, MAX_DISTANCE, MAX_SOURCES, SyncConfig, UpstreamConfig, nanos_to_secs};
 use crate::clock::ClockState;
 use crate::proto::{HEADER_LEN, LeapIndicator, RefId};
-use std::net::SocketAddr;
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+
+/// A failed lookup is retried this often, and a name is not looked up again sooner than this
+/// after an answer that brought a new address.
+pub const DNS_RETRY_NS: i64 = 60_000_000_000;
+/// Answers that bring nothing new double the wait up to this (a pool name with fewer addresses
+/// than `max_sources` is not asked every minute forever).
+const MAX_LOOKUP_BACKOFF_NS: i64 = 1_024_000_000_000;
+/// A pool member dropped as dead is not taken back from DNS for this long: pool names often
+/// return the same addresses again.
+const DEAD_MEMORY_NS: i64 = 3_600_000_000_000;
+/// How many dropped addresses are remembered (a fixed bound, whatever DNS does).
+const DEAD_MEMORY_LEN: usize = 64;
 
 /// Where the last selection ended, for "why not synchronised".
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -31,33 +49,66 @@ pub enum SelectState {
 #[derive(Clone, Debug)]
 struct Entry {
     source: Source,
-    config: UpstreamConfig,
+    /// Index of its configured name in `SyncCore::names`.
+    name: usize,
     verdict: Option<Verdict>,
 }
 
-/// A configured name that did not resolve.
+/// One configured `[[upstream]]` or `[[pool]]` entry and the state of its DNS lookups.
 #[derive(Clone, Debug)]
-struct Unresolved {
+struct Name {
     config: UpstreamConfig,
-    error: String,
+    /// An IP address: its source exists from the start and nothing is looked up.
+    literal: bool,
+    /// A lookup handed out at this time and not answered yet (at most one per name).
+    in_flight_since: Option<i64>,
+    /// The earliest time of the next lookup, should one be wanted then.
+    next_lookup_ns: i64,
+    /// The wait after an answer that brought a new address; doubles while answers bring none.
+    backoff_ns: i64,
+    /// The last lookup's error.
+    error: Option<String>,
+    /// Why the last answer did not give all the sources wanted, in words.
+    note: Option<String>,
+}
+
+impl Name {
+    /// Sources wanted from this name.
+    fn want(&self) -> usize {
+        if self.config.pool {
+            self.config.max_sources.max(1).into()
+        } else {
+            1
+        }
+    }
+}
+
+/// A name for the shell to look up, answered through [`SyncCore::resolved`] with `id`.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct LookupRequest {
+    pub id: usize,
+    pub host: String,
+    pub port: u16,
 }
 
 #[derive(Clone, Debug)]
 pub struct SyncCore {
     entries: Vec<Entry>,
-    unresolved: Vec<Unresolved>,
+    names: Vec<Name>,
+    /// Pool members dropped as dead or refused, and when.
+    dead: VecDeque<(SocketAddr, i64)>,
     discipline: Discipline,
     precision: i8,
     mode: ClockMode,
     system_peer: Option<SocketAddr>,
     select_state: SelectState,
-    /// Datagrams from addresses that are not sources.
-    pub stray: u64,
+    stray: StrayReport,
 }
 
 impl SyncCore {
-    /// A core with no sources yet (add them with [`SyncCore::add_source`] once resolved).
-    /// With no upstreams configured and a local stratum, it serves the local clock at once.
+    /// A core with the configured names: IP addresses are sources at once, host names wait for
+    /// their lookups (see [`SyncCore::lookups`]). With no upstreams configured and a local
+    /// stratum, it serves the local clock at once.
     pub fn new(config: &SyncConfig, precision: i8, now_ns: i64) -> SyncCore {
         let mut discipline = Discipline::new(precision, config.max_root_dispersion);
         if config.upstreams.is_empty()
@@ -65,16 +116,38 @@ impl SyncCore {
         {
             discipline.local(now_ns, stratum);
         }
-        SyncCore {
+        let mut core = SyncCore {
             entries: Vec::new(),
-            unresolved: Vec::new(),
+            names: Vec::new(),
+            dead: VecDeque::new(),
             discipline,
             precision,
             mode: config.mode,
             system_peer: None,
             select_state: SelectState::NotYet,
-            stray: 0,
+            stray: StrayReport::default(),
+        };
+        for up in &config.upstreams {
+            let id = core.add_name(up, now_ns);
+            if let Ok(ip) = up.address.parse::<IpAddr>() {
+                core.names[id].literal = true;
+                core.add_addresses(id, &[SocketAddr::new(ip, up.port)], now_ns);
+            }
         }
+        core
+    }
+
+    fn add_name(&mut self, config: &UpstreamConfig, now_ns: i64) -> usize {
+        self.names.push(Name {
+            config: config.clone(),
+            literal: false,
+            in_flight_since: None,
+            next_lookup_ns: now_ns,
+            backoff_ns: DNS_RETRY_NS,
+            error: None,
+            note: None,
+        });
+        self.names.len() - 1
     }
 
     /// The state to publish now (the initial one, or the last returned).
@@ -101,56 +174,157 @@ impl SyncCore {
         self.entries.iter().any(|e| e.source.addr == addr)
     }
 
-    /// Adds a resolved address of `config` (a pool adds one per address) and forgets any DNS
-    /// failure recorded for it.
-    pub fn add_source(&mut self, config: &UpstreamConfig, addr: SocketAddr, now_ns: i64) {
-        self.unresolved.retain(|u| u.config != *config);
-        if self.has_source(addr) {
+    /// Datagrams that were not replies to our requests, by reason.
+    pub fn stray(&self) -> StrayReport {
+        self.stray
+    }
+
+    /// Adds `addr` as a source of `config` (a configured entry, or a new one), within the caps;
+    /// returns whether it was added. For callers that resolve names themselves.
+    pub fn add_source(&mut self, config: &UpstreamConfig, addr: SocketAddr, now_ns: i64) -> bool {
+        let id = match self.names.iter().position(|n| n.config == *config) {
+            Some(id) => id,
+            None => self.add_name(config, now_ns),
+        };
+        self.add_addresses(id, &[addr], now_ns) > 0
+    }
+
+    /// Configured entries that are host names, not addresses: what a resolver must serve.
+    pub fn names_to_look_up(&self) -> usize {
+        self.names.iter().filter(|n| !n.literal).count()
+    }
+
+    fn members(&self, id: usize) -> usize {
+        self.entries.iter().filter(|e| e.name == id).count()
+    }
+
+    fn recently_dead(&self, addr: SocketAddr, now_ns: i64) -> bool {
+        self.dead.iter().any(|&(a, t)| a == addr && now_ns - t < DEAD_MEMORY_NS)
+    }
+
+    /// Adds addresses of name `id` in order until it has what it wants: never an address that
+    /// is already a source (under any name) or was dropped as dead lately, never beyond
+    /// [`MAX_SOURCES`] in total. Notes why the name got fewer than it wants. Returns how many
+    /// were added.
+    fn add_addresses(&mut self, id: usize, addrs: &[SocketAddr], now_ns: i64) -> usize {
+        let want = self.names[id].want();
+        let (mut added, mut known, mut dead, mut left_out) = (0, 0, 0, 0);
+        for &a in addrs {
+            if self.members(id) >= want {
+                break;
+            }
+            if self.has_source(a) {
+                known += 1;
+            } else if self.recently_dead(a, now_ns) {
+                dead += 1;
+            } else if self.entries.len() >= MAX_SOURCES {
+                left_out += 1;
+            } else {
+                let config = &self.names[id].config;
+                self.entries.push(Entry {
+                    source: Source::new(&config.address, a, config, now_ns),
+                    name: id,
+                    verdict: None,
+                });
+                added += 1;
+            }
+        }
+        let members = self.members(id);
+        self.names[id].note = if left_out > 0 {
+            Some(format!(
+                "{left_out} address(es) not added: the cap of {MAX_SOURCES} sources in total is reached"
+            ))
+        } else if members < want && !self.names[id].literal {
+            Some(format!(
+                "{members} of {want} source(s): the last answer had no other usable address \
+                 ({known} already sources, {dead} dropped as dead in the last hour)"
+            ))
+        } else {
+            None
+        };
+        added
+    }
+
+    /// When name `id` is next to be looked up, if it wants sources and may have them.
+    fn lookup_due_at(&self, id: usize) -> Option<i64> {
+        let n = &self.names[id];
+        (!n.literal && n.in_flight_since.is_none() && self.members(id) < n.want() && self.entries.len() < MAX_SOURCES)
+            .then_some(n.next_lookup_ns)
+    }
+
+    /// Drops pool members that are dead or refused us, then appends to `out` the lookups due
+    /// at `now_ns`: a name without its source, a pool short of members. At most one lookup of a
+    /// name is in flight; each is answered through [`SyncCore::resolved`].
+    pub fn lookups(&mut self, now_ns: i64, out: &mut Vec<LookupRequest>) {
+        let mut dropped = Vec::new();
+        self.entries.retain(|e| {
+            let drop = e.source.should_drop();
+            if drop {
+                dropped.push(e.source.addr);
+            }
+            !drop
+        });
+        for addr in dropped {
+            if self.system_peer == Some(addr) {
+                self.system_peer = None;
+                self.select_state = SelectState::NoCandidates;
+            }
+            if self.dead.len() >= DEAD_MEMORY_LEN {
+                self.dead.pop_front();
+            }
+            self.dead.push_back((addr, now_ns));
+        }
+        for id in 0..self.names.len() {
+            if self.lookup_due_at(id).is_some_and(|t| t <= now_ns) {
+                let n = &mut self.names[id];
+                n.in_flight_since = Some(now_ns);
+                out.push(LookupRequest {
+                    id,
+                    host: n.config.address.clone(),
+                    port: n.config.port,
+                });
+            }
+        }
+    }
+
+    /// The configured name of lookup `id`, for log lines.
+    pub fn name_of(&self, id: usize) -> &str {
+        self.names.get(id).map_or("?", |n| n.config.address.as_str())
+    }
+
+    /// The answer to lookup `id` (addresses in the resolver's order, or the error in words).
+    /// An answer to no lookup in flight is ignored.
+    pub fn resolved(&mut self, id: usize, result: Result<Vec<SocketAddr>, String>, now_ns: i64) {
+        let Some(n) = self.names.get_mut(id) else { return };
+        if n.in_flight_since.take().is_none() {
             return;
         }
-        self.entries.push(Entry {
-            source: Source::new(&config.address, addr, config, now_ns),
-            config: config.clone(),
-            verdict: None,
-        });
-    }
-
-    /// Records that `config`'s name did not resolve, for the report.
-    pub fn set_unresolved(&mut self, config: &UpstreamConfig, error: String) {
-        self.unresolved.retain(|u| u.config != *config);
-        self.unresolved.push(Unresolved {
-            config: config.clone(),
-            error,
-        });
-    }
-
-    /// Configs whose names still need resolving.
-    pub fn unresolved(&self) -> impl Iterator<Item = &UpstreamConfig> {
-        self.unresolved.iter().map(|u| &u.config)
-    }
-
-    /// Removes pool members that are dead or refused us; returns their pool configs so the
-    /// caller re-resolves the names.
-    pub fn drop_dead_pool_members(&mut self) -> Vec<UpstreamConfig> {
-        let mut pools: Vec<UpstreamConfig> = Vec::new();
-        self.entries.retain(|e| {
-            if e.source.should_drop() {
-                if !pools.contains(&e.config) {
-                    pools.push(e.config.clone());
-                }
-                false
-            } else {
-                true
+        match result {
+            Err(e) => {
+                n.error = Some(e);
+                n.next_lookup_ns = now_ns + DNS_RETRY_NS;
             }
-        });
-        pools
+            Ok(addrs) => {
+                n.error = None;
+                let added = self.add_addresses(id, &addrs, now_ns);
+                let n = &mut self.names[id];
+                n.backoff_ns = if added > 0 {
+                    DNS_RETRY_NS
+                } else {
+                    (n.backoff_ns * 2).min(MAX_LOOKUP_BACKOFF_NS)
+                };
+                n.next_lookup_ns = now_ns + n.backoff_ns;
+            }
+        }
     }
 
-    /// The earliest time something is due (a poll, the end of a slew, a local refresh).
+    /// The earliest time something is due (a poll, a lookup, the end of a slew, a local
+    /// refresh).
     pub fn next_deadline(&self) -> Option<i64> {
         self.entries
             .iter()
             .filter_map(|e| e.source.next_poll_at())
+            .chain((0..self.names.len()).filter_map(|id| self.lookup_due_at(id)))
             .chain(self.discipline.deadline())
             .min()
     }
@@ -180,14 +354,30 @@ impl SyncCore {
 
     /// A datagram from `from` received at local realtime `t4_ns`. Returns a state to publish
     /// when the clock estimate changed.
+    /// Datagrams that are no reply to a request of ours are counted by reason and change nothing;
+    /// a short one is not even shown to the source, whose outstanding request it must not end.
     pub fn handle_reply(&mut self, from: SocketAddr, reply: &[u8], t4_ns: i64) -> Option<ClockState> {
+        if reply.len() < HEADER_LEN {
+            self.stray.too_short += 1;
+            return None;
+        }
         let precision = self.precision;
         let Some(e) = self.entries.iter_mut().find(|e| e.source.addr == from) else {
-            self.stray += 1;
+            self.stray.unknown_source += 1;
             return None;
         };
-        e.source.receive(reply, t4_ns, precision).ok()?;
-        self.reselect(t4_ns)
+        match e.source.receive(reply, t4_ns, precision) {
+            Ok(()) => self.reselect(t4_ns),
+            Err(Rejection::OriginMismatch) => {
+                self.stray.wrong_origin += 1;
+                None
+            }
+            Err(Rejection::NotExpected) => {
+                self.stray.unexpected += 1;
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// The estimated frequency correction without slew, once synchronised (s/s).
@@ -310,21 +500,28 @@ impl SyncCore {
                 }
             })
             .collect();
-        sources.extend(self.unresolved.iter().map(|u| SourceReport {
-            name: u.config.address.clone(),
-            addr: None,
-            tally: ' ',
-            refid: String::new(),
-            stratum: 0,
-            kind: if u.config.pool { 'p' } else { 'u' },
-            when_s: None,
-            poll_log2: u.config.minpoll,
-            reach: 0,
-            delay_ms: None,
-            offset_ms: None,
-            jitter_ms: None,
-            why: Some(format!("DNS failure: {}", u.error)),
-        }));
+        sources.extend(
+            (0..self.names.len())
+                .filter_map(|id| self.name_why(id, now_ns).map(|why| (id, why)))
+                .map(|(id, why)| {
+                    let c = &self.names[id].config;
+                    SourceReport {
+                        name: c.address.clone(),
+                        addr: None,
+                        tally: ' ',
+                        refid: String::new(),
+                        stratum: 0,
+                        kind: if c.pool { 'p' } else { 'u' },
+                        when_s: None,
+                        poll_log2: c.minpoll,
+                        reach: 0,
+                        delay_ms: None,
+                        offset_ms: None,
+                        jitter_ms: None,
+                        why: Some(why),
+                    }
+                }),
+        );
         let info = state.server_info(now_ns);
         let synced = info.stratum < 16;
         let leap = match info.leap {
@@ -344,6 +541,7 @@ impl SyncCore {
         let has_local = state.reference_id == RefId::LOCL;
         SyncReport {
             sources,
+            stray: self.stray,
             system: SystemReport {
                 synced,
                 why_unsynced: (!synced).then(|| self.why_unsynced(now_ns)),
@@ -383,8 +581,16 @@ impl SyncCore {
                 state.max_root_dispersion
             );
         }
-        if self.entries.is_empty() && self.unresolved.is_empty() {
-            return "no upstream sources configured and no local stratum".to_string();
+        if self.entries.is_empty() {
+            if self.names.is_empty() {
+                return "no upstream sources configured and no local stratum".to_string();
+            }
+            if self.names.iter().any(|n| n.in_flight_since.is_some()) {
+                return "no source yet: DNS lookup in progress (see gnomon sources --why)".to_string();
+            }
+            if self.names.iter().any(|n| n.error.is_some()) {
+                return "no source: DNS lookups failed (see gnomon sources --why)".to_string();
+            }
         }
         match self.select_state {
             SelectState::NotYet => "no valid reply from any source yet".to_string(),
@@ -397,6 +603,45 @@ impl SyncCore {
             }
             SelectState::Selected => "synchronised".to_string(),
         }
+    }
+
+    /// The state of name `id`'s lookups in words, when it is worth a line of its own: no source
+    /// yet, a lookup in flight or failed, or fewer sources than wanted.
+    fn name_why(&self, id: usize, now_ns: i64) -> Option<String> {
+        let n = &self.names[id];
+        let members = self.members(id);
+        let mut parts: Vec<String> = Vec::new();
+        if let Some(since) = n.in_flight_since {
+            parts.push(format!(
+                "DNS lookup in progress ({} s)",
+                (now_ns - since).max(0) / 1_000_000_000
+            ));
+        }
+        if let Some(e) = &n.error {
+            let retry = (n.next_lookup_ns - now_ns).max(0) / 1_000_000_000;
+            if n.in_flight_since.is_some() {
+                parts.push(format!("last lookup: DNS failure: {e}"));
+            } else {
+                parts.push(format!("DNS failure: {e} (next try in {retry} s)"));
+            }
+        }
+        if let Some(note) = &n.note {
+            parts.push(note.clone());
+        }
+        if parts.is_empty() && members == 0 {
+            parts.push(if self.entries.len() >= MAX_SOURCES {
+                format!("not looked up: the cap of {MAX_SOURCES} sources in total is reached")
+            } else {
+                "waiting for a DNS lookup".to_string()
+            });
+        }
+        if parts.is_empty() {
+            return None;
+        }
+        if n.config.pool && members > 0 {
+            parts.insert(0, format!("pool: {members} of {} members", n.want()));
+        }
+        Some(parts.join("; "))
     }
 
     fn why(&self, e: &Entry, est: Option<&Estimate>) -> Option<String> {
@@ -459,5 +704,97 @@ fn refid_text(refid: RefId, stratum: u8) -> String {
         refid.display(0)
     } else {
         refid.to_ipv4().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(name: &str) -> UpstreamConfig {
+        let mut u = UpstreamConfig::new(name);
+        u.pool = true;
+        u
+    }
+
+    fn addrs(last: &[u8]) -> Vec<SocketAddr> {
+        last.iter().map(|&i| SocketAddr::from(([192, 0, 2, i], 123))).collect()
+    }
+
+    fn core(upstreams: Vec<UpstreamConfig>) -> SyncCore {
+        let config = SyncConfig {
+            upstreams,
+            ..SyncConfig::default()
+        };
+        SyncCore::new(&config, -20, 0)
+    }
+
+    fn lookups(core: &mut SyncCore, now: i64) -> Vec<usize> {
+        let mut out = Vec::new();
+        core.lookups(now, &mut out);
+        out.iter().map(|l| l.id).collect()
+    }
+
+    #[test]
+    fn addresses_need_no_lookup_and_names_wait_for_theirs() {
+        let mut c = core(vec![
+            UpstreamConfig::new("192.0.2.1"),
+            pool("192.0.2.2"),
+            pool("p.example"),
+        ]);
+        assert_eq!(c.names_to_look_up(), 1);
+        assert_eq!(c.sources().count(), 2);
+        assert_eq!(c.next_deadline(), Some(0));
+        let r = c.report(0);
+        assert_eq!(r.sources.len(), 3, "{:?}", r.sources);
+        assert_eq!(r.sources[2].why.as_deref(), Some("waiting for a DNS lookup"));
+        assert_eq!(lookups(&mut c, 0), vec![2]);
+        assert!(lookups(&mut c, 1).is_empty(), "one lookup in flight per name");
+        assert_eq!(
+            c.report(3_000_000_000).sources[2].why.as_deref(),
+            Some("DNS lookup in progress (3 s)")
+        );
+        assert!(c.report(0).system.why_unsynced.is_some());
+    }
+
+    #[test]
+    fn a_failure_is_shown_and_retried_a_minute_later() {
+        let mut c = core(vec![UpstreamConfig::new("a.example")]);
+        assert_eq!(lookups(&mut c, 0), vec![0]);
+        c.resolved(0, Err("timed out".into()), 6);
+        let why = c.report(6).sources[0].why.clone().unwrap();
+        assert!(why.starts_with("DNS failure: timed out (next try in 60 s)"), "{why}");
+        assert_eq!(c.next_deadline(), Some(6 + DNS_RETRY_NS));
+        assert!(lookups(&mut c, 5 + DNS_RETRY_NS).is_empty());
+        assert_eq!(lookups(&mut c, 6 + DNS_RETRY_NS), vec![0]);
+        // An answer nobody waits for (a duplicate) changes nothing.
+        c.resolved(0, Ok(addrs(&[1])), 7 + DNS_RETRY_NS);
+        c.resolved(0, Ok(addrs(&[2])), 8 + DNS_RETRY_NS);
+        assert_eq!(c.sources().map(|s| s.addr).collect::<Vec<_>>(), addrs(&[1]));
+        assert!(c.report(8 + DNS_RETRY_NS).sources.iter().all(|s| s.addr.is_some()));
+        assert_eq!(c.next_deadline(), Some(7 + DNS_RETRY_NS), "its poll, no lookup");
+    }
+
+    #[test]
+    fn pools_take_no_address_that_is_already_a_source() {
+        let mut c = core(vec![pool("a.example"), pool("b.example")]);
+        assert_eq!(lookups(&mut c, 0), vec![0, 1]);
+        c.resolved(0, Ok(addrs(&[1, 2, 3, 4, 5, 6])), 1);
+        c.resolved(1, Ok(addrs(&[3, 4, 5, 6, 7])), 1);
+        let got: Vec<SocketAddr> = c.sources().map(|s| s.addr).collect();
+        assert_eq!(got, addrs(&[1, 2, 3, 4, 5, 6, 7]));
+        let why = c.report(1).sources.last().unwrap().why.clone().unwrap();
+        assert!(
+            why.starts_with(
+                "pool: 3 of 4 members; 3 of 4 source(s): the last answer had no other usable address (2 already sources"
+            ),
+            "{why}"
+        );
+        // Short of a member, the pool asks again, later and later while nothing new comes.
+        assert!(lookups(&mut c, 1 + DNS_RETRY_NS - 1).is_empty());
+        assert_eq!(lookups(&mut c, 1 + DNS_RETRY_NS), vec![1]);
+        c.resolved(1, Ok(addrs(&[3, 4])), 2 + DNS_RETRY_NS);
+        assert!(lookups(&mut c, 2 + 2 * DNS_RETRY_NS).is_empty());
+        assert_eq!(lookups(&mut c, 2 + 3 * DNS_RETRY_NS), vec![1]);
     }
 }

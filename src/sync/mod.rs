@@ -18,10 +18,10 @@ pub mod shell;
 pub mod source;
 
 pub use discipline::{ClockModeError, Discipline, SystemEstimate, check_system_mode};
-pub use engine::SyncCore;
+pub use engine::{LookupRequest, SyncCore};
 pub use filter::{ClockFilter, Estimate, Sample};
 pub use kernel::{ClockReading, KernelClock, KernelEvent, SimulatedKernel, Timeline};
-pub use report::{SourceReport, SyncReport, SystemReport, render_sources, render_status};
+pub use report::{SourceReport, StrayReport, SyncReport, SystemReport, render_sources, render_status};
 pub use select::{Candidate, Outcome, Selection, Verdict, select};
 pub use shell::{SyncHandle, SyncReporter, spawn};
 pub use source::{Rejection, Source, validate};
@@ -64,6 +64,9 @@ pub struct UpstreamConfig {
     pub prefer: bool,
     /// Its interval decides which region of agreement wins, even without a majority.
     pub trust: bool,
+    /// A pool: members at once (chrony's `maxsources`); a dead member is replaced, never added
+    /// to. Between 1 and [`MAX_POOL_SOURCES`].
+    pub max_sources: u8,
 }
 
 impl UpstreamConfig {
@@ -78,6 +81,7 @@ impl UpstreamConfig {
             maxpoll: 10,
             prefer: false,
             trust: false,
+            max_sources: DEFAULT_POOL_SOURCES,
         }
     }
 }
@@ -107,6 +111,14 @@ impl Default for SyncConfig {
 /// Poll exponents accepted from the config: 1 s to 36 h (RFC 5905 MAXPOLL 17).
 pub const MIN_POLL: i8 = 0;
 pub const MAX_POLL: i8 = 17;
+
+/// Members of one pool at once unless `max_sources` says otherwise (chrony's default), and the
+/// most `max_sources` may ask for.
+pub const DEFAULT_POOL_SOURCES: u8 = 4;
+pub const MAX_POOL_SOURCES: u8 = 16;
+/// Sources in total: selection costs grow with the cube of their number, and DNS must never be
+/// able to grow the table without bound.
+pub const MAX_SOURCES: usize = 64;
 
 /// chrony's `maxdistance`: a source whose root distance is larger is not usable.
 pub const MAX_DISTANCE: f64 = 3.0;

@@ -67,10 +67,32 @@ pub struct SystemReport {
     pub kernel_event: Option<String>,
 }
 
+/// Datagrams at the sync socket that were not a reply to a request of ours, by reason. None of
+/// them touched a source's state.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug, serde::Serialize)]
+pub struct StrayReport {
+    /// From an address that is not a source.
+    pub unknown_source: u64,
+    /// Shorter than an NTP header.
+    pub too_short: u64,
+    /// From a source, but the origin timestamp is not the one we sent: spoofed, or a late reply
+    /// to an earlier request.
+    pub wrong_origin: u64,
+    /// From a source with no request outstanding: a duplicate, or the reply was already taken.
+    pub unexpected: u64,
+}
+
+impl StrayReport {
+    pub fn total(&self) -> u64 {
+        self.unknown_source + self.too_short + self.wrong_origin + self.unexpected
+    }
+}
+
 #[derive(Clone, PartialEq, Debug, serde::Serialize)]
 pub struct SyncReport {
     pub sources: Vec<SourceReport>,
     pub system: SystemReport,
+    pub stray: StrayReport,
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -174,6 +196,16 @@ pub fn render_status(report: &SyncReport) -> String {
         (None, false) => "no".to_string(),
     };
     let _ = writeln!(out, "Synchronised    : {synced}");
+    let st = &report.stray;
+    let _ = writeln!(
+        out,
+        "Stray replies   : {} (unknown source {}, wrong origin {}, unexpected {}, too short {})",
+        st.total(),
+        st.unknown_source,
+        st.wrong_origin,
+        st.unexpected,
+        st.too_short
+    );
     out
 }
 
@@ -259,6 +291,12 @@ mod tests {
                     "kernel clock stepped by +5.000000 s by another program (compensated), 3 s ago".into(),
                 ),
             },
+            stray: StrayReport {
+                unknown_source: 4,
+                too_short: 1,
+                wrong_origin: 2,
+                unexpected: 3,
+            },
         }
     }
 
@@ -289,6 +327,10 @@ mod tests {
         );
         assert!(
             t.contains("Kernel event    : kernel clock stepped by +5.000000 s"),
+            "{t}"
+        );
+        assert!(
+            t.contains("Stray replies   : 10 (unknown source 4, wrong origin 2, unexpected 3, too short 1)"),
             "{t}"
         );
     }

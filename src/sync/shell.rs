@@ -1,6 +1,8 @@
 //! The sync thread: the I/O around [`SyncCore`]. One UDP socket for all upstreams (dual-stack
-//! when IPv6 is available), DNS through `ToSocketAddrs`, random transmit timestamps from
-//! `getrandom`, and the clock publisher.
+//! when IPv6 is available), random transmit timestamps from `getrandom`, and the clock
+//! publisher. DNS (`ToSocketAddrs`, which blocks for as long as the name servers take: 6 s and
+//! more when one never answers) runs on a few resolver threads of its own, fed and drained
+//! through channels, so no lookup ever delays a poll, a publish or the reaction to a clock step.
 //!
 //! T1 and T4 are kernel clock readings taken just before the send and just after the receive
 //! returns, mapped onto the raw timeline the engine runs on ([`Timeline`]). Kernel receive
@@ -9,28 +11,28 @@
 //! The blocking receive wakes as soon as a reply arrives, so T4 is not quantised by the timeout.
 
 use super::adjtimex::LinuxClock;
-use super::engine::SyncCore;
+use super::engine::{LookupRequest, SyncCore};
 use super::kernel::{KernelClock, KernelEvent, Timeline};
 use super::report::SyncReport;
-use super::{ClockMode, SyncConfig, UpstreamConfig, check_system_mode};
+use super::{ClockMode, SyncConfig, check_system_mode};
 use crate::clock::{ClockPublisher, realtime_ns};
-use crate::proto::HEADER_LEN;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Longest the thread blocks, so it notices `stop` promptly.
 const MAX_WAIT_NS: i64 = 100_000_000;
-/// Names that failed to resolve are retried this often.
-const DNS_RETRY_NS: i64 = 60_000_000_000;
 /// The report is rebuilt at least this often even when nothing happened (for "when").
 const REPORT_EVERY_NS: i64 = 1_000_000_000;
-/// A pool contributes at most this many addresses.
-const MAX_POOL_SOURCES: usize = 8;
+/// Lookups at once: a name whose server never answers must not hold up the others, and the
+/// number of threads stays small whatever the config holds.
+const RESOLVER_THREADS: usize = 4;
+/// Addresses kept of one answer; the engine takes what its caps allow.
+const MAX_ANSWER_ADDRS: usize = 16;
 
 /// The running sync thread.
 pub struct SyncHandle {
@@ -94,16 +96,24 @@ pub fn spawn(
     };
     let timeline = Timeline::new(system, kernel.read(), frequency);
     let now = timeline.raw_now();
-    let mut core = SyncCore::new(&config, precision, now);
-    for up in &config.upstreams {
-        resolve_into(&mut core, up, now);
-    }
+    // Host names are only looked up once the thread runs, on the resolver's threads: the first
+    // state goes out now, whatever DNS does.
+    let core = SyncCore::new(&config, precision, now);
+    let resolver = Resolver::start(core.names_to_look_up())?;
     publisher.publish(timeline.snapshot(&core.state()));
     let report = Arc::new(Mutex::new(make_report(&core, &timeline, now)));
     let shared = report.clone();
-    let thread = std::thread::Builder::new()
-        .name("gnomon-sync".into())
-        .spawn(move || run(core, timeline, kernel, socket, publisher, shared, &stop))?;
+    let thread = std::thread::Builder::new().name("gnomon-sync".into()).spawn(move || {
+        run(
+            core,
+            timeline,
+            kernel,
+            Net { socket, resolver },
+            publisher,
+            shared,
+            &stop,
+        )
+    })?;
     Ok(SyncHandle { report, thread })
 }
 
@@ -126,28 +136,110 @@ fn open_socket() -> io::Result<UdpSocket> {
     }
 }
 
-fn resolve(up: &UpstreamConfig) -> io::Result<Vec<SocketAddr>> {
+/// One blocking lookup: the addresses of `host` in the resolver's order, without repeats.
+fn lookup(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
     let mut addrs: Vec<SocketAddr> = Vec::new();
-    for a in (up.address.as_str(), up.port).to_socket_addrs()? {
+    for a in (host, port).to_socket_addrs().map_err(|e| e.to_string())? {
         if !addrs.contains(&a) {
             addrs.push(a);
         }
+        if addrs.len() == MAX_ANSWER_ADDRS {
+            break;
+        }
     }
     if addrs.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::NotFound, "no address"));
+        return Err("no address".to_string());
     }
-    addrs.truncate(if up.pool { MAX_POOL_SOURCES } else { 1 });
     Ok(addrs)
 }
 
-fn resolve_into(core: &mut SyncCore, up: &UpstreamConfig, now: i64) {
-    match resolve(up) {
-        Ok(addrs) => {
-            for a in addrs {
-                core.add_source(up, a, now);
+/// What the sync thread talks to: the upstreams' socket and the resolver.
+struct Net {
+    socket: UdpSocket,
+    resolver: Resolver,
+}
+
+type Answer = (usize, Result<Vec<SocketAddr>, String>);
+
+/// The resolver threads and the two channels to them. The engine hands out at most one lookup
+/// per configured name at a time, so a queue as long as the config bounds what is pending.
+struct Resolver {
+    jobs: mpsc::SyncSender<LookupRequest>,
+    answers: mpsc::Receiver<Answer>,
+    /// The last failure logged per name id: a name that keeps failing the same way is logged
+    /// once, not at every retry.
+    logged: Vec<(usize, String)>,
+}
+
+impl Resolver {
+    /// Threads for up to `names` lookups at once (at most [`RESOLVER_THREADS`]); they end when
+    /// the sync thread drops its side, or after the lookup they are in, if one is.
+    fn start(names: usize) -> io::Result<Resolver> {
+        let (jobs, job_rx) = mpsc::sync_channel::<LookupRequest>(names.max(1));
+        let (answer_tx, answers) = mpsc::channel();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        for _ in 0..names.min(RESOLVER_THREADS) {
+            let job_rx = job_rx.clone();
+            let answer_tx = answer_tx.clone();
+            std::thread::Builder::new().name("gnomon-dns".into()).spawn(move || {
+                loop {
+                    // The lock is held only while waiting for a job, never during a lookup.
+                    let job = match job_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(poisoned) => poisoned.into_inner().recv(),
+                    };
+                    let Ok(job) = job else { return };
+                    let result = lookup(&job.host, job.port);
+                    if answer_tx.send((job.id, result)).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        }
+        Ok(Resolver {
+            jobs,
+            answers,
+            logged: Vec::new(),
+        })
+    }
+
+    /// Hands lookups to the threads, without waiting; one that cannot be queued is answered
+    /// with an error at once, so the engine retries it later.
+    fn submit(&self, core: &mut SyncCore, lookups: &mut Vec<LookupRequest>, now: i64) {
+        for job in lookups.drain(..) {
+            let id = job.id;
+            if let Err(e) = self.jobs.try_send(job) {
+                let why = match e {
+                    mpsc::TrySendError::Full(_) => "resolver queue full",
+                    mpsc::TrySendError::Disconnected(_) => "resolver threads not running",
+                };
+                core.resolved(id, Err(why.to_string()), now);
             }
         }
-        Err(e) => core.set_unresolved(up, e.to_string()),
+    }
+
+    /// Feeds every answer that has arrived to the engine; returns whether there was one.
+    fn drain(&mut self, core: &mut SyncCore, now: i64) -> bool {
+        let mut any = false;
+        while let Ok((id, result)) = self.answers.try_recv() {
+            let last = self.logged.iter().position(|l| l.0 == id);
+            match (&result, last) {
+                (Err(e), Some(i)) if self.logged[i].1 == *e => {}
+                (Err(e), _) => {
+                    log::warn!("DNS lookup of {} failed: {e} (retried every minute)", core.name_of(id));
+                    self.logged.retain(|l| l.0 != id);
+                    self.logged.push((id, e.clone()));
+                }
+                (Ok(_), Some(i)) => {
+                    log::info!("DNS lookup of {} succeeded again", core.name_of(id));
+                    self.logged.swap_remove(i);
+                }
+                (Ok(_), None) => {}
+            }
+            core.resolved(id, result, now);
+            any = true;
+        }
+        any
     }
 }
 
@@ -188,16 +280,17 @@ fn run(
     mut core: SyncCore,
     mut timeline: Timeline,
     mut kernel: LinuxClock,
-    socket: UdpSocket,
+    net: Net,
     mut publisher: ClockPublisher,
     report: Arc<Mutex<SyncReport>>,
     stop: &AtomicBool,
 ) {
+    let Net { socket, mut resolver } = net;
     let is_v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut out = Vec::new();
     let mut buf = [0u8; 1024];
     let mut fallback = 0u64;
-    let mut last_dns = timeline.raw_now();
+    let mut lookups = Vec::new();
     let mut last_report = 0i64;
     let mut logged = EventLog::default();
     while !stop.load(Ordering::Relaxed) {
@@ -220,13 +313,13 @@ fn run(
         } else if timeline.deadline().is_some_and(|d| d <= now) {
             republish |= timeline.steer(&mut kernel, &core.state(), now);
         }
-        // Before anything that can block (DNS below): replies must not wait for a correction
-        // that has changed, least of all for a step.
         if republish {
             publisher.publish(timeline.snapshot(&core.state()));
         }
         logged.note(&timeline, now);
         let mut changed = republish;
+        // Answers first, so that new sources are polled at once.
+        changed |= resolver.drain(&mut core, now);
         out.clear();
         core.poll(now, &mut || random_u64(&mut fallback), &mut out);
         for (addr, req) in &out {
@@ -234,18 +327,9 @@ fn run(
             let _ = socket.send_to(req, wire_addr(is_v6, *addr));
             changed = true;
         }
-        for pool in core.drop_dead_pool_members() {
-            resolve_into(&mut core, &pool, now);
-            changed = true;
-        }
-        if now - last_dns >= DNS_RETRY_NS {
-            last_dns = now;
-            let pending: Vec<UpstreamConfig> = core.unresolved().cloned().collect();
-            for up in pending {
-                resolve_into(&mut core, &up, now);
-                changed = true;
-            }
-        }
+        core.lookups(now, &mut lookups);
+        changed |= !lookups.is_empty();
+        resolver.submit(&mut core, &mut lookups, now);
         if changed || now - last_report >= REPORT_EVERY_NS {
             last_report = now;
             let r = make_report(&core, &timeline, now);
@@ -265,9 +349,7 @@ fn run(
             // Through `observe`, so that a step since the top of the loop is neither in T4 nor
             // left in served time.
             let (t4, stepped) = timeline.observe(kernel.read());
-            let reply = (n >= HEADER_LEN)
-                .then(|| core.handle_reply(source_addr(from), &buf[..n], t4))
-                .flatten();
+            let reply = core.handle_reply(source_addr(from), &buf[..n], t4);
             if let Some(s) = reply.as_ref().or(stepped.then_some(&core.state())) {
                 timeline.steer(&mut kernel, s, t4);
             }
@@ -310,6 +392,7 @@ impl EventLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sync::UpstreamConfig;
 
     #[test]
     fn mapped_addresses_round_trip() {
@@ -323,17 +406,36 @@ mod tests {
     }
 
     #[test]
-    fn pool_resolves_all_addresses_and_failures_are_reported() {
-        let mut up = UpstreamConfig::new("127.0.0.1");
-        up.pool = true;
+    fn lookups_answer_through_the_channel_and_failures_are_reported() {
         assert_eq!(
-            resolve(&up).unwrap(),
-            vec!["127.0.0.1:123".parse::<SocketAddr>().unwrap()]
+            lookup("localhost", 123).unwrap()[0].port(),
+            123,
+            "a name from /etc/hosts"
         );
-        let bad = UpstreamConfig::new("bad\0name");
-        let mut core = SyncCore::new(&SyncConfig::default(), -20, 0);
-        resolve_into(&mut core, &bad, 0);
-        let r = core.report(0);
-        assert!(r.sources[0].why.as_deref().unwrap().starts_with("DNS failure"), "{r:?}");
+        let mut up = UpstreamConfig::new("bad\0name");
+        up.pool = true;
+        let config = SyncConfig {
+            upstreams: vec![up],
+            ..SyncConfig::default()
+        };
+        let mut core = SyncCore::new(&config, -20, 0);
+        let mut resolver = Resolver::start(1).unwrap();
+        let mut jobs = Vec::new();
+        core.lookups(0, &mut jobs);
+        assert_eq!(jobs.len(), 1);
+        resolver.submit(&mut core, &mut jobs, 0);
+        let why = |core: &SyncCore| core.report(0).sources[0].why.clone().unwrap();
+        assert!(why(&core).starts_with("DNS lookup in progress"), "{}", why(&core));
+        core.lookups(0, &mut jobs);
+        assert!(jobs.is_empty(), "one lookup of a name at a time");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !resolver.drain(&mut core, 0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no answer from the resolver thread"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(why(&core).starts_with("DNS failure"), "{}", why(&core));
     }
 }

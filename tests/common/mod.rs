@@ -61,6 +61,13 @@ impl Gnomon {
     }
 
     pub fn start_with_args(extra: &str, args: &[&str]) -> Gnomon {
+        Self::start_via(&[], extra, args)
+    }
+
+    /// As [`Gnomon::start_with_args`], through `wrapper`: a program and its arguments that end
+    /// by exec'ing the rest of the command line (so the child's PID is gnomon's), e.g.
+    /// `unshare -m sh -c '...; exec "$0" "$@"'`.
+    pub fn start_via(wrapper: &[&str], extra: &str, args: &[&str]) -> Gnomon {
         let dir = tempdir("srv");
         let control = dir.join("control.sock");
         let mut cfg = format!("control_socket = \"{}\"\n", control.display());
@@ -70,7 +77,14 @@ impl Gnomon {
         cfg.push_str(extra);
         let path = dir.join("gnomon.toml");
         std::fs::write(&path, cfg).unwrap();
-        let mut cmd = Command::new(GNOMON);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(GNOMON);
+                c
+            }
+            None => Command::new(GNOMON),
+        };
         cmd.arg("serve").arg("--config").arg(&path).args(args);
         Self::launch(cmd, dir, control)
     }
@@ -341,9 +355,14 @@ pub fn fake_server(
     offset_s: i64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> (u16, std::thread::JoinHandle<()>) {
+    udp_server(stop, fake_answer(offset_s))
+}
+
+/// What [`fake_server`] answers: stratum 1, `offset_s` ahead of the kernel clock.
+pub fn fake_answer(offset_s: i64) -> impl Fn(&[u8]) -> Option<[u8; 48]> + Send + 'static {
     use gnomon::clock::realtime_ns;
     use gnomon::proto::{LeapIndicator, NtpShort, NtpTimestamp, RefId, ServerInfo, respond};
-    udp_server(stop, move |req| {
+    move |req| {
         let ts = || NtpTimestamp::from_unix_nanos((realtime_ns() + offset_s * 1_000_000_000).into());
         let info = ServerInfo {
             leap: LeapIndicator::NoWarning,
@@ -355,7 +374,7 @@ pub fn fake_server(
             reference_timestamp: ts(),
         };
         respond(req, &info, ts(), ts()).ok()
-    })
+    }
 }
 
 /// Runs `chronyd -Q -x` as a client of `server`; returns its output.
