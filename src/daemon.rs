@@ -98,6 +98,9 @@ pub fn serve(cfg: Config) -> io::Result<()> {
                 Err(m) => log::error!("SIGHUP: {m}"),
             }
         }
+        if sync.is_finished() {
+            return Some(io::Error::other("the sync thread ended"));
+        }
         control
             .is_finished()
             .then(|| io::Error::other("the control socket thread ended"))

@@ -64,6 +64,11 @@ impl SyncHandle {
         SyncReporter(self.report.clone())
     }
 
+    /// Whether the thread has ended (it only does on `stop`, or by a panic).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
     /// Waits for the thread to end (set `stop` first).
     pub fn join(self) -> std::thread::Result<()> {
         self.thread.join()
