@@ -1,11 +1,12 @@
 //! The NTP handler: request checks, policy, and the reply stamped from the clock snapshot.
 
-use super::socket::peer_ip;
+use super::socket::{SendError, peer_ip};
 use super::stats::{Counter, LocalStats, WorkerStats};
 use super::{Datagram, Handler, TxStamp};
 use crate::clock::{ClockReader, ClockState, realtime_ns};
 use crate::policy::{Action, Limit, PolicySet, SharedPolicy};
-use crate::proto::{RefId, ReplyTemplate, check_request, stamp_transmit, write_reply};
+use crate::proto::{RefId, ReplyTemplate, check_addresses, check_request, stamp_transmit, write_reply};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// One worker's NTP handler. Everything it needs per batch is read once in `begin_batch`.
@@ -53,6 +54,22 @@ impl NtpHandler {
         self.rng ^= self.rng << 17;
         (self.rng >> 32) as u32
     }
+
+    /// The rate limiter's verdict for `ip`, with what it says counted.
+    #[inline]
+    fn rate_limit(&mut self, ip: IpAddr, rx: i64) -> Limit {
+        let random = self.random();
+        let checked = self.policy.limiter.check_detail(ip, rx as u64, random);
+        if checked.evicted {
+            self.local.add(Counter::RateEvicted, 1);
+        }
+        match checked.limit {
+            Limit::Leak => self.local.add(Counter::Leaked, 1),
+            Limit::Drop => self.local.add(Counter::RateLimited, 1),
+            Limit::Allow | Limit::Kod => {}
+        }
+        checked.limit
+    }
 }
 
 impl Handler for NtpHandler {
@@ -82,6 +99,12 @@ impl Handler for NtpHandler {
             self.local.add(Counter::from_request_error(e), 1);
             return 0;
         }
+        // Before any policy: a reply that cannot reach the client is never built, and an address
+        // spelled to look like another (::ffff:127.0.0.1) never meets a rule.
+        if let Err(u) = check_addresses(d.peer, d.destination) {
+            self.local.add(Counter::from_unanswerable(u), 1);
+            return 0;
+        }
         let rx = match d.rx_realtime_ns {
             Some(t) => t,
             None => {
@@ -98,32 +121,24 @@ impl Handler for NtpHandler {
                 self.local.add(Counter::Ignored, 1);
                 return 0;
             }
-            Action::Deny => {
-                self.local.add(Counter::KodDeny, 1);
-                &self.kod_deny
-            }
-            Action::Limited => {
-                let random = self.random();
-                let checked = self.policy.limiter.check_detail(ip, rx as u64, random);
-                if checked.evicted {
-                    self.local.add(Counter::RateEvicted, 1);
+            // A refused client's answer is limited like any other, or a spoofed flood would
+            // turn the server into a 1:1 reflector of DENYs at line rate.
+            Action::Deny => match self.rate_limit(ip, rx) {
+                Limit::Drop => return 0,
+                Limit::Allow | Limit::Leak | Limit::Kod => {
+                    self.local.add(Counter::KodDeny, 1);
+                    &self.kod_deny
                 }
-                match checked.limit {
-                    Limit::Allow => &self.template,
-                    Limit::Leak => {
-                        self.local.add(Counter::Leaked, 1);
-                        &self.template
-                    }
-                    Limit::Drop => {
-                        self.local.add(Counter::RateLimited, 1);
-                        return 0;
-                    }
-                    Limit::Kod => {
-                        self.local.add(Counter::KodRate, 1);
-                        &self.kod_rate
-                    }
+            },
+            Action::Limited => match self.rate_limit(ip, rx) {
+                Limit::Allow | Limit::Leak => &self.template,
+                Limit::Drop => return 0,
+                // The limiter sends at most one per client per KoD window: limited too.
+                Limit::Kod => {
+                    self.local.add(Counter::KodRate, 1);
+                    &self.kod_rate
                 }
-            }
+            },
         };
         self.local.add(Counter::Answered, 1);
         write_reply(d.buf, template, self.state.ntp_time(rx))
@@ -146,8 +161,12 @@ impl Handler for NtpHandler {
         }
     }
 
-    fn send_failed(&mut self, n: usize) {
-        self.local.add(Counter::SendFailed, n as u64);
+    fn send_failed(&mut self, reason: SendError, n: usize) {
+        self.local.send_failed(reason, n as u64);
+    }
+
+    fn rx_queue_dropped(&mut self, n: u64) {
+        self.local.add(Counter::KernelRxQueue, n);
     }
 
     #[inline]
