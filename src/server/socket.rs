@@ -406,6 +406,94 @@ mod tests {
         assert_eq!(w.new_drops(Some(1)), 3);
     }
 
+    /// Counts what `send_batch` reports.
+    #[derive(Default)]
+    struct Failures(Vec<(SendError, usize)>);
+
+    impl super::super::Handler for Failures {
+        fn begin_batch(&mut self) {}
+        fn handle(&mut self, _: super::super::Datagram<'_>) -> usize {
+            0
+        }
+        fn transmit_stamp(&mut self) -> super::super::TxStamp {
+            super::super::TxStamp {
+                realtime_ns: 0,
+                ntp: crate::proto::NtpTimestamp::ZERO,
+            }
+        }
+        fn stamp(&mut self, _: &mut [u8], _: i64, _: &super::super::TxStamp) {}
+        fn send_failed(&mut self, reason: SendError, n: usize) {
+            self.0.push((reason, n));
+        }
+        fn rx_queue_dropped(&mut self, _: u64) {}
+        fn end_batch(&mut self, _: usize, _: usize) {}
+        fn idle(&mut self) {}
+    }
+
+    #[test]
+    fn a_refused_message_does_not_stop_the_batch() {
+        let opts = SocketOptions {
+            recv_buffer: 1 << 20,
+            send_buffer: 1 << 20,
+            read_timeout: Some(Duration::from_millis(500)),
+            nonblocking: false,
+        };
+        let sender = bind_udp("127.0.0.1:0".parse().unwrap(), &opts).unwrap();
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let good = receiver.local_addr().unwrap();
+        // Port 0 is refused with EINVAL: first, in the middle and last.
+        let refused = [0usize, 30, 63];
+        const N: usize = 64;
+        let mut names: Vec<libc::sockaddr_storage> = (0..N)
+            .map(|i| {
+                // SAFETY: all-zero is a valid sockaddr_storage.
+                let mut st: libc::sockaddr_storage = unsafe { zeroed() };
+                let to = if refused.contains(&i) {
+                    SocketAddr::new(good.ip(), 0)
+                } else {
+                    good
+                };
+                std_to_sockaddr(to, &mut st);
+                st
+            })
+            .collect();
+        let mut payloads: Vec<[u8; 1]> = (0..N).map(|i| [i as u8]).collect();
+        let mut iovs: Vec<libc::iovec> = payloads
+            .iter_mut()
+            .map(|p| libc::iovec {
+                iov_base: p.as_mut_ptr().cast(),
+                iov_len: 1,
+            })
+            .collect();
+        let mut hdrs: Vec<libc::mmsghdr> = (0..N)
+            .map(|i| {
+                // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
+                let mut h: libc::mmsghdr = unsafe { zeroed() };
+                h.msg_hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+                h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                h.msg_hdr.msg_iov = &mut iovs[i];
+                h.msg_hdr.msg_iovlen = 1;
+                h
+            })
+            .collect();
+        let mut failures = Failures::default();
+        let sent = send_batch(sender.as_raw_fd(), &mut hdrs, &mut failures);
+        assert_eq!(sent, N - refused.len());
+        assert_eq!(failures.0, vec![(SendError::Invalid, 1); refused.len()]);
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 8];
+        while let Ok(n) = receiver.recv(&mut buf) {
+            assert_eq!(n, 1);
+            seen.push(buf[0] as usize);
+            if seen.len() == N - refused.len() {
+                break;
+            }
+        }
+        let want: Vec<usize> = (0..N).filter(|i| !refused.contains(i)).collect();
+        assert_eq!(seen, want);
+    }
+
     #[test]
     fn send_errors_by_reason() {
         assert_eq!(SendError::from_errno(libc::EINVAL), SendError::Invalid);
