@@ -306,3 +306,28 @@ impl LocalStats {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_listed_once_in_order_with_distinct_names() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?}");
+        }
+        let names: std::collections::BTreeSet<_> = Counter::ALL.iter().map(|c| c.name()).collect();
+        assert_eq!(names.len(), Counter::COUNT);
+    }
+
+    #[test]
+    fn a_failed_send_counts_in_the_total_and_by_reason() {
+        use super::super::socket::SendError;
+        let mut l = LocalStats::default();
+        l.send_failed(SendError::Invalid, 2);
+        l.send_failed(SendError::Unreachable, 1);
+        assert_eq!(l.counts[Counter::SendFailed as usize], 3);
+        assert_eq!(l.counts[Counter::SendEinval as usize], 2);
+        assert_eq!(l.counts[Counter::SendUnreachable as usize], 1);
+    }
+}

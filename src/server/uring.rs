@@ -253,6 +253,31 @@ struct Worker {
 }
 
 impl Worker {
+    fn new(sockets: &[Socket]) -> Result<Worker, Unsupported> {
+        let ring = build_ring(256).map_err(|e| Unsupported(format!("io_uring_setup: {e}")))?;
+        // Saves a file-table lookup on every io_uring_enter; optional.
+        let _ = ring.submitter().register_ring_fd();
+        let bufring = BufRing::new(RING_ENTRIES).map_err(|e| Unsupported(e.to_string()))?;
+        let w = Worker {
+            ring,
+            bufring,
+            slots: (0..RING_ENTRIES)
+                // SAFETY: plain C structs; all-zero is a valid (empty) value.
+                .map(|_| SendSlot {
+                    hdr: unsafe { zeroed() },
+                    iov: unsafe { zeroed() },
+                    ctrl: [0; CTRL_WORDS],
+                })
+                .collect(),
+            socks: sockets.iter().map(SocketState::new).collect(),
+            sends_in_flight: 0,
+        };
+        w.bufring
+            .register(&w.ring)
+            .map_err(|e| Unsupported(format!("register_buf_ring: {e}")))?;
+        Ok(w)
+    }
+
     /// Cancels every request and waits, bounded, until none is left: no armed multishot
     /// receive, no send in flight. False if some were still running at the deadline.
     fn quiesce(&mut self) -> bool {
@@ -303,6 +328,23 @@ impl Drop for Worker {
     }
 }
 
+/// Queues a multishot receive for every socket that has none.
+fn arm(ring: &mut IoUring, socks: &mut [SocketState]) {
+    for (i, s) in socks.iter_mut().enumerate() {
+        if !s.armed {
+            let sqe = opcode::RecvMsgMulti::new(types::Fd(s.fd), &*s.template as *const libc::msghdr, BGID)
+                .build()
+                .user_data(i as u64);
+            // SAFETY: the msghdr template is boxed and lives in the `Worker` (with the buffer
+            // group registered) until the ring is closed.
+            if unsafe { ring.submission().push(&sqe) }.is_err() {
+                break;
+            }
+            s.armed = true;
+        }
+    }
+}
+
 /// Serves `sockets` until `stop`; `Err(Unsupported)` if the kernel refuses multishot receive
 /// before any datagram was served (the caller then falls back to mmsg).
 pub fn run<H: Handler>(
@@ -311,27 +353,7 @@ pub fn run<H: Handler>(
     stop: &AtomicBool,
     uring_send: bool,
 ) -> Result<(), Unsupported> {
-    let ring = build_ring(256).map_err(|e| Unsupported(format!("io_uring_setup: {e}")))?;
-    // Saves a file-table lookup on every io_uring_enter; optional.
-    let _ = ring.submitter().register_ring_fd();
-    let bufring = BufRing::new(RING_ENTRIES).map_err(|e| Unsupported(e.to_string()))?;
-    let mut w = Worker {
-        ring,
-        bufring,
-        slots: (0..RING_ENTRIES)
-            // SAFETY: plain C structs; all-zero is a valid (empty) value.
-            .map(|_| SendSlot {
-                hdr: unsafe { zeroed() },
-                iov: unsafe { zeroed() },
-                ctrl: [0; CTRL_WORDS],
-            })
-            .collect(),
-        socks: sockets.iter().map(SocketState::new).collect(),
-        sends_in_flight: 0,
-    };
-    w.bufring
-        .register(&w.ring)
-        .map_err(|e| Unsupported(format!("register_buf_ring: {e}")))?;
+    let mut w = Worker::new(sockets)?;
     let Worker {
         ring,
         bufring,
@@ -345,19 +367,7 @@ pub fn run<H: Handler>(
     let mut returned: Vec<u16> = Vec::with_capacity(BATCH);
 
     while !stop.load(Ordering::Relaxed) {
-        for (i, s) in socks.iter_mut().enumerate() {
-            if !s.armed {
-                let sqe = opcode::RecvMsgMulti::new(types::Fd(s.fd), &*s.template as *const libc::msghdr, BGID)
-                    .build()
-                    .user_data(i as u64);
-                // SAFETY: the msghdr template is boxed and lives in `socks` for the whole loop;
-                // the buffer group is registered above.
-                if unsafe { ring.submission().push(&sqe) }.is_err() {
-                    break;
-                }
-                s.armed = true;
-            }
-        }
+        arm(ring, socks);
         let args = types::SubmitArgs::new().timespec(&timeout);
         match ring.submitter().submit_with_args(1, &args) {
             Ok(_) => {}
@@ -558,4 +568,35 @@ pub fn run<H: Handler>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::socket::{SocketOptions, bind_udp};
+
+    #[test]
+    fn shutdown_ends_every_request_before_the_memory_goes() {
+        if let Err(Unsupported(why)) = probe() {
+            eprintln!("SKIPPED: io_uring unavailable ({why})");
+            return;
+        }
+        let opts = SocketOptions {
+            recv_buffer: 1 << 16,
+            send_buffer: 1 << 16,
+            read_timeout: None,
+            nonblocking: true,
+        };
+        let socks: Vec<Socket> = (0..2)
+            .map(|_| bind_udp("127.0.0.1:0".parse().unwrap(), &opts).unwrap())
+            .collect();
+        let mut w = Worker::new(&socks).unwrap();
+        arm(&mut w.ring, &mut w.socks);
+        w.ring.submit().unwrap();
+        assert!(w.socks.iter().all(|s| s.armed));
+        // What `Drop` does before the ring closes and the buffers are freed.
+        assert!(w.quiesce(), "armed receives survived the cancel");
+        assert!(w.socks.iter().all(|s| !s.armed));
+        drop(w);
+    }
 }
