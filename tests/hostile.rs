@@ -303,20 +303,24 @@ fn hot_deny_flood_gets_the_limit_plus_leak() {
     // 20 requests/s allowed with a burst of 4, 1 in 10 of the rest leaked; the flood is 10x that.
     let rules = "[[restrict]]\naddress = \"127.0.5.0/24\"\naction = \"deny\"\n\
                  [rate_limit]\ninterval = 0.05\nburst = 4\nleak = 10\n";
-    let (n, rate, secs) = (400u32, 200.0, 2.0);
+    let (n, rate, per_s, burst) = (400u32, 200.0, 20.0, 4.0);
     for (io, _) in backends() {
         let srv = Gnomon::start(&format!("io = \"{io}\"\nlocal_stratum = 2\n{rules}"));
+        let start = Instant::now();
         let (ok, kods) = send_paced("127.0.5.66", srv.addr(), n, rate);
+        // send_paced waits 0.3 s for late replies after the last send.
+        let secs = start.elapsed().as_secs_f64() - 0.3;
         assert_eq!(ok, 0, "{io}: a denied client was served");
         assert!(kods.iter().all(|k| *k == RefId::DENY), "{io}: {kods:?}");
-        // Allowed: 2 s x 20/s + 4 = 44; leaked: 1 in 10 of the ~356 over = ~36; about 80.
-        let limit = secs * 20.0 + 4.0;
+        // Allowed: 2 s x 20/s + 4 = 44 (more if the sender ran late); leaked: 1 in 10 of the
+        // ~356 over; about 80 in all, where one DENY per request would be 400.
+        let limit = secs * per_s + burst;
         let expect = limit + (f64::from(n) - limit) / 10.0;
         let got = kods.len() as f64;
-        eprintln!("{io}: {got} DENY for {n} requests at 10x the limit (expected about {expect:.0})");
+        eprintln!("{io}: {got} DENY for {n} requests in {secs:.2} s at 10x the limit (expected about {expect:.0})");
         assert!(
-            got >= limit * 0.7 && got <= expect * 1.5,
-            "{io}: {got} DENY for {n} requests at 10x the limit (expected about {expect:.0})"
+            got >= 0.7 * (2.0 * per_s + burst) && got <= 1.3 * expect + 5.0,
+            "{io}: {got} DENY for {n} requests in {secs:.2} s at 10x the limit (expected about {expect:.0})"
         );
         srv.wait_counter("received", u64::from(n));
         let c = srv.stats()["total"]["counters"].clone();
@@ -351,17 +355,29 @@ fn hot_kernel_receive_queue_drops_are_counted() {
         for i in 0..AFTER {
             let _ = exchange(&sock, target, &request(4, 3, BURST + i));
         }
-        let dropped = srv.wait_counter("drop_kernel_rx_queue", 1);
-        let received = srv.counter("received");
+        // Every datagram is either received or a counted drop (a few may be lost before the
+        // socket, in the loopback backlog, on a loaded machine).
+        let sent = BURST + AFTER;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let (received, dropped) = loop {
+            let c = srv.stats()["total"]["counters"].clone();
+            let (r, d) = (
+                c["received"].as_u64().unwrap(),
+                c["drop_kernel_rx_queue"].as_u64().unwrap(),
+            );
+            if r + d >= sent || Instant::now() > deadline {
+                break (r, d);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         eprintln!("{io}: {BURST} sent while stopped: {received} received, {dropped} kernel drops counted");
         assert!(
             dropped > BURST / 2,
             "{io}: {dropped} kernel drops counted of {BURST} sent"
         );
-        assert_eq!(
-            received + dropped,
-            BURST + AFTER,
-            "{io}: received {received}, dropped {dropped}"
+        assert!(
+            received + dropped <= sent && received + dropped >= sent * 95 / 100,
+            "{io}: {sent} sent, {received} received, {dropped} counted as dropped"
         );
         let text = String::from_utf8_lossy(&srv.ctl(&["stats"]).stdout).to_string();
         assert!(
