@@ -121,14 +121,16 @@ impl Drop for Stopped {
 
 /// Whether lo has its broadcast route (`broadcast 127.255.255.255 dev lo` in the local table).
 fn have_loopback_broadcast() -> bool {
-    let out = Command::new("ip")
+    let Ok(out) = Command::new("ip")
         .args(["-4", "route", "show", "table", "local"])
-        .output();
-    let found = out.as_ref().is_ok_and(|o| {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .any(|l| l.starts_with("broadcast 127.255.255.255 ") && l.contains("dev lo"))
-    });
+        .output()
+    else {
+        eprintln!("SKIPPED: broadcast destination: `ip` (iproute2) is not installed");
+        return false;
+    };
+    let found = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("broadcast 127.255.255.255 ") && l.contains("dev lo"));
     if !found {
         eprintln!("SKIPPED: no broadcast route 127.255.255.255 on lo (`ip route show table local`)");
     }

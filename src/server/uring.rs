@@ -397,7 +397,7 @@ pub fn run<H: Handler>(
             for c in &completions[..n] {
                 if c.user_data & SEND_TAG != 0 {
                     // An io_uring send finished: its buffer can take a new datagram.
-                    *sends_in_flight -= 1;
+                    *sends_in_flight = sends_in_flight.saturating_sub(1);
                     bufring.push(c.user_data as u16);
                     if c.result < 0 {
                         handler.send_failed(SendError::from_errno(-c.result), 1);
