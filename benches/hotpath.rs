@@ -111,6 +111,7 @@ fn bench(c: &mut Criterion) {
                             truncated: false,
                             peer,
                             rx_realtime_ns: Some(now),
+                            destination: None,
                         });
                     }
                     let tx = h.transmit_stamp();

@@ -5,16 +5,6 @@ mod common;
 use common::*;
 use gnomon::proto::{Header, LeapIndicator, Mode, NtpTimestamp};
 
-/// Backends this kernel allows; io_uring is skipped (not failed) where it is refused.
-fn backends() -> Vec<(&'static str, &'static str)> {
-    let mut v = vec![("mmsg", "mmsg")];
-    match gnomon::server::uring::probe() {
-        Ok(()) => v.extend([("uring", "io_uring"), ("uring-send", "io_uring-send")]),
-        Err(e) => eprintln!("SKIPPED io_uring backend: {}", e.0),
-    }
-    v
-}
-
 /// How many io_uring instances a process holds open.
 fn io_uring_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -3,6 +3,7 @@
 
 use gnomon::clock::{self, ClockState};
 use gnomon::policy::{Action, PolicyConfig, PolicySet, RateLimitConfig, Rule, SharedPolicy};
+use gnomon::proto::Destination;
 use gnomon::server::ntp::NtpHandler;
 use gnomon::server::stats::WorkerStats;
 use gnomon::server::{Datagram, Handler};
@@ -56,6 +57,12 @@ fn ntp_handler_does_not_allocate_per_request() {
     let mut h = NtpHandler::new(reader, policy(), Arc::new(WorkerStats::new(0, None, "test")));
     let mut bufs = vec![[0u8; 1025]; 64];
     let peer: std::net::SocketAddr = "198.51.100.7:40000".parse().unwrap();
+    // A destination, so the check that a reply is possible is on the counted path too.
+    let ours = "192.0.2.1".parse().unwrap();
+    let dest = Destination {
+        addr: std::net::IpAddr::V4(ours),
+        spec_dst: Some(ours),
+    };
     let mut run_batches = |n: usize, h: &mut NtpHandler| {
         let mut answered = 0;
         for _ in 0..n {
@@ -69,6 +76,7 @@ fn ntp_handler_does_not_allocate_per_request() {
                     truncated: false,
                     peer,
                     rx_realtime_ns: Some(now),
+                    destination: Some(dest),
                 });
                 answered += (lens[i] > 0) as usize;
             }

@@ -54,7 +54,9 @@
 //! With `kod`, the first over-limit request in each KoD window (a power-of-two time span of 8 to
 //! 16 intervals) is answered with KoD RATE; the 8-bit window number is stored in the slot. Other
 //! over-limit requests are leaked (1 in `leak`, chosen with the caller's random number) or
-//! dropped. A KoD costs no more bytes than the request, so it is no amplification vector.
+//! dropped. A KoD costs no more bytes than the request, so it is no amplification vector, but
+//! unlimited it would still be a 1:1 reflector: the server also puts its DENY answers to refused
+//! clients through [`RateLimiter::check_detail`] and drops them over the limit.
 #![forbid(unsafe_code)]
 
 use super::access::{canonical, host_mask};

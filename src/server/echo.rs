@@ -51,8 +51,12 @@ impl Handler for EchoHandler {
         }
     }
 
-    fn send_failed(&mut self, n: usize) {
-        self.local.add(Counter::SendFailed, n as u64);
+    fn send_failed(&mut self, reason: super::socket::SendError, n: usize) {
+        self.local.send_failed(reason, n as u64);
+    }
+
+    fn rx_queue_dropped(&mut self, n: u64) {
+        self.local.add(Counter::KernelRxQueue, n);
     }
 
     fn end_batch(&mut self, received: usize, _replied: usize) {

@@ -1,7 +1,7 @@
 //! The `recvmmsg`/`sendmmsg` backend: batched receive and send on plain syscalls, for kernels or
 //! sandboxes without io_uring. One receive and one send syscall per batch, never per packet.
 
-use super::socket::{BUF_LEN, CTRL_WORDS, build_pktinfo, parse_cmsgs, sockaddr_to_std};
+use super::socket::{BUF_LEN, CTRL_WORDS, RxQueueDrops, build_pktinfo, parse_cmsgs, send_batch, sockaddr_to_std};
 use super::{Datagram, Handler};
 use socket2::Socket;
 use std::io;
@@ -26,6 +26,7 @@ struct MmsgBatch {
     rx_ns: Box<[i64]>,
     /// Whether replies need a pktinfo cmsg (socket bound to a wildcard address).
     set_source: bool,
+    rx_drops: RxQueueDrops,
 }
 
 // SAFETY: the raw pointers inside the iovecs and msghdrs only ever point into this struct's own
@@ -50,6 +51,7 @@ impl MmsgBatch {
             send_hdrs: vec![zero_hdr; BATCH].into_boxed_slice(),
             rx_ns: vec![0i64; BATCH].into_boxed_slice(),
             set_source,
+            rx_drops: RxQueueDrops::default(),
         });
         for i in 0..BATCH {
             b.iovs[i] = libc::iovec {
@@ -83,12 +85,14 @@ impl MmsgBatch {
     fn process<H: Handler>(&mut self, fd: libc::c_int, n: usize, handler: &mut H) {
         handler.begin_batch();
         let mut replies = 0usize;
+        let mut rx_dropped = 0u64;
         for i in 0..n {
             let hdr = &self.hdrs[i];
             let len = hdr.msg_len as usize;
             let truncated = hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || len > BUF_LEN;
             // SAFETY: the kernel just filled this msghdr, whose control buffer is ours.
             let info = unsafe { parse_cmsgs(&hdr.msg_hdr) };
+            rx_dropped += self.rx_drops.new_drops(info.rx_queue_drops);
             let Some(peer) = sockaddr_to_std(&self.addrs[i], hdr.msg_hdr.msg_namelen) else {
                 continue;
             };
@@ -99,6 +103,7 @@ impl MmsgBatch {
                 truncated,
                 peer,
                 rx_realtime_ns: rx,
+                destination: info.destination,
             });
             if reply_len == 0 {
                 continue;
@@ -139,25 +144,10 @@ impl MmsgBatch {
                 let reply = unsafe { std::slice::from_raw_parts_mut(iov.iov_base.cast::<u8>(), iov.iov_len) };
                 handler.stamp(reply, self.rx_ns[r], &tx);
             }
-            let mut sent = 0usize;
-            while sent < replies {
-                // SAFETY: send_hdrs[sent..replies] are fully initialised above and point at live
-                // buffers owned by self.
-                let rc = unsafe {
-                    libc::sendmmsg(
-                        fd,
-                        self.send_hdrs[sent..].as_mut_ptr(),
-                        (replies - sent) as libc::c_uint,
-                        0,
-                    )
-                };
-                if rc <= 0 {
-                    // Full send buffer or a transient error: these replies are lost, and counted.
-                    handler.send_failed(replies - sent);
-                    break;
-                }
-                sent += rc as usize;
-            }
+            send_batch(fd, &mut self.send_hdrs[..replies], handler);
+        }
+        if rx_dropped > 0 {
+            handler.rx_queue_dropped(rx_dropped);
         }
         handler.end_batch(n, replies);
     }

@@ -31,6 +31,8 @@ pub struct Datagram<'a> {
     pub peer: SocketAddr,
     /// Kernel receive timestamp (CLOCK_REALTIME ns), T2 before correction.
     pub rx_realtime_ns: Option<i64>,
+    /// Where the datagram was sent (IP_PKTINFO / IPV6_PKTINFO), if the kernel said.
+    pub destination: Option<crate::proto::Destination>,
 }
 
 /// T3 for a batch: one clock read, shared by every reply of the batch.
@@ -50,7 +52,10 @@ pub trait Handler {
     fn transmit_stamp(&mut self) -> TxStamp;
     /// Finishes one reply with the batch's T3.
     fn stamp(&mut self, reply: &mut [u8], rx_realtime_ns: i64, tx: &TxStamp);
-    fn send_failed(&mut self, n: usize);
+    /// `n` replies the kernel refused to send, for `reason`.
+    fn send_failed(&mut self, reason: socket::SendError, n: usize);
+    /// The kernel dropped `n` datagrams on a full receive queue (SO_RXQ_OVFL); once per batch.
+    fn rx_queue_dropped(&mut self, n: u64);
     fn end_batch(&mut self, received: usize, replied: usize);
     /// The receive timed out with nothing to do.
     fn idle(&mut self);

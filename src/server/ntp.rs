@@ -1,11 +1,12 @@
 //! The NTP handler: request checks, policy, and the reply stamped from the clock snapshot.
 
-use super::socket::peer_ip;
+use super::socket::{SendError, peer_ip};
 use super::stats::{Counter, LocalStats, WorkerStats};
 use super::{Datagram, Handler, TxStamp};
 use crate::clock::{ClockReader, ClockState, realtime_ns};
 use crate::policy::{Action, Limit, PolicySet, SharedPolicy};
-use crate::proto::{RefId, ReplyTemplate, check_request, stamp_transmit, write_reply};
+use crate::proto::{RefId, ReplyTemplate, check_addresses, check_request, stamp_transmit, write_reply};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// One worker's NTP handler. Everything it needs per batch is read once in `begin_batch`.
@@ -53,6 +54,22 @@ impl NtpHandler {
         self.rng ^= self.rng << 17;
         (self.rng >> 32) as u32
     }
+
+    /// The rate limiter's verdict for `ip`, with what it says counted.
+    #[inline]
+    fn rate_limit(&mut self, ip: IpAddr, rx: i64) -> Limit {
+        let random = self.random();
+        let checked = self.policy.limiter.check_detail(ip, rx as u64, random);
+        if checked.evicted {
+            self.local.add(Counter::RateEvicted, 1);
+        }
+        match checked.limit {
+            Limit::Leak => self.local.add(Counter::Leaked, 1),
+            Limit::Drop => self.local.add(Counter::RateLimited, 1),
+            Limit::Allow | Limit::Kod => {}
+        }
+        checked.limit
+    }
 }
 
 impl Handler for NtpHandler {
@@ -82,6 +99,12 @@ impl Handler for NtpHandler {
             self.local.add(Counter::from_request_error(e), 1);
             return 0;
         }
+        // Before any policy: a reply that cannot reach the client is never built, and an address
+        // spelled to look like another (::ffff:127.0.0.1) never meets a rule.
+        if let Err(u) = check_addresses(d.peer, d.destination) {
+            self.local.add(Counter::from_unanswerable(u), 1);
+            return 0;
+        }
         let rx = match d.rx_realtime_ns {
             Some(t) => t,
             None => {
@@ -98,32 +121,24 @@ impl Handler for NtpHandler {
                 self.local.add(Counter::Ignored, 1);
                 return 0;
             }
-            Action::Deny => {
-                self.local.add(Counter::KodDeny, 1);
-                &self.kod_deny
-            }
-            Action::Limited => {
-                let random = self.random();
-                let checked = self.policy.limiter.check_detail(ip, rx as u64, random);
-                if checked.evicted {
-                    self.local.add(Counter::RateEvicted, 1);
+            // A refused client's answer is limited like any other, or a spoofed flood would
+            // turn the server into a 1:1 reflector of DENYs at line rate.
+            Action::Deny => match self.rate_limit(ip, rx) {
+                Limit::Drop => return 0,
+                Limit::Allow | Limit::Leak | Limit::Kod => {
+                    self.local.add(Counter::KodDeny, 1);
+                    &self.kod_deny
                 }
-                match checked.limit {
-                    Limit::Allow => &self.template,
-                    Limit::Leak => {
-                        self.local.add(Counter::Leaked, 1);
-                        &self.template
-                    }
-                    Limit::Drop => {
-                        self.local.add(Counter::RateLimited, 1);
-                        return 0;
-                    }
-                    Limit::Kod => {
-                        self.local.add(Counter::KodRate, 1);
-                        &self.kod_rate
-                    }
+            },
+            Action::Limited => match self.rate_limit(ip, rx) {
+                Limit::Allow | Limit::Leak => &self.template,
+                Limit::Drop => return 0,
+                // The limiter sends at most one per client per KoD window: limited too.
+                Limit::Kod => {
+                    self.local.add(Counter::KodRate, 1);
+                    &self.kod_rate
                 }
-            }
+            },
         };
         self.local.add(Counter::Answered, 1);
         write_reply(d.buf, template, self.state.ntp_time(rx))
@@ -146,8 +161,12 @@ impl Handler for NtpHandler {
         }
     }
 
-    fn send_failed(&mut self, n: usize) {
-        self.local.add(Counter::SendFailed, n as u64);
+    fn send_failed(&mut self, reason: SendError, n: usize) {
+        self.local.send_failed(reason, n as u64);
+    }
+
+    fn rx_queue_dropped(&mut self, n: u64) {
+        self.local.add(Counter::KernelRxQueue, n);
     }
 
     #[inline]
@@ -158,5 +177,114 @@ impl Handler for NtpHandler {
 
     fn idle(&mut self) {
         self.local.maybe_flush(&self.shared, realtime_ns(), true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock;
+    use crate::policy::{PolicyConfig, RateLimitConfig, Rule};
+    use crate::proto::{Destination, Header};
+
+    fn handler(
+        rules: &[(&str, Action)],
+        default: Action,
+        rate_limit: RateLimitConfig,
+    ) -> (NtpHandler, Arc<WorkerStats>) {
+        let (mut publisher, reader) = clock::snapshot(ClockState::unsynchronized(-24));
+        publisher.publish(ClockState::local(2, -24, realtime_ns()));
+        let config = PolicyConfig {
+            rules: rules
+                .iter()
+                .map(|(p, action)| Rule {
+                    prefix: p.parse().unwrap(),
+                    action: *action,
+                })
+                .collect(),
+            default,
+            rate_limit,
+        };
+        let policy = Arc::new(SharedPolicy::new(PolicySet::build(config, None)));
+        let stats = Arc::new(WorkerStats::new(0, None, "test"));
+        (NtpHandler::new(reader, policy, stats.clone()), stats)
+    }
+
+    /// One request through the handler; the reply's length (0 = nothing sent).
+    fn ask(h: &mut NtpHandler, peer: &str, destination: Option<Destination>, rx_ns: i64) -> (usize, [u8; 64]) {
+        let mut buf = [0u8; 64];
+        buf[0] = 0x23;
+        let n = h.handle(Datagram {
+            buf: &mut buf,
+            len: 48,
+            truncated: false,
+            peer: peer.parse().unwrap(),
+            rx_realtime_ns: Some(rx_ns),
+            destination,
+        });
+        (n, buf)
+    }
+
+    #[test]
+    fn unanswerable_requests_never_meet_a_rule() {
+        let (mut h, stats) = handler(
+            &[("127.0.0.0/8", Action::Exempt)],
+            Action::Ignore,
+            RateLimitConfig::default(),
+        );
+        let now = realtime_ns();
+        h.begin_batch();
+        let broadcast = Destination {
+            addr: "127.255.255.255".parse().unwrap(),
+            spec_dst: Some("127.0.0.1".parse().unwrap()),
+        };
+        for (peer, dest) in [
+            ("[::ffff:127.0.0.1]:123", None),
+            ("[::127.0.0.1]:123", None),
+            ("127.0.0.1:0", None),
+            ("127.0.0.1:123", Some(broadcast)),
+            ("224.0.0.1:123", None),
+        ] {
+            assert_eq!(ask(&mut h, peer, dest, now).0, 0, "{peer} answered");
+        }
+        assert_eq!(ask(&mut h, "127.0.0.1:123", None, now).0, 48);
+        h.idle();
+        assert_eq!(stats.get(Counter::SourceIpv4InIpv6), 2);
+        assert_eq!(stats.get(Counter::SourcePortZero), 1);
+        assert_eq!(stats.get(Counter::DestinationNotUnicast), 1);
+        assert_eq!(stats.get(Counter::SourceNotUnicast), 1);
+        // Only the last request met a rule.
+        assert_eq!(stats.get(Counter::RuleExempt), 1);
+        assert_eq!(stats.get(Counter::RuleIgnore), 0);
+        assert_eq!(stats.get(Counter::Answered), 1);
+    }
+
+    #[test]
+    fn deny_answers_get_the_rate_limit_plus_leak() {
+        let rl = RateLimitConfig {
+            interval: 1.0,
+            burst: 4,
+            leak: 10,
+            table_bytes: 1 << 16,
+            ..RateLimitConfig::default()
+        };
+        let (mut h, stats) = handler(&[("192.0.2.0/24", Action::Deny)], Action::Serve, rl);
+        // Ten requests a second for 100 s of virtual time: ten times the limit.
+        let (per_s, secs) = (10i64, 100i64);
+        let start = 1_700_000_000_000_000_000i64;
+        let mut denies = 0;
+        h.begin_batch();
+        for i in 0..per_s * secs {
+            let (n, buf) = ask(&mut h, "192.0.2.7:123", None, start + i * 1_000_000_000 / per_s);
+            if n > 0 {
+                assert_eq!(Header::decode(&buf[..n]).unwrap().kiss_code(), Some(RefId::DENY));
+                denies += 1;
+            }
+        }
+        h.idle();
+        // Allowed 100 + 4, and 1 in 10 of the other ~896 leaked: about 194 of 1000.
+        assert!((150..=240).contains(&denies), "{denies} DENY for 1000 requests");
+        assert_eq!(stats.get(Counter::KodDeny), denies);
+        assert_eq!(stats.get(Counter::RateLimited), 1000 - denies);
     }
 }

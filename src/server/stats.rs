@@ -30,10 +30,20 @@ pub enum Counter {
     RuleLimited,
     RuleExempt,
     RateEvicted,
+    SourcePortZero,
+    SourceIpv4InIpv6,
+    SourceNotUnicast,
+    DestinationNotUnicast,
+    KernelRxQueue,
+    SendEinval,
+    SendEperm,
+    SendUnreachable,
+    SendBufferFull,
+    SendOther,
 }
 
 impl Counter {
-    pub const COUNT: usize = 21;
+    pub const COUNT: usize = 31;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::Received,
         Counter::Answered,
@@ -56,6 +66,16 @@ impl Counter {
         Counter::RuleLimited,
         Counter::RuleExempt,
         Counter::RateEvicted,
+        Counter::SourcePortZero,
+        Counter::SourceIpv4InIpv6,
+        Counter::SourceNotUnicast,
+        Counter::DestinationNotUnicast,
+        Counter::KernelRxQueue,
+        Counter::SendEinval,
+        Counter::SendEperm,
+        Counter::SendUnreachable,
+        Counter::SendBufferFull,
+        Counter::SendOther,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -81,6 +101,19 @@ impl Counter {
             Counter::RuleLimited => "rule_limited",
             Counter::RuleExempt => "rule_exempt",
             Counter::RateEvicted => "rate_table_evictions",
+            Counter::SourcePortZero => "drop_source_port_zero",
+            Counter::SourceIpv4InIpv6 => "drop_source_ipv4_in_ipv6",
+            Counter::SourceNotUnicast => "drop_source_not_unicast",
+            Counter::DestinationNotUnicast => "drop_destination_not_unicast",
+            // Datagrams the kernel dropped before we saw them (full receive queue), from
+            // SO_RXQ_OVFL; not part of `received`.
+            Counter::KernelRxQueue => "drop_kernel_rx_queue",
+            // Why sends failed: these add up to drop_send_failed.
+            Counter::SendEinval => "send_error_einval",
+            Counter::SendEperm => "send_error_eperm",
+            Counter::SendUnreachable => "send_error_unreachable",
+            Counter::SendBufferFull => "send_error_buffer_full",
+            Counter::SendOther => "send_error_other",
         }
     }
 
@@ -93,6 +126,28 @@ impl Counter {
             A::Deny => Counter::RuleDeny,
             A::Limited => Counter::RuleLimited,
             A::Exempt => Counter::RuleExempt,
+        }
+    }
+
+    pub fn from_unanswerable(u: crate::proto::Unanswerable) -> Counter {
+        use crate::proto::Unanswerable as U;
+        match u {
+            U::SourcePortZero => Counter::SourcePortZero,
+            U::SourceIpv4InIpv6 => Counter::SourceIpv4InIpv6,
+            U::SourceNotUnicast => Counter::SourceNotUnicast,
+            U::DestinationNotUnicast => Counter::DestinationNotUnicast,
+        }
+    }
+
+    /// The reason counter of a failed send (drop_send_failed counts the total).
+    pub fn from_send_error(e: super::socket::SendError) -> Counter {
+        use super::socket::SendError as E;
+        match e {
+            E::Invalid => Counter::SendEinval,
+            E::NotPermitted => Counter::SendEperm,
+            E::Unreachable => Counter::SendUnreachable,
+            E::BufferFull => Counter::SendBufferFull,
+            E::Other => Counter::SendOther,
         }
     }
 
@@ -214,6 +269,12 @@ impl LocalStats {
         self.counts[c as usize] += n;
     }
 
+    /// Counts `n` replies that could not be sent, in the total and by reason.
+    pub fn send_failed(&mut self, reason: super::socket::SendError, n: u64) {
+        self.add(Counter::SendFailed, n);
+        self.add(Counter::from_send_error(reason), n);
+    }
+
     #[inline]
     pub fn record_latency(&mut self, ns: i64) {
         self.latency.saturating_record(ns.max(1) as u64);
@@ -243,5 +304,30 @@ impl LocalStats {
             let _ = h.add(&self.batch_sizes);
             self.batch_sizes.reset();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_listed_once_in_order_with_distinct_names() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?}");
+        }
+        let names: std::collections::BTreeSet<_> = Counter::ALL.iter().map(|c| c.name()).collect();
+        assert_eq!(names.len(), Counter::COUNT);
+    }
+
+    #[test]
+    fn a_failed_send_counts_in_the_total_and_by_reason() {
+        use super::super::socket::SendError;
+        let mut l = LocalStats::default();
+        l.send_failed(SendError::Invalid, 2);
+        l.send_failed(SendError::Unreachable, 1);
+        assert_eq!(l.counts[Counter::SendFailed as usize], 3);
+        assert_eq!(l.counts[Counter::SendEinval as usize], 2);
+        assert_eq!(l.counts[Counter::SendUnreachable as usize], 1);
     }
 }

@@ -7,7 +7,10 @@
 //! with the next wait (`io = "uring-send"`: each buffer goes back when its send completes).
 //! `benches/compare.sh` measures both; README says which won here.
 
-use super::socket::{BUF_LEN, CTRL_WORDS, build_pktinfo, parse_cmsgs, sockaddr_to_std};
+use super::socket::{
+    BUF_LEN, CTRL_WORDS, RECV_CONTROL_LEN, RxQueueDrops, SendError, build_pktinfo, parse_cmsgs, send_batch,
+    sockaddr_to_std,
+};
 use super::{Datagram, Handler};
 use io_uring::{IoUring, Probe, cqueue, opcode, types};
 use socket2::Socket;
@@ -16,7 +19,7 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Provided buffers per worker (a power of two). Multishot receive stops when the ring runs dry,
 /// so keep far more than one batch in flight.
@@ -30,8 +33,12 @@ const BGID: u16 = 0;
 /// follows it in the buffer is 8-byte aligned, as `cmsghdr` requires.
 const NAME_LEN: usize = (size_of::<libc::sockaddr_in6>() + 7) & !7;
 const _: () = assert!((HEADER_LEN + NAME_LEN).is_multiple_of(8));
-/// Room for SCM_TIMESTAMPNS + IP(V6)_PKTINFO.
+/// Room for SCM_TIMESTAMPNS + IP(V6)_PKTINFO + SO_RXQ_OVFL (a cmsg that does not fit is cut
+/// off, and the kernel flags the datagram MSG_CTRUNC).
 const CONTROL_LEN: usize = 128;
+const _: () = assert!(RECV_CONTROL_LEN <= CONTROL_LEN && CONTROL_LEN.is_multiple_of(8));
+/// Marks the cancel-everything request sent at shutdown.
+const CANCEL_TAG: u64 = 1 << 62;
 /// io_uring_recvmsg_out header, then name, control and payload (see `RecvMsgOut`).
 const HEADER_LEN: usize = 16;
 const PAYLOAD_OFFSET: usize = HEADER_LEN + NAME_LEN + CONTROL_LEN;
@@ -54,9 +61,14 @@ pub fn probe() -> Result<(), Unsupported> {
         return Err(Unsupported("the kernel lacks IORING_OP_RECVMSG".into()));
     }
     let br = BufRing::new(8).map_err(|e| Unsupported(format!("buffer ring: {e}")))?;
-    br.register(&ring)
-        .map_err(|e| Unsupported(format!("register_buf_ring (needs Linux 5.19): {e}")))?;
-    Ok(())
+    let registered = br
+        .register(&ring)
+        .map_err(|e| Unsupported(format!("register_buf_ring (needs Linux 5.19): {e}")));
+    // SAFETY: the ring is closed before the buffer ring it registered is freed (no request was
+    // ever submitted, but the registration holds the memory until then).
+    drop(ring);
+    drop(br);
+    registered
 }
 
 fn build_ring(entries: u32) -> io::Result<IoUring> {
@@ -110,9 +122,21 @@ impl BufRing {
         Ok(br)
     }
 
+    /// A ring that owns nothing (what is left in a `Worker` whose buffers were leaked).
+    fn empty() -> BufRing {
+        BufRing {
+            ring: std::ptr::null_mut(),
+            ring_layout: Layout::new::<u8>(),
+            bufs: std::ptr::null_mut(),
+            bufs_layout: Layout::new::<u8>(),
+            entries: 0,
+            tail: 0,
+        }
+    }
+
     fn register(&self, ring: &IoUring) -> io::Result<()> {
         // SAFETY: the ring memory is page aligned, `entries` long, and lives as long as `self`,
-        // which the caller keeps alive for as long as the io_uring (both drop together).
+        // which the caller keeps alive until the io_uring is closed (`Worker`'s field order).
         unsafe {
             ring.submitter()
                 .register_buf_ring_with_flags(self.ring as u64, self.entries, BGID, 0)
@@ -147,6 +171,9 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
+        if self.ring.is_null() {
+            return;
+        }
         // SAFETY: allocated in `new` with exactly these layouts.
         unsafe {
             dealloc(self.ring.cast(), self.ring_layout);
@@ -168,6 +195,7 @@ struct SocketState {
     rx_ns: Box<[i64]>,
     bids: Box<[u16]>,
     pending: usize,
+    rx_drops: RxQueueDrops,
 }
 
 /// The msghdr of a reply in flight as an io_uring send; one per buffer id, because it must live
@@ -195,6 +223,7 @@ impl SocketState {
             rx_ns: vec![0i64; BATCH].into_boxed_slice(),
             bids: vec![0u16; BATCH].into_boxed_slice(),
             pending: 0,
+            rx_drops: RxQueueDrops::default(),
         }
     }
 }
@@ -207,6 +236,115 @@ struct Completion {
     flags: u32,
 }
 
+/// The io_uring and everything the kernel reads or writes on its behalf.
+///
+/// SAFETY: the fields drop in declaration order, and this order is what keeps the kernel from
+/// writing into freed memory: `Drop` first cancels every request and waits for them to end,
+/// then `ring` is closed, and only then are the memory areas that its requests pointed at freed:
+/// the provided buffers (`bufring`), the msghdrs of io_uring sends (`slots`), the recvmsg
+/// templates (`socks`). This holds on every way out of `run`, the fallback to mmsg included.
+struct Worker {
+    ring: IoUring,
+    bufring: BufRing,
+    slots: Box<[SendSlot]>,
+    socks: Vec<SocketState>,
+    /// io_uring sends submitted and not yet completed.
+    sends_in_flight: usize,
+}
+
+impl Worker {
+    fn new(sockets: &[Socket]) -> Result<Worker, Unsupported> {
+        let ring = build_ring(256).map_err(|e| Unsupported(format!("io_uring_setup: {e}")))?;
+        // Saves a file-table lookup on every io_uring_enter; optional.
+        let _ = ring.submitter().register_ring_fd();
+        let bufring = BufRing::new(RING_ENTRIES).map_err(|e| Unsupported(e.to_string()))?;
+        let w = Worker {
+            ring,
+            bufring,
+            slots: (0..RING_ENTRIES)
+                // SAFETY: plain C structs; all-zero is a valid (empty) value.
+                .map(|_| SendSlot {
+                    hdr: unsafe { zeroed() },
+                    iov: unsafe { zeroed() },
+                    ctrl: [0; CTRL_WORDS],
+                })
+                .collect(),
+            socks: sockets.iter().map(SocketState::new).collect(),
+            sends_in_flight: 0,
+        };
+        w.bufring
+            .register(&w.ring)
+            .map_err(|e| Unsupported(format!("register_buf_ring: {e}")))?;
+        Ok(w)
+    }
+
+    /// Cancels every request and waits, bounded, until none is left: no armed multishot
+    /// receive, no send in flight. False if some were still running at the deadline.
+    fn quiesce(&mut self) -> bool {
+        let busy = |w: &Worker| w.sends_in_flight > 0 || w.socks.iter().any(|s| s.armed);
+        if !busy(self) {
+            return true;
+        }
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(CANCEL_TAG);
+        // SAFETY: a cancel request points at no memory.
+        if unsafe { self.ring.submission().push(&cancel) }.is_err() {
+            let _ = self.ring.submit();
+            // SAFETY: as above.
+            let _ = unsafe { self.ring.submission().push(&cancel) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let timeout = types::Timespec::from(Duration::from_millis(50));
+        while busy(self) && Instant::now() < deadline {
+            let args = types::SubmitArgs::new().timespec(&timeout);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            for cqe in self.ring.completion() {
+                let ud = cqe.user_data();
+                if ud & SEND_TAG != 0 {
+                    self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
+                } else if ud & CANCEL_TAG == 0
+                    && !cqueue::more(cqe.flags())
+                    && let Some(s) = self.socks.get_mut(ud as usize)
+                {
+                    s.armed = false;
+                }
+            }
+        }
+        !busy(self)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if !self.quiesce() {
+            // The kernel may still write into these: leak them rather than free them under it.
+            log::warn!("io_uring requests did not end at shutdown; leaking their buffers");
+            let bufring = std::mem::replace(&mut self.bufring, BufRing::empty());
+            std::mem::forget(bufring);
+            std::mem::forget(std::mem::take(&mut self.slots));
+            std::mem::forget(std::mem::take(&mut self.socks));
+        }
+    }
+}
+
+/// Queues a multishot receive for every socket that has none.
+fn arm(ring: &mut IoUring, socks: &mut [SocketState]) {
+    for (i, s) in socks.iter_mut().enumerate() {
+        if !s.armed {
+            let sqe = opcode::RecvMsgMulti::new(types::Fd(s.fd), &*s.template as *const libc::msghdr, BGID)
+                .build()
+                .user_data(i as u64);
+            // SAFETY: the msghdr template is boxed and lives in the `Worker` (with the buffer
+            // group registered) until the ring is closed.
+            if unsafe { ring.submission().push(&sqe) }.is_err() {
+                break;
+            }
+            s.armed = true;
+        }
+    }
+}
+
 /// Serves `sockets` until `stop`; `Err(Unsupported)` if the kernel refuses multishot receive
 /// before any datagram was served (the caller then falls back to mmsg).
 pub fn run<H: Handler>(
@@ -215,41 +353,21 @@ pub fn run<H: Handler>(
     stop: &AtomicBool,
     uring_send: bool,
 ) -> Result<(), Unsupported> {
-    let mut ring = build_ring(256).map_err(|e| Unsupported(format!("io_uring_setup: {e}")))?;
-    // Saves a file-table lookup on every io_uring_enter; optional.
-    let _ = ring.submitter().register_ring_fd();
-    let mut bufring = BufRing::new(RING_ENTRIES).map_err(|e| Unsupported(e.to_string()))?;
-    bufring
-        .register(&ring)
-        .map_err(|e| Unsupported(format!("register_buf_ring: {e}")))?;
-    let mut socks: Vec<SocketState> = sockets.iter().map(SocketState::new).collect();
+    let mut w = Worker::new(sockets)?;
+    let Worker {
+        ring,
+        bufring,
+        slots,
+        socks,
+        sends_in_flight,
+    } = &mut w;
     let mut served_any = false;
     let mut completions = [Completion::default(); BATCH];
     let timeout = types::Timespec::from(Duration::from_millis(100));
     let mut returned: Vec<u16> = Vec::with_capacity(BATCH);
-    let mut slots: Box<[SendSlot]> = (0..RING_ENTRIES)
-        // SAFETY: plain C structs; all-zero is a valid (empty) value.
-        .map(|_| SendSlot {
-            hdr: unsafe { zeroed() },
-            iov: unsafe { zeroed() },
-            ctrl: [0; CTRL_WORDS],
-        })
-        .collect();
 
     while !stop.load(Ordering::Relaxed) {
-        for (i, s) in socks.iter_mut().enumerate() {
-            if !s.armed {
-                let sqe = opcode::RecvMsgMulti::new(types::Fd(s.fd), &*s.template as *const libc::msghdr, BGID)
-                    .build()
-                    .user_data(i as u64);
-                // SAFETY: the msghdr template is boxed and lives in `socks` for the whole loop;
-                // the buffer group is registered above.
-                if unsafe { ring.submission().push(&sqe) }.is_err() {
-                    break;
-                }
-                s.armed = true;
-            }
-        }
+        arm(ring, socks);
         let args = types::SubmitArgs::new().timespec(&timeout);
         match ring.submitter().submit_with_args(1, &args) {
             Ok(_) => {}
@@ -274,13 +392,15 @@ pub fn run<H: Handler>(
             got_any = true;
             handler.begin_batch();
             let mut received = 0;
+            let mut rx_dropped = 0u64;
             returned.clear();
             for c in &completions[..n] {
                 if c.user_data & SEND_TAG != 0 {
                     // An io_uring send finished: its buffer can take a new datagram.
+                    *sends_in_flight = sends_in_flight.saturating_sub(1);
                     bufring.push(c.user_data as u16);
                     if c.result < 0 {
-                        handler.send_failed(1);
+                        handler.send_failed(SendError::from_errno(-c.result), 1);
                     }
                     continue;
                 }
@@ -320,6 +440,7 @@ pub fn run<H: Handler>(
                     h.msg_controllen = ctrl.len();
                     parse_cmsgs(&h)
                 };
+                rx_dropped += s.rx_drops.new_drops(info.rx_queue_drops);
                 // SAFETY: a sockaddr_storage is larger than NAME_LEN; copy the name bytes in.
                 let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
                 let name = out.name_data();
@@ -343,6 +464,7 @@ pub fn run<H: Handler>(
                     truncated,
                     peer,
                     rx_realtime_ns: info.rx_realtime_ns,
+                    destination: info.destination,
                 });
                 if reply_len == 0 {
                     continue;
@@ -405,49 +527,40 @@ pub fn run<H: Handler>(
                             let sqe = opcode::SendMsg::new(types::Fd(s.fd), &slot.hdr)
                                 .build()
                                 .user_data(SEND_TAG | u64::from(bid));
-                            loop {
-                                // SAFETY: the slot (msghdr, iovec, cmsg) and the buffer it points
-                                // at stay untouched until this send's completion returns the bid.
-                                if unsafe { ring.submission().push(&sqe) }.is_ok() {
-                                    break;
-                                }
-                                // Queue full: hand what is queued to the kernel, then retry.
-                                if ring.submit().is_err() {
-                                    break;
-                                }
+                            // SAFETY: the slot (msghdr, iovec, cmsg) and the buffer it points
+                            // at stay untouched until this send's completion returns the bid.
+                            let mut queued = unsafe { ring.submission().push(&sqe) }.is_ok();
+                            // Queue full: hand what is queued to the kernel, then retry once.
+                            if !queued && ring.submit().is_ok() {
+                                // SAFETY: as above.
+                                queued = unsafe { ring.submission().push(&sqe) }.is_ok();
+                            }
+                            if queued {
+                                *sends_in_flight += 1;
+                            } else {
+                                // Never submitted: the buffer goes back with the batch's others.
+                                returned.push(bid);
+                                handler.send_failed(SendError::BufferFull, 1);
                             }
                         }
                         replied += s.pending;
                         s.pending = 0;
                         continue;
                     }
-                    let mut sent = 0;
-                    while sent < s.pending {
-                        // SAFETY: send_hdrs[sent..pending] are initialised and point at live buffers.
-                        let rc = unsafe {
-                            libc::sendmmsg(
-                                s.fd,
-                                s.send_hdrs[sent..].as_mut_ptr(),
-                                (s.pending - sent) as libc::c_uint,
-                                0,
-                            )
-                        };
-                        if rc <= 0 {
-                            handler.send_failed(s.pending - sent);
-                            break;
-                        }
-                        sent += rc as usize;
-                    }
+                    send_batch(s.fd, &mut s.send_hdrs[..s.pending], handler);
                     replied += s.pending;
                     s.pending = 0;
                 }
             }
             // Buffers of dropped requests and of synchronous sends go back now; io_uring sends
             // return theirs on completion.
-            for &bid in &returned {
+            for &bid in returned.iter() {
                 bufring.push(bid);
             }
             bufring.publish();
+            if rx_dropped > 0 {
+                handler.rx_queue_dropped(rx_dropped);
+            }
             handler.end_batch(received, replied);
         }
         if !got_any {
@@ -455,4 +568,35 @@ pub fn run<H: Handler>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::socket::{SocketOptions, bind_udp};
+
+    #[test]
+    fn shutdown_ends_every_request_before_the_memory_goes() {
+        if let Err(Unsupported(why)) = probe() {
+            eprintln!("SKIPPED: io_uring unavailable ({why})");
+            return;
+        }
+        let opts = SocketOptions {
+            recv_buffer: 1 << 16,
+            send_buffer: 1 << 16,
+            read_timeout: None,
+            nonblocking: true,
+        };
+        let socks: Vec<Socket> = (0..2)
+            .map(|_| bind_udp("127.0.0.1:0".parse().unwrap(), &opts).unwrap())
+            .collect();
+        let mut w = Worker::new(&socks).unwrap();
+        arm(&mut w.ring, &mut w.socks);
+        w.ring.submit().unwrap();
+        assert!(w.socks.iter().all(|s| s.armed));
+        // What `Drop` does before the ring closes and the buffers are freed.
+        assert!(w.quiesce(), "armed receives survived the cancel");
+        assert!(w.socks.iter().all(|s| !s.armed));
+        drop(w);
+    }
 }

@@ -435,3 +435,54 @@ pub fn chrony_offset(out: &str) -> Option<f64> {
     let line = out.lines().find(|l| l.contains("System clock wrong by"))?;
     line.split("wrong by ").nth(1)?.split_whitespace().next()?.parse().ok()
 }
+
+/// A client socket bound to `src` (any 127.x.y.z works on Linux loopback).
+pub fn from(src: &str) -> UdpSocket {
+    let s = UdpSocket::bind(format!("{src}:0")).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    s
+}
+
+/// Sends `n` requests at `rate` per second from `src`; returns (normal replies, KoD codes seen).
+pub fn send_paced(src: &str, target: SocketAddr, n: u32, rate: f64) -> (u32, Vec<gnomon::proto::RefId>) {
+    let s = from(src);
+    s.set_nonblocking(true).unwrap();
+    let start = Instant::now();
+    let mut ok = 0;
+    let mut kods = Vec::new();
+    let mut buf = [0u8; 100];
+    let mut drain = |ok: &mut u32, kods: &mut Vec<gnomon::proto::RefId>| {
+        while let Ok(n) = s.recv(&mut buf) {
+            let h = gnomon::proto::Header::decode(&buf[..n]).unwrap();
+            match h.kiss_code() {
+                Some(k) => kods.push(k),
+                None => *ok += 1,
+            }
+        }
+    };
+    for i in 0..n {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        while Instant::now() < due {
+            drain(&mut ok, &mut kods);
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        s.send_to(&request(4, 3, i as u64 + 1), target).unwrap();
+    }
+    let end = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < end {
+        drain(&mut ok, &mut kods);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (ok, kods)
+}
+
+/// Backends this kernel allows, as (config `io` value, name in `gnomon stats`); io_uring is
+/// skipped (not failed) where it is refused.
+pub fn backends() -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![("mmsg", "mmsg")];
+    match gnomon::server::uring::probe() {
+        Ok(()) => v.extend([("uring", "io_uring"), ("uring-send", "io_uring-send")]),
+        Err(e) => eprintln!("SKIPPED io_uring backend: {}", e.0),
+    }
+    v
+}
