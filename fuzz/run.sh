@@ -29,7 +29,9 @@ for t in "${targets[@]}"; do
   log="artifacts/$t.log"
   if ! cargo fuzz run -s "$sanitizer" "$t" "corpus/$t" "${seeds[@]}" -- \
     -max_total_time="$seconds" -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
-    grep -av '^#[0-9]' "$log" | tail -n 60
+    # The panic (or libFuzzer's timeout/out-of-memory report) and the input that caused it.
+    grep -a -m1 -A8 'panicked at' "$log" || grep -av '^#[0-9]' "$log" | tail -n 40
+    grep -a -A2 '^Failing input' "$log" || true
     echo "fuzz: $t FAILED (full log: fuzz/$log; reproduce with the input named above:" \
       "cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -s $sanitizer $t INPUT)" >&2
     exit 1
