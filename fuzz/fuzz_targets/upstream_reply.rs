@@ -128,7 +128,7 @@ fuzz_target!(|data: &[u8]| {
     for _ in 0..MAX_ROUNDS {
         let Some(op) = input.byte() else { break };
         if op & 3 == 0 {
-            // Time passes to the next deadline (or a little when nothing is due), then polls.
+            // Time passes to the next deadline and up to 16 s more, then due requests go out.
             let step = i64::from(input.byte().unwrap_or(0)) * NS / 16;
             now = core.next_deadline().map_or(now, |d| d.max(now)) + step;
             if let Some(s) = core.tick(now) {
@@ -195,7 +195,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(s, core.state());
         }
         if let Some(before) = before {
-            // Spoofed, stray, truncated or a duplicate: no trace but a counter.
+            // Spoofed, stray or truncated: no trace but a counter.
             assert!(published.is_none());
             assert_eq!(
                 before,
