@@ -36,7 +36,9 @@ impl ControlContext {
         }
     }
 
-    fn answer(&self, line: &str) -> String {
+    /// The answer to one request line (without its newline); always ends in a newline. Public
+    /// so the fuzz target drives the dispatch without a socket.
+    pub fn answer(&self, line: &str) -> String {
         let mut words = line.split_whitespace();
         match words.next() {
             Some("stats") => {

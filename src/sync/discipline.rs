@@ -245,8 +245,11 @@ fn slew_for(phase: f64, now_ns: i64) -> (f64, Option<i64>) {
     if phase.abs() < NEGLIGIBLE_PHASE {
         return (0.0, None);
     }
+    // A phase of years (an upstream's GPS week rollover) takes longer to slew than i64
+    // nanoseconds count: the end saturates and the rate stays at MAX_SLEW.
     let duration_ns = secs_to_nanos(phase.abs() / MAX_SLEW).max(MIN_SLEW_NS);
-    (phase / nanos_to_secs(duration_ns), Some(now_ns + duration_ns))
+    let slew = (phase / nanos_to_secs(duration_ns)).clamp(-MAX_SLEW, MAX_SLEW);
+    (slew, Some(now_ns.saturating_add(duration_ns)))
 }
 
 #[cfg(test)]
@@ -297,6 +300,19 @@ mod tests {
         let s = d.update(T0 + 1_000_000_000, &est(0.5, 4.5e-4));
         assert!(s.frequency <= MAX_TOTAL_FREQUENCY + 1e-15);
         assert!(s.root_dispersion >= 0.5);
+    }
+
+    #[test]
+    fn phase_of_decades_slews_at_bounded_rate() {
+        for phase in [1e9, -1e9] {
+            let mut d = Discipline::new(-20, 1.0);
+            d.update(T0, &est(0.0, 0.0));
+            let t = T0 + 1_000_000_000;
+            let s = d.update(t, &est(phase, 4.5e-4));
+            assert!(s.frequency.abs() <= MAX_TOTAL_FREQUENCY + 1e-15, "{s:?}");
+            assert!(d.deadline().is_some_and(|end| end > t + MIN_SLEW_NS));
+            assert_eq!(d.tick(t + MIN_SLEW_NS), None);
+        }
     }
 
     #[test]

@@ -79,12 +79,12 @@ pub fn validate(
     precision: i8,
 ) -> Result<Sample, Rejection> {
     let h = Header::decode(reply).map_err(|_| Rejection::TooShort)?;
-    if h.mode != Mode::Server {
-        return Err(Rejection::NotServerMode);
-    }
-    // Before anything else from the packet is believed, including a kiss code.
+    // Before anything else from the packet is believed, its mode and a kiss code included.
     if h.origin_timestamp != request_transmit {
         return Err(Rejection::OriginMismatch);
+    }
+    if h.mode != Mode::Server {
+        return Err(Rejection::NotServerMode);
     }
     match h.kiss_code() {
         Some(code @ (RefId::RATE | RefId::DENY | RefId::RSTR)) => return Err(Rejection::Kiss(code)),
@@ -246,8 +246,9 @@ impl Source {
         };
         let result = validate(out.transmit, out.t1_ns, reply, t4_ns, precision);
         match result {
-            Err(Rejection::OriginMismatch) => {
-                // Keep waiting: the genuine reply may still come.
+            // Nothing ties it to our request (a spoofer needs only our address and port to
+            // send it): keep waiting, the genuine reply may still come.
+            Err(Rejection::OriginMismatch | Rejection::TooShort) => {
                 self.mismatched += 1;
             }
             Err(e) => {
@@ -425,6 +426,20 @@ mod tests {
             validate(NtpTimestamp(7), t1, &kod, t4, PREC),
             Err(Rejection::OriginMismatch)
         );
+    }
+
+    #[test]
+    fn datagrams_without_our_origin_leave_the_exchange_alone() {
+        let mut s = src(false);
+        let now = s.next_poll_at().unwrap();
+        let req = s.poll(now, 99).unwrap();
+        let (reply, t4) = exchange(&req, now, &info(1));
+        // Truncated, and a reflected request (mode 3, not our origin), from the source's address.
+        assert_eq!(s.receive(&reply[..20], t4, PREC), Err(Rejection::TooShort));
+        assert_eq!(s.receive(&req, t4, PREC), Err(Rejection::OriginMismatch));
+        assert_eq!((s.mismatched, s.last_rejection), (2, None));
+        assert_eq!(s.receive(&reply, t4, PREC), Ok(()));
+        assert_eq!(s.reach, 1);
     }
 
     #[test]

@@ -314,7 +314,7 @@ pub fn start_chronyd(dir: &Path, i: usize) -> Chronyd {
     std::fs::write(
         &conf,
         format!(
-            "local stratum 1\nallow 127.0.0.1\nport {port}\nbindaddress 127.0.0.1\ncmdport 0\npidfile {}\n",
+            "local stratum 1\nallow 127.0.0.1\nport {port}\nbindaddress 127.0.0.1\ncmdport 0\nbindcmdaddress /\npidfile {}\n",
             dir.join(format!("server{i}.pid")).display()
         ),
     )
@@ -383,7 +383,7 @@ pub fn chrony_client(server: std::net::SocketAddr, dir: &std::path::Path, timeou
     std::fs::write(
         &conf,
         format!(
-            "server {} port {} iburst\npidfile {}/client.pid\ncmdport 0\n",
+            "server {} port {} iburst\npidfile {}/client.pid\ncmdport 0\nbindcmdaddress /\n",
             server.ip(),
             server.port(),
             dir.display()
@@ -408,7 +408,7 @@ pub fn chrony_measurements(server: std::net::SocketAddr, dir: &std::path::Path) 
     std::fs::write(
         &conf,
         format!(
-            "server {} port {} iburst minpoll 0 maxpoll 0\npidfile {}/meas.pid\ncmdport 0\nport 0\nlogdir {}\nlog measurements\n",
+            "server {} port {} iburst minpoll 0 maxpoll 0\npidfile {}/meas.pid\ncmdport 0\nbindcmdaddress /\nport 0\nlogdir {}\nlog measurements\n",
             server.ip(),
             server.port(),
             dir.display(),
