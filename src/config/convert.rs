@@ -298,7 +298,7 @@ impl Out {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "# gnomon.toml converted by `gnomon convert-config` from {file} ({}).",
+            "# gnomon.toml converted by `gnomon convert-config` from {file}, read as {}.",
             format.name()
         );
         t.push_str("# Each entry names the line it came from; what could not be carried over is listed at the end.\n");
