@@ -46,7 +46,7 @@ impl FromStr for Format {
 }
 
 /// One line (or part of one) that the output does not carry, and why.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct Note {
     pub line: usize,
     /// The directive as written (whitespace normalised).
@@ -222,6 +222,9 @@ pub fn convert(text: &str, file: &str, format: Option<Format>) -> Result<Convert
         Format::Ntp => ntp(text, &mut out),
         Format::Chrony => chrony(text, &mut out),
     }
+    // `restrict default` is two entries (IPv4, IPv6) of one line: say things about it once.
+    let mut seen = std::collections::HashSet::new();
+    out.notes.retain(|n| seen.insert(n.clone()));
     out.notes.sort_by_key(|n| n.line);
     Ok(Converted {
         format,
@@ -506,6 +509,10 @@ fn ntp(text: &str, out: &mut Out) {
                 if head == "peer" {
                     out.note(line, &words, WHY_PEER);
                 }
+                if !host_or_address(addr) {
+                    out.note(line, &words, "not a host name or IP address: left out");
+                    continue;
+                }
                 if server_options(&args[1..], Format::Ntp, &mut up, line, &words, out) {
                     out.upstreams.push(up);
                 }
@@ -554,7 +561,7 @@ fn ntp(text: &str, out: &mut Out) {
                     );
                 }
             }
-            "disable" | "enable" if words[1..].iter().all(|w| *w == "monitor") && head == "disable" => {
+            "disable" if words.len() == 2 && words[1] == "monitor" => {
                 out.note(
                     line,
                     &words,
@@ -875,6 +882,14 @@ fn ntp_finish_restricts(
     }
 }
 
+/// What gnomon's `address` takes: an IP address or a DNS name (never HOST:PORT).
+fn host_or_address(s: &str) -> bool {
+    s.parse::<IpAddr>().is_ok()
+        || (!s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+}
+
 /// Options of a `server`/`pool`/`peer` line. Returns false when the source is not to be added.
 fn server_options(
     opts: &[&str],
@@ -1066,6 +1081,10 @@ fn chrony(text: &str, out: &mut Out) {
                 };
                 if head == "peer" {
                     out.note(line, &words, WHY_PEER);
+                }
+                if !host_or_address(addr) {
+                    out.note(line, &words, "not a host name or IP address: left out");
+                    continue;
                 }
                 if server_options(&words[2..], Format::Chrony, &mut up, line, &words, out) {
                     out.upstreams.push(up);
@@ -1361,6 +1380,10 @@ mod tests {
         assert_eq!(cfg.policy.default, Action::Limited);
         assert!(cfg.policy.rate_limit.kod);
         assert_eq!(cfg.policy.rate_limit.leak, 0);
+        let lines: Vec<usize> = c.notes.iter().map(|n| n.line).collect();
+        let mut once = lines.clone();
+        once.dedup();
+        assert_eq!(lines, once, "one note per line here: {:?}", c.notes);
         let rules: Vec<(String, Action)> = cfg
             .policy
             .rules
@@ -1447,7 +1470,8 @@ mod tests {
         let (cfg, c) = conv("server 127.127.1.0\nfudge 127.127.1.0 stratum 10\n", Format::Ntp);
         assert_eq!(cfg.sync.local_stratum, Some(11), "{}", c.toml);
         assert!(cfg.sync.upstreams.is_empty());
-        let (cfg, _) = conv("server 127.127.1.0\n", Format::Ntp);
+        let (cfg, c) = conv("server a.example:123\nserver 127.127.1.0\n", Format::Ntp);
+        assert!(noted(&c, 1, "not a host name"), "{:?}", c.notes);
         assert_eq!(cfg.sync.local_stratum, Some(6));
         // Beside an upstream gnomon would never use it: left commented out, and said so.
         let (cfg, c) = conv(
