@@ -220,5 +220,16 @@ fn format_override_and_undetectable_input() {
     assert!(notes.contains("read as chrony.conf"), "{notes}");
     let (cfg, _) = convert(&f, &["--from", "ntp"]);
     assert_eq!(cfg.policy.default, Action::Serve, "ntpd without restrict");
+    // Without -o the config goes to stdout and the list to stderr.
+    let out = Command::new(GNOMON)
+        .args(["convert-config", "--from", "ntp"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let toml = String::from_utf8(out.stdout).unwrap();
+    let cfg = Config::parse(&toml, "stdout").unwrap();
+    assert_eq!(cfg.sync.upstreams[0].address, "192.0.2.1");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("0 item(s) not carried over"));
     let _ = std::fs::remove_dir_all(dir);
 }
