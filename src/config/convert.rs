@@ -442,7 +442,6 @@ const NTP_HARMLESS_FLAGS: &[&str] = &[
     "lowpriotrap",
     "nomrulist",
     "mssntp",
-    "notrust",
 ];
 
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -700,7 +699,8 @@ fn ntp_restrict(
                 out.note(
                     line,
                     words,
-                    "notrust (serve only authenticated clients) is not carried over: gnomon has no authentication",
+                    "notrust: ntpd serves only authenticated clients, and gnomon has no authentication, so \
+                     none is served here: ignore",
                 );
                 flags.insert(f);
             }
@@ -776,7 +776,7 @@ fn parse_ntp_prefix(s: &str) -> Result<Prefix, String> {
 
 /// ntpd's flags as one gnomon action. KoD is returned apart: gnomon has one `kod` setting.
 fn ntp_action(flags: &BTreeSet<String>, default: bool) -> Action {
-    if flags.contains("ignore") || flags.contains("noserve") {
+    if flags.contains("ignore") || flags.contains("noserve") || flags.contains("notrust") {
         Action::Ignore
     } else if flags.contains("limited") {
         Action::Limited
@@ -1374,7 +1374,7 @@ mod tests {
              restrict 127.0.0.1\nrestrict -6 ::1\n\
              restrict 192.168.1.0 mask 255.255.255.0 nomodify notrap\n\
              restrict 10.0.0.0 mask 255.0.0.0 ignore\nrestrict 172.16.0.0/12 noserve\n\
-             restrict 10.1.2.3 mask 255.255.0.0 nomodify\n",
+             restrict 10.1.2.3 mask 255.255.0.0 nomodify\nrestrict 198.51.100.0 mask 255.255.255.0 notrust\n",
             Format::Ntp,
         );
         assert_eq!(cfg.policy.default, Action::Limited);
@@ -1399,6 +1399,7 @@ mod tests {
                 ("10.0.0.0/8".to_string(), Action::Ignore),
                 ("172.16.0.0/12".to_string(), Action::Ignore),
                 ("10.1.0.0/16".to_string(), Action::Serve),
+                ("198.51.100.0/24".to_string(), Action::Ignore),
             ]
         );
         assert!(
