@@ -49,12 +49,27 @@ enum Command {
         #[arg(long, default_value_t = 2.0)]
         timeout: f64,
     },
-    /// Validate a config file without serving.
-    CheckConfig { file: PathBuf },
+    /// Validate a config file without serving, and say what it sets up.
+    CheckConfig {
+        /// The gnomon.toml to check.
+        file: PathBuf,
+    },
+    /// Write a gnomon.toml equivalent to an ntpd/NTPsec ntp.conf or a chrony.conf, and list
+    /// (file:line) what could not be carried over and why.
+    ConvertConfig {
+        /// The ntp.conf or chrony.conf to read.
+        file: PathBuf,
+        /// Its format, when its keywords do not tell: ntp (ntpd, NTPsec) or chrony.
+        #[arg(long, value_parser = parse_format)]
+        from: Option<gnomon::config::convert::Format>,
+        /// Where to write the gnomon.toml (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Per-core counters and latency of the running server.
     Stats {
-        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -63,37 +78,118 @@ enum Command {
         reset: bool,
     },
     /// Upstream sources, like `ntpq -p`; with --why, in words why each is or is not used.
+    /// Exits 3 when the server is unsynchronised.
     Sources {
-        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Say in words why each source is or is not used.
         #[arg(long)]
         why: bool,
         /// Sources and system state as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// The system clock state, like `chronyc tracking`.
+    /// The system clock state, like `chronyc tracking`. Exits 3 when the server is unsynchronised.
     Status {
-        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
     },
     /// Re-read the config's access rules and rate limits in the running server (as SIGHUP does).
     Reload {
-        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
     },
     /// A bare UDP echo server on the same workers and backend (the benchmark ceiling).
     #[command(hide = true)]
     BenchEcho {
+        /// Address to echo on (repeatable).
         #[arg(long, value_parser = config::parse_listen, required = true)]
         listen: Vec<SocketAddr>,
+        /// Worker threads (0 = one per CPU).
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// I/O backend: auto, uring or mmsg.
         #[arg(long, default_value = "auto")]
         io: IoMode,
+        /// CPUs to pin workers to, e.g. 1 or 0,1.
         #[arg(long, value_delimiter = ',')]
         cpus: Vec<usize>,
     },
+}
+
+// ---- Finding the running server's control socket (stats, sources, status, reload) ----------
+
+/// Which server to ask: its control socket, named directly or read from its config.
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// The server's config file, to read `control_socket` from (default: /etc/gnomon/gnomon.toml
+    /// if it exists, else the embedded default's /run/gnomon/gnomon.sock).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The control socket itself, overriding the config's `control_socket`.
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+impl ControlArgs {
+    fn socket(&self) -> Result<PathBuf, String> {
+        if let Some(c) = &self.control {
+            return Ok(c.clone());
+        }
+        Config::locate(self.config.as_deref())
+            .map(|c| c.control_socket)
+            .map_err(|e| format!("{e}\n(the control socket path comes from the config; give --control to name it)"))
+    }
+
+    fn request(&self, command: &str) -> Result<String, String> {
+        gnomon::control::request(&self.socket()?, command).map_err(|e| e.to_string())
+    }
+}
+
+/// `query`'s code for "answers, but unsynchronised", so scripts read both commands alike.
+const EXIT_UNSYNCHRONISED: u8 = 3;
+
+/// Exit 3 when the `sync json` answer says the server is unsynchronised.
+fn sync_exit(sync_json: &str) -> Result<ExitCode, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(sync_json).map_err(|e| format!("the server's sync report is not JSON: {e}"))?;
+    match v["system"]["synced"].as_bool() {
+        Some(true) => Ok(ExitCode::SUCCESS),
+        Some(false) => Ok(ExitCode::from(EXIT_UNSYNCHRONISED)),
+        None => Err("the server's sync report does not say whether it is synchronised".into()),
+    }
+}
+
+fn parse_format(s: &str) -> Result<gnomon::config::convert::Format, String> {
+    s.parse()
+}
+
+// ---- convert-config ---------------------------------------------------------------------------
+
+fn convert_config(
+    file: &std::path::Path,
+    from: Option<gnomon::config::convert::Format>,
+    output: Option<&std::path::Path>,
+) -> Result<ExitCode, String> {
+    use gnomon::config::convert;
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{name}: cannot read: {e}"))?;
+    let c = convert::convert(&text, &name, from).map_err(|e| e.to_string())?;
+    // The output is generated to be valid; a converter bug must not reach the operator's disk.
+    Config::parse(&c.toml, "<converted>")
+        .map_err(|e| format!("internal error: the converted config is invalid ({e}); please report it"))?;
+    match output {
+        Some(o) => std::fs::write(o, &c.toml).map_err(|e| format!("{}: {e}", o.display()))?,
+        None => print!("{}", c.toml),
+    }
+    eprintln!(
+        "{name}: read as {}; {} item(s) not carried over{}",
+        c.format.name(),
+        c.notes.len(),
+        if c.notes.is_empty() { "" } else { ":" }
+    );
+    eprint!("{}", convert::render_notes(&name, &c.notes));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -159,17 +255,18 @@ fn run(cmd: Command) -> Result<ExitCode, String> {
         }
         Command::CheckConfig { file } => {
             let cfg = Config::load(&file).map_err(|e| e.to_string())?;
-            println!("{}: ok ({} listen addresses)", cfg.source, cfg.serve.listen.len());
+            println!("{}: ok", cfg.source);
+            print!("{}", cfg.summary());
             Ok(ExitCode::SUCCESS)
         }
+        Command::ConvertConfig { file, from, output } => convert_config(&file, from, output.as_deref()),
         Command::Stats { control, json, reset } => {
             let cmd = format!(
                 "stats{}{}",
                 if json { " json" } else { "" },
                 if reset { " reset" } else { "" }
             );
-            let out = gnomon::control::request(&control, &cmd).map_err(|e| e.to_string())?;
-            print!("{out}");
+            print!("{}", control.request(&cmd)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Sources { control, why, json } => {
@@ -178,21 +275,16 @@ fn run(cmd: Command) -> Result<ExitCode, String> {
                 (false, true) => "sources why",
                 (false, false) => "sources",
             };
-            print!(
-                "{}",
-                gnomon::control::request(&control, cmd).map_err(|e| e.to_string())?
-            );
-            Ok(ExitCode::SUCCESS)
+            let out = control.request(cmd)?;
+            print!("{out}");
+            sync_exit(&if json { out } else { control.request("sync json")? })
         }
         Command::Status { control } => {
-            print!(
-                "{}",
-                gnomon::control::request(&control, "status").map_err(|e| e.to_string())?
-            );
-            Ok(ExitCode::SUCCESS)
+            print!("{}", control.request("status")?);
+            sync_exit(&control.request("sync json")?)
         }
         Command::Reload { control } => {
-            let out = gnomon::control::request(&control, "reload").map_err(|e| e.to_string())?;
+            let out = control.request("reload")?;
             print!("{out}");
             Ok(if out.starts_with("error") {
                 ExitCode::FAILURE

@@ -1,6 +1,8 @@
 //! The TOML config file: parsing and validation into plain typed structs. Every error names the
 //! file, the line and the key. No serde type leaves this module.
 
+pub mod convert;
+
 use crate::policy::{Action, PolicyConfig, Rule};
 use crate::server::ServeOptions;
 use crate::sync::{ClockMode, MAX_POOL_SOURCES, SyncConfig, UpstreamConfig};
@@ -139,17 +141,60 @@ impl Locator<'_> {
     }
 
     fn at(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> ConfigError {
+        let key = self.key_on_line(span.start);
+        let message = with_value(message.into(), self.text.get(span.clone()), key.as_deref());
         ConfigError {
             file: self.file.to_string(),
             line: Some(self.line_of(span.start)),
-            key: self.key_on_line(span.start),
-            message: message.into(),
+            key,
+            message,
         }
     }
 
     fn value<T>(&self, v: &Spanned<T>, message: impl Into<String>) -> ConfigError {
         self.at(v.span(), message)
     }
+}
+
+/// The message with the value as written in the file (`raw`, the span's text) added, unless the
+/// message already shows it or the span is not a value (a key, a table, several lines).
+fn with_value(message: String, raw: Option<&str>, key: Option<&str>) -> String {
+    let Some(raw) = raw.map(str::trim) else { return message };
+    let bare = raw.trim_matches('"');
+    if bare.is_empty() || raw.contains('\n') || raw.len() > 200 || key == Some(bare) || message.contains(bare) {
+        return message;
+    }
+    format!("{message}, got {raw}")
+}
+
+/// `Some(hint)` when an upstream address is written as HOST:PORT (or a bracketed IPv6 address),
+/// which no resolver reads as a host name; a bare IPv6 address has colons too and is fine.
+fn host_port_hint(address: &str) -> Option<String> {
+    if address.parse::<IpAddr>().is_ok() {
+        return None;
+    }
+    let (host, port) = if let Some(rest) = address.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        match after.strip_prefix(':') {
+            Some(port) => (host, port),
+            None if after.is_empty() => {
+                return Some(format!(
+                    "`{address}`: write an IPv6 address without brackets: address = \"{host}\""
+                ));
+            }
+            None => return None,
+        }
+    } else {
+        match address.split_once(':') {
+            Some((host, port)) if !port.contains(':') => (host, port),
+            _ => return None,
+        }
+    };
+    let port = if port.is_empty() { "PORT" } else { port };
+    Some(format!(
+        "`{address}` looks like HOST:PORT, which is not a host name: write the port apart, \
+         address = \"{host}\" and port = {port}"
+    ))
 }
 
 fn int_in<T: TryFrom<i64>>(loc: &Locator, v: &Spanned<i64>, lo: i64, hi: i64, what: &str) -> Result<T, ConfigError> {
@@ -308,10 +353,83 @@ impl Config {
     }
 }
 
+impl Config {
+    /// What `check-config` prints on success: what the server would do, in a few lines.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let listen: Vec<String> = self.serve.listen.iter().map(|a| a.to_string()).collect();
+        let _ = writeln!(out, "  listen       : {}", listen.join(", "));
+        let (pools, servers): (Vec<_>, Vec<_>) = self.sync.upstreams.iter().partition(|u| u.pool);
+        let name = |u: &UpstreamConfig| match u.port {
+            NTP_PORT => u.address.clone(),
+            p => format!("{} port {p}", u.address),
+        };
+        let mut sources = Vec::new();
+        if !servers.is_empty() {
+            let names: Vec<String> = servers.iter().map(|u| name(u)).collect();
+            sources.push(format!("{} upstream ({})", servers.len(), names.join(", ")));
+        }
+        if !pools.is_empty() {
+            let names: Vec<String> = pools
+                .iter()
+                .map(|u| format!("{}, up to {}", name(u), u.max_sources))
+                .collect();
+            sources.push(format!("{} pool ({})", pools.len(), names.join("; ")));
+        }
+        let sources = match (sources.is_empty(), self.sync.local_stratum) {
+            (false, _) => sources.join(", "),
+            (true, Some(s)) => format!("none: the local clock is served as stratum {s} (refid LOCL)"),
+            (true, None) => "none: every reply says unsynchronised (LI 3)".to_string(),
+        };
+        let _ = writeln!(out, "  sources      : {sources}");
+        let p = &self.policy;
+        let mut counts: Vec<String> = Vec::new();
+        for a in Action::ALL {
+            let n = p.rules.iter().filter(|r| r.action == a).count();
+            if n > 0 {
+                counts.push(format!("{n} {a}"));
+            }
+        }
+        let rules = if counts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", counts.join(", "))
+        };
+        let _ = writeln!(out, "  access rules : {}{rules}, default {}", p.rules.len(), p.default);
+        let clock = match self.sync.mode {
+            ClockMode::Software => "software (the kernel clock is left alone; replies are corrected)",
+            ClockMode::System => "system (steers the kernel clock; needs CAP_SYS_TIME)",
+        };
+        let _ = writeln!(out, "  clock mode   : {clock}");
+        let rl = &p.rate_limit;
+        let limited = p.default == Action::Limited || p.rules.iter().any(|r| r.action == Action::Limited);
+        let leak = match rl.leak {
+            0 => "no leak".to_string(),
+            n => format!("1 in {n} over-limit answered"),
+        };
+        let _ = writeln!(
+            out,
+            "  rate limit   : {}1 request per {} s per client (IPv4 /{}, IPv6 /{}), burst {}, {leak}, KoD {}",
+            if limited { "" } else { "(no limited rule) " },
+            rl.interval,
+            rl.ipv4_prefix,
+            rl.ipv6_prefix,
+            rl.burst,
+            if rl.kod { "on" } else { "off" }
+        );
+        let _ = writeln!(out, "  control      : {}", self.control_socket.display());
+        out
+    }
+}
+
 fn parse_upstream(loc: &Locator, u: &RawUpstream, pool: bool) -> Result<UpstreamConfig, ConfigError> {
     let address = u.address.get_ref().trim();
     if address.is_empty() || address.contains(char::is_whitespace) {
         return Err(loc.value(&u.address, format!("`{address}` is not a host name or address")));
+    }
+    if let Some(hint) = host_port_hint(address) {
+        return Err(loc.value(&u.address, hint));
     }
     let mut up = UpstreamConfig::new(address);
     up.pool = pool;
@@ -544,6 +662,69 @@ mod tests {
         assert!(e.message.contains("[[pool]] entries only"), "{e}");
         let e = Config::parse("[[pool]]\naddress = \"p\"\nmax_sources = \"4\"\n", "f").unwrap_err();
         assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("max_sources")), "{e}");
+    }
+
+    #[test]
+    fn errors_echo_the_bad_value() {
+        let e = Config::parse("[[restrict]]\naddress = \"default\"\naction = \"allow\"\n", "f").unwrap_err();
+        assert!(e.to_string().contains("got \"allow\""), "{e}");
+        let e = Config::parse("io = \"epoll\"\n", "f").unwrap_err();
+        assert!(e.to_string().contains("epoll"), "{e}");
+        let e = Config::parse("[[pool]]\naddress = \"p\"\nmax_sources = \"4\"\n", "f").unwrap_err();
+        assert!(e.to_string().contains("\"4\""), "{e}");
+        // Already in the message: not twice.
+        let e = Config::parse("local_stratum = 99\n", "f").unwrap_err();
+        assert_eq!(e.to_string().matches("99").count(), 1, "{e}");
+        // An unknown key is named once, as the key.
+        let e = Config::parse("wrokers = 1\n", "f").unwrap_err();
+        assert!(!e.message.contains("got"), "{e}");
+    }
+
+    #[test]
+    fn upstream_host_port_is_refused_with_a_hint() {
+        for (bad, host, port) in [
+            ("127.0.0.1:24123", "127.0.0.1", "24123"),
+            ("[::1]:123", "::1", "123"),
+            ("ntp.example:123", "ntp.example", "123"),
+        ] {
+            let text = format!("[[upstream]]\naddress = \"{bad}\"\n");
+            let e = Config::parse(&text, "f").unwrap_err();
+            assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("address")), "{e}");
+            assert!(
+                e.message.contains(&format!("address = \"{host}\" and port = {port}")),
+                "{e}"
+            );
+        }
+        let e = Config::parse("[[pool]]\naddress = \"[2001:db8::1]\"\n", "f").unwrap_err();
+        assert!(e.message.contains("without brackets"), "{e}");
+        for good in ["2001:db8::1", "::1", "127.0.0.1", "ntp.example", "fe80::1%eth0"] {
+            let text = format!("[[upstream]]\naddress = \"{good}\"\n");
+            let c = Config::parse(&text, "f").unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(c.sync.upstreams[0].address, good);
+        }
+    }
+
+    #[test]
+    fn summary_says_what_the_server_does() {
+        let c = Config::parse(
+            "listen = [\"127.0.0.1:1123\"]\nclock_mode = \"system\"\n[[upstream]]\naddress = \"127.0.0.1\"\nport = 11123\n\
+             [[pool]]\naddress = \"pool.example\"\n[[restrict]]\naddress = \"default\"\naction = \"limited\"\n\
+             [[restrict]]\naddress = \"::1\"\naction = \"exempt\"\n",
+            "f",
+        )
+        .unwrap();
+        let s = c.summary();
+        for want in [
+            "127.0.0.1:1123",
+            "1 upstream (127.0.0.1 port 11123)",
+            "1 pool (pool.example, up to 4)",
+            "1 (1 exempt), default limited",
+            "system",
+            "1 request per 8 s",
+        ] {
+            assert!(s.contains(want), "{want}: {s}");
+        }
+        assert!(Config::embedded().summary().contains("unsynchronised"));
     }
 
     #[test]
