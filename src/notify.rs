@@ -197,7 +197,9 @@ impl Systemd {
                 }
             }
             None => {
-                self.stall_logged = None;
+                if let Some(worker) = self.stall_logged.take() {
+                    log::info!("worker {worker} publishes its counters again");
+                }
                 if let Some(every) = self.watchdog
                     && self.last_ping.is_none_or(|t| now.saturating_duration_since(t) >= every)
                 {
