@@ -102,7 +102,10 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     let control = control_listener.spawn(ctx, stop.clone())?;
     log::info!("control socket {}", cfg.control_socket.display());
     if let Some(w) = systemd.watchdog() {
-        log::info!("systemd watchdog: pinged every {:.1} s while every worker runs", w.as_secs_f64());
+        log::info!(
+            "systemd watchdog: pinged every {:.1} s while every worker runs",
+            w.as_secs_f64()
+        );
     }
 
     let worker_stats = srv.stats.clone();

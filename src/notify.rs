@@ -164,7 +164,10 @@ impl Systemd {
             return out;
         }
         let stalled = self.liveness.observe(counts, now);
-        if self.status_checked.is_none_or(|t| now.saturating_duration_since(t) >= STATUS_EVERY) {
+        if self
+            .status_checked
+            .is_none_or(|t| now.saturating_duration_since(t) >= STATUS_EVERY)
+        {
             self.status_checked = Some(now);
             let s = status();
             if s != self.status {
@@ -255,7 +258,10 @@ mod tests {
             Some(std::path::Path::new("/run/systemd/notify"))
         );
         use std::os::linux::net::SocketAddrExt;
-        assert_eq!(parse_address("@gnomon/x").unwrap().as_abstract_name(), Some(&b"gnomon/x"[..]));
+        assert_eq!(
+            parse_address("@gnomon/x").unwrap().as_abstract_name(),
+            Some(&b"gnomon/x"[..])
+        );
         assert!(parse_address("relative").is_err());
     }
 
@@ -325,7 +331,10 @@ mod tests {
             external_steps: 0,
             kernel_event: None,
         };
-        assert_eq!(status_line(&r), "serving stratum 2, synchronised to a.example (192.0.2.1)");
+        assert_eq!(
+            status_line(&r),
+            "serving stratum 2, synchronised to a.example (192.0.2.1)"
+        );
         r.holdover = true;
         assert!(status_line(&r).contains("holdover"));
         r.synced = false;

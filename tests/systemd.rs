@@ -24,7 +24,11 @@ fn scratch_root(with_drop_in: bool) -> PathBuf {
     if with_drop_in {
         let d = units.join("gnomon.service.d");
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::copy(Path::new(DEPLOY).join("gnomon-system-clock.conf"), d.join("system-clock.conf")).unwrap();
+        std::fs::copy(
+            Path::new(DEPLOY).join("gnomon-system-clock.conf"),
+            d.join("system-clock.conf"),
+        )
+        .unwrap();
     }
     for (dir, file, from) in [
         ("usr/bin", "gnomon", PathBuf::from(GNOMON)),
@@ -51,7 +55,9 @@ fn scratch_root(with_drop_in: bool) -> PathBuf {
 
 fn analyze(args: &[&str], root: &Path) -> (bool, String) {
     let mut cmd = Command::new(ANALYZE);
-    cmd.args(args).arg(format!("--root={}", root.display())).arg("gnomon.service");
+    cmd.args(args)
+        .arg(format!("--root={}", root.display()))
+        .arg("gnomon.service");
     run_bounded(&mut cmd, Duration::from_secs(60))
 }
 
@@ -105,14 +111,25 @@ fn settings(text: &str) -> Vec<(String, String, String)> {
 #[test]
 fn only_the_system_clock_drop_in_grants_cap_sys_time_and_conflicts() {
     let unit = settings(&std::fs::read_to_string(Path::new(DEPLOY).join("gnomon.service")).unwrap());
-    let get = |k: &str| unit.iter().filter(|e| e.1 == k).map(|e| e.2.as_str()).collect::<Vec<_>>();
+    let get = |k: &str| {
+        unit.iter()
+            .filter(|e| e.1 == k)
+            .map(|e| e.2.as_str())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(get("Type"), ["notify"]);
-    assert_eq!(get("ExecReload"), ["/usr/bin/gnomon reload --control /run/gnomon/gnomon.sock"]);
+    assert_eq!(
+        get("ExecReload"),
+        ["/usr/bin/gnomon reload --control /run/gnomon/gnomon.sock"]
+    );
     assert!(get("ExecStart")[0].starts_with("/usr/bin/gnomon serve"));
     assert_eq!(get("CapabilityBoundingSet"), ["CAP_NET_BIND_SERVICE"]);
     assert_eq!(get("AmbientCapabilities"), ["CAP_NET_BIND_SERVICE"]);
     assert_eq!(get("ProtectClock"), ["yes"]);
-    assert!(get("Conflicts").is_empty(), "software mode leaves the host's own client running");
+    assert!(
+        get("Conflicts").is_empty(),
+        "software mode leaves the host's own client running"
+    );
     // The control socket ExecReload names is the shipped config's.
     let cfg = gnomon::config::Config::parse(
         &std::fs::read_to_string(Path::new(DEPLOY).join("gnomon.toml")).unwrap(),
@@ -122,10 +139,18 @@ fn only_the_system_clock_drop_in_grants_cap_sys_time_and_conflicts() {
     assert_eq!(cfg.control_socket, Path::new("/run/gnomon/gnomon.sock"));
     assert_eq!(cfg.sync.mode, gnomon::sync::ClockMode::Software);
     let drop_in = settings(&std::fs::read_to_string(Path::new(DEPLOY).join("gnomon-system-clock.conf")).unwrap());
-    let get = |k: &str| drop_in.iter().filter(|e| e.1 == k).map(|e| e.2.as_str()).collect::<Vec<_>>();
+    let get = |k: &str| {
+        drop_in
+            .iter()
+            .filter(|e| e.1 == k)
+            .map(|e| e.2.as_str())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(get("CapabilityBoundingSet"), ["CAP_SYS_TIME"]);
     assert_eq!(get("ProtectClock"), ["no"]);
-    assert!(get("Conflicts")[0].contains("chrony.service") && get("Conflicts")[0].contains("systemd-timesyncd.service"));
+    assert!(
+        get("Conflicts")[0].contains("chrony.service") && get("Conflicts")[0].contains("systemd-timesyncd.service")
+    );
 }
 
 /// A fake service manager: the datagram socket `$NOTIFY_SOCKET` names.
@@ -190,7 +215,10 @@ fn start_notified(manager: &Manager, extra: &str, watchdog_usec: Option<u64>) ->
     )
     .unwrap();
     let mut cmd = Command::new(GNOMON);
-    cmd.arg("serve").arg("--config").arg(&path).env("NOTIFY_SOCKET", &manager.env);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .env("NOTIFY_SOCKET", &manager.env);
     match watchdog_usec {
         Some(u) => cmd.env("WATCHDOG_USEC", u.to_string()),
         None => cmd.env_remove("WATCHDOG_USEC"),
@@ -213,7 +241,10 @@ fn ready(m: &Manager) -> String {
 }
 
 fn pings(msgs: &[(Instant, String)]) -> Vec<Instant> {
-    msgs.iter().filter(|(_, m)| m == "WATCHDOG=1").map(|(t, _)| *t).collect()
+    msgs.iter()
+        .filter(|(_, m)| m == "WATCHDOG=1")
+        .map(|(t, _)| *t)
+        .collect()
 }
 
 #[test]
@@ -228,7 +259,10 @@ fn ready_status_and_watchdog_pings_reach_a_path_socket() {
         exchange(&s, srv.addr(), &request(4, 3, 42)).is_some(),
         "READY=1 came before the server answered"
     );
-    let status = msg.lines().find_map(|l| l.strip_prefix("STATUS=")).expect("STATUS= with READY=1");
+    let status = msg
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .expect("STATUS= with READY=1");
     assert_eq!(status, "serving stratum 5, synchronised to LOCL");
     // WATCHDOG_USEC 0.4 s: a ping every 0.2 s, so about 7 in 1.5 s.
     let n = pings(&m.collect(Duration::from_millis(1500))).len();
@@ -303,7 +337,10 @@ fn a_hung_worker_stops_the_watchdog_pings_until_it_runs_again() {
         .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "gnomon-worker-1"))
         .map(|t| t.file_name().to_string_lossy().parse::<libc::pid_t>().unwrap())
         .expect("worker 1's thread");
-    assert!(!pings(&m.collect(Duration::from_millis(600))).is_empty(), "pings before the hang");
+    assert!(
+        !pings(&m.collect(Duration::from_millis(600))).is_empty(),
+        "pings before the hang"
+    );
     // The test thread that froze the worker must also be the one that lets it go, so all of
     // this stays on this thread.
     let Some(frozen) = Frozen::freeze(tid) else { return };

@@ -278,15 +278,16 @@ impl Config {
         }
         let run_as = match (&raw.user, &raw.group) {
             (Some(u), g) => Some(
-                crate::server::privileges::lookup(u.get_ref(), g.as_ref().map(|g| g.get_ref().as_str()))
-                    .map_err(|m| {
+                crate::server::privileges::lookup(u.get_ref(), g.as_ref().map(|g| g.get_ref().as_str())).map_err(
+                    |m| {
                         // Blame the group line when the user was found.
                         let at = match g {
                             Some(g) if m.starts_with("group") => g.span(),
                             _ => u.span(),
                         };
                         loc.at(at, m)
-                    })?,
+                    },
+                )?,
             ),
             (None, Some(g)) => {
                 return Err(loc.value(g, "`group` needs `user`: the server changes both or neither"));
@@ -572,7 +573,10 @@ mod tests {
     fn user_and_group() {
         let c = Config::parse("user = \"root\"\n", "f").unwrap();
         let a = c.run_as.unwrap();
-        assert_eq!((a.user.as_str(), a.uid, a.group.as_str(), a.gid), ("root", 0, "root", 0));
+        assert_eq!(
+            (a.user.as_str(), a.uid, a.group.as_str(), a.gid),
+            ("root", 0, "root", 0)
+        );
         let c = Config::parse("user = \"root\"\ngroup = \"root\"\n", "f").unwrap();
         assert_eq!(c.run_as.unwrap().gid, 0);
         assert_eq!(Config::embedded().run_as, None);

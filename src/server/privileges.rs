@@ -84,7 +84,9 @@ fn lookup_user(user: &str) -> Result<(u32, u32), String> {
     })
     .map_err(|e| format!("cannot look up user `{user}`: {e}"))?;
     if !found {
-        return Err(format!("user `{user}` does not exist (no entry in the passwd database)"));
+        return Err(format!(
+            "user `{user}` does not exist (no entry in the passwd database)"
+        ));
     }
     Ok((pw.pw_uid, pw.pw_gid))
 }
@@ -102,7 +104,9 @@ fn lookup_group(group: &str) -> Result<u32, String> {
     })
     .map_err(|e| format!("cannot look up group `{group}`: {e}"))?;
     if !found {
-        return Err(format!("group `{group}` does not exist (no entry in the group database)"));
+        return Err(format!(
+            "group `{group}` does not exist (no entry in the group database)"
+        ));
     }
     Ok(gr.gr_gid)
 }
@@ -163,7 +167,9 @@ fn check(what: &str, rc: libc::c_int) -> io::Result<()> {
 
 fn prctl(what: &str, option: libc::c_int, arg: libc::c_ulong) -> io::Result<()> {
     // SAFETY: the prctl options used here take integer arguments only and touch no memory.
-    check(what, unsafe { libc::prctl(option, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) })
+    check(what, unsafe {
+        libc::prctl(option, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong)
+    })
 }
 
 /// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets as two 32-bit words.
