@@ -339,6 +339,44 @@ mod tests {
         assert!(lookup("ro\0ot", None).unwrap_err().contains("NUL"));
     }
 
+    /// System mode's drop, which the end-to-end tests cannot run (they never steer the clock):
+    /// in a forked child, which has a single thread whatever the test harness runs.
+    #[test]
+    fn a_drop_for_system_mode_keeps_exactly_cap_sys_time() {
+        if euid() != 0 {
+            eprintln!("SKIPPED: needs root");
+            return;
+        }
+        let Ok(nobody) = lookup("nobody", None) else {
+            eprintln!("SKIPPED: no user nobody");
+            return;
+        };
+        let keep = capabilities_for(ClockMode::System);
+        // SAFETY: the child only makes the drop's system calls and reads /proc (glibc keeps
+        // malloc usable after fork), then leaves with _exit, never returning into the harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            let code = match drop_to(&nobody, keep) {
+                Err(_) => 1,
+                Ok(()) => {
+                    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+                    let bnd = status.lines().find_map(|l| l.strip_prefix("CapBnd:")).map(str::trim);
+                    let ok = capget().is_ok_and(|c| c == (keep, keep, 0)) && bnd == Some("0000000002000000");
+                    if ok { 0 } else { 2 }
+                }
+            };
+            // SAFETY: ends the child at once, without unwinding or running the parent's atexit.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: `status` is writable; `pid` is our child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        let code = libc::WEXITSTATUS(status);
+        assert_eq!(code, 0, "1: the drop failed, 2: other capabilities than CAP_SYS_TIME");
+    }
+
     #[test]
     fn capget_reads_this_thread() {
         let (eff, prm, _) = capget().unwrap();
