@@ -6,8 +6,10 @@ use crate::control::{self, ControlContext};
 use crate::policy::{PolicySet, SharedPolicy};
 use crate::server::{self, ntp::NtpHandler};
 use std::io;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 /// Re-reads the config file and swaps in its access rules and rate limits. Everything else
 /// (listen addresses, workers, time sources) needs a restart, and the answer says so.
@@ -27,8 +29,11 @@ fn reload(source: &str, policy: &SharedPolicy) -> Result<String, String> {
 
 /// Runs until SIGINT or SIGTERM, or until a part of the server fails (then with its error).
 pub fn serve(cfg: Config) -> io::Result<()> {
+    // Whether this start creates the control socket's directory (it then belongs to `user`).
+    let control_dir = cfg.control_socket.parent().filter(|d| !d.as_os_str().is_empty());
+    let new_control_dir = control_dir.is_some_and(|d| !d.exists());
     // Before anything is bound: a second gnomon with this control socket must not start at all.
-    let _lock = server::listeners::InstanceLock::acquire(&cfg.control_socket)?;
+    let lock = server::listeners::InstanceLock::acquire(&cfg.control_socket)?;
     let control_listener = control::bind(&cfg.control_socket)?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
@@ -36,6 +41,12 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     // SIGHUP's default action would kill the server on `systemctl reload`.
     let reload_requested = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, reload_requested.clone())?;
+    let mut systemd = crate::notify::Systemd::from_env()?;
+
+    // Everything privileged happens before this point, on this single thread; every thread
+    // starts after it, with the reduced credentials (see server::privileges).
+    let bound = server::bind(&cfg.serve)?;
+    drop_privileges(&cfg, &lock.path, new_control_dir.then_some(control_dir).flatten())?;
 
     let precision = clock::measure_precision();
     let (publisher, reader) = clock::snapshot(ClockState::unsynchronized(precision));
@@ -43,8 +54,8 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     // from a state older than the configuration.
     let sync = crate::sync::spawn(cfg.sync.clone(), publisher, precision, stop.clone())?;
     let policy = Arc::new(SharedPolicy::new(PolicySet::build(cfg.policy.clone(), None)));
-    let srv = server::start(
-        &cfg.serve,
+    let srv = server::spawn(
+        bound,
         |_, st| NtpHandler::new(reader.clone(), policy.clone(), st),
         stop.clone(),
     )?;
@@ -90,8 +101,24 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     let ctx = Arc::new(ControlContext::new(srv.stats.clone(), Some(extra)));
     let control = control_listener.spawn(ctx, stop.clone())?;
     log::info!("control socket {}", cfg.control_socket.display());
+    if let Some(w) = systemd.watchdog() {
+        log::info!(
+            "systemd watchdog: pinged every {:.1} s while every worker runs",
+            w.as_secs_f64()
+        );
+    }
 
+    let worker_stats = srv.stats.clone();
+    let status_report = sync.reporter();
     let r = srv.supervise(&stop, || {
+        if systemd.active() {
+            let counts: Vec<u64> = worker_stats.iter().map(|s| s.flushes()).collect();
+            systemd.tick(
+                &counts,
+                || crate::notify::status_line(&status_report.report().system),
+                Instant::now(),
+            );
+        }
         if reload_requested.swap(false, Ordering::Relaxed) {
             match reload(&cfg.source, &policy) {
                 Ok(m) => log::info!("SIGHUP: {m}"),
@@ -105,11 +132,66 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             .is_finished()
             .then(|| io::Error::other("the control socket thread ended"))
     });
+    systemd.stopping();
     log::info!("stopping");
     let _ = sync.join();
     let _ = control.join();
+    drop(lock);
     log::info!("stopped");
     r
+}
+
+/// Gives the control socket (and its lock file, and its directory if this start created it) to
+/// the configured user, then becomes that user with only the capabilities the clock mode needs.
+/// Without `user`, the server stays as it was started, with a warning when that is root.
+fn drop_privileges(cfg: &Config, lock: &Path, new_dir: Option<&Path>) -> io::Result<()> {
+    use server::privileges::{self, capabilities_for, describe};
+    let Some(account) = &cfg.run_as else {
+        if privileges::euid() == 0 {
+            log::warn!(
+                "running as root with every capability: set `user` (and `group`) in {} to drop to an \
+                 unprivileged user once the sockets are bound",
+                cfg.source
+            );
+        }
+        return Ok(());
+    };
+    let keep = capabilities_for(cfg.sync.mode);
+    if privileges::euid() != 0 {
+        if privileges::euid() == account.uid && privileges::egid() == account.gid {
+            log::info!("already running as user {} and group {}", account.user, account.group);
+            return Ok(());
+        }
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: `user = \"{}\"` needs gnomon to start as root (it runs as uid {}); start it as root, \
+                 or as that user without `user`",
+                cfg.source,
+                account.user,
+                privileges::euid()
+            ),
+        ));
+    }
+    let give = |p: &Path| {
+        std::os::unix::fs::chown(p, Some(account.uid), Some(account.gid))
+            .map_err(|e| io::Error::new(e.kind(), format!("chown {} to {}: {e}", p.display(), account.user)))
+    };
+    give(&cfg.control_socket)?;
+    give(lock)?;
+    if let Some(d) = new_dir {
+        give(d)?;
+    }
+    privileges::drop_to(account, keep)?;
+    log::info!(
+        "dropped privileges: user {} (uid {}), group {} (gid {}), {}",
+        account.user,
+        account.uid,
+        account.group,
+        account.gid,
+        describe(keep)
+    );
+    Ok(())
 }
 
 /// The bare echo server with the same workers and backend, for benchmarks.

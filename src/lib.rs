@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod logging;
+pub mod notify;
 pub mod policy;
 pub mod proto;
 pub mod query;

@@ -56,6 +56,8 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Access rules and rate limits: the part `gnomon reload` can change without a restart.
     pub policy: PolicyConfig,
+    /// `user` (and `group`): who the server becomes after binding, when started as root.
+    pub run_as: Option<crate::server::privileges::Account>,
 }
 
 #[derive(Deserialize)]
@@ -111,6 +113,8 @@ struct RawConfig {
     #[serde(default)]
     restrict: Vec<RawRestrict>,
     rate_limit: Option<RawRateLimit>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
 }
 
 /// Turns a byte offset into a 1-based line number and the key written on that line.
@@ -317,7 +321,26 @@ impl Config {
                     .to_string(),
             ));
         }
+        let run_as = match (&raw.user, &raw.group) {
+            (Some(u), g) => Some(
+                crate::server::privileges::lookup(u.get_ref(), g.as_ref().map(|g| g.get_ref().as_str())).map_err(
+                    |m| {
+                        // Blame the group line when the user was found.
+                        let at = match g {
+                            Some(g) if m.starts_with("group") => g.span(),
+                            _ => u.span(),
+                        };
+                        loc.at(at, m)
+                    },
+                )?,
+            ),
+            (None, Some(g)) => {
+                return Err(loc.value(g, "`group` needs `user`: the server changes both or neither"));
+            }
+            (None, None) => None,
+        };
         Ok(Config {
+            run_as,
             sync,
             policy,
             source: file.to_string(),
@@ -725,6 +748,27 @@ mod tests {
             assert!(s.contains(want), "{want}: {s}");
         }
         assert!(Config::embedded().summary().contains("unsynchronised"));
+    }
+
+    #[test]
+    fn user_and_group() {
+        let c = Config::parse("user = \"root\"\n", "f").unwrap();
+        let a = c.run_as.unwrap();
+        assert_eq!(
+            (a.user.as_str(), a.uid, a.group.as_str(), a.gid),
+            ("root", 0, "root", 0)
+        );
+        let c = Config::parse("user = \"root\"\ngroup = \"root\"\n", "f").unwrap();
+        assert_eq!(c.run_as.unwrap().gid, 0);
+        assert_eq!(Config::embedded().run_as, None);
+        let e = Config::parse("workers = 1\nuser = \"no-such-user-gnomon\"\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("user")), "{e}");
+        assert!(e.message.contains("does not exist"), "{e}");
+        let e = Config::parse("user = \"root\"\ngroup = \"no-such-group-gnomon\"\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("group")), "{e}");
+        let e = Config::parse("group = \"root\"\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("group")), "{e}");
+        assert!(e.message.contains("needs `user`"), "{e}");
     }
 
     #[test]

@@ -192,6 +192,17 @@ pub fn check_unshared(ours: SocketAddr, own: &[u64]) -> io::Result<()> {
 /// What a failed bind of `addr` says, naming the holder of the address when the kernel refused
 /// because it is taken (a socket without SO_REUSEPORT, or a reuseport group of another user).
 pub fn bind_error(addr: SocketAddr, e: io::Error, own: &[u64]) -> io::Error {
+    if e.raw_os_error() == Some(libc::EACCES) && addr.port() < unprivileged_port_start() {
+        return io::Error::new(
+            e.kind(),
+            format!(
+                "bind {addr}: {e}: binding port {} needs CAP_NET_BIND_SERVICE (or root): ports below {} \
+                 are privileged here (sysctl net.ipv4.ip_unprivileged_port_start)",
+                addr.port(),
+                unprivileged_port_start()
+            ),
+        );
+    }
     if e.raw_os_error() != Some(libc::EADDRINUSE) {
         return io::Error::new(e.kind(), format!("bind {addr}: {e}"));
     }
@@ -207,6 +218,15 @@ pub fn bind_error(addr: SocketAddr, e: io::Error, own: &[u64]) -> io::Error {
         e.kind(),
         format!("bind {addr}: {e}: the address is in use{by} (stop the other server or change `listen`)"),
     )
+}
+
+/// The lowest port a process without CAP_NET_BIND_SERVICE may bind (1024 unless the sysctl
+/// says otherwise; it applies to IPv6 too).
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
 }
 
 /// An exclusive `flock` on `<control socket>.lock`, held for the life of the process: a second

@@ -5,6 +5,7 @@ pub mod echo;
 pub mod listeners;
 pub mod mmsg;
 pub mod ntp;
+pub mod privileges;
 pub mod socket;
 pub mod stats;
 pub mod steering;
@@ -260,6 +261,20 @@ where
     H: Handler + Send + 'static,
     F: Fn(usize, Arc<WorkerStats>) -> H,
 {
+    spawn(bind(opts)?, make_handler, stop)
+}
+
+/// Every worker's sockets, bound, with no thread started yet: the daemon drops its privileges
+/// between [`bind`] and [`spawn`], while the process still has a single thread.
+pub struct Bound {
+    pub local_addrs: Vec<SocketAddr>,
+    per_worker: Vec<Vec<Socket>>,
+    cpus: Vec<usize>,
+    io: IoMode,
+}
+
+/// Binds every worker's sockets in one SO_REUSEPORT group per address.
+pub fn bind(opts: &ServeOptions) -> io::Result<Bound> {
     if opts.listen.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listen address"));
     }
@@ -318,7 +333,28 @@ where
         ));
     }
 
-    let backend = choose_backend(opts.io)?;
+    Ok(Bound {
+        local_addrs,
+        per_worker,
+        cpus,
+        io: opts.io,
+    })
+}
+
+/// Starts one thread per worker on sockets from [`bind`]. The backend is chosen here, after any
+/// privilege drop, so io_uring is probed with the credentials the workers will have.
+pub fn spawn<H, F>(bound: Bound, make_handler: F, stop: Arc<AtomicBool>) -> io::Result<Server>
+where
+    H: Handler + Send + 'static,
+    F: Fn(usize, Arc<WorkerStats>) -> H,
+{
+    let Bound {
+        local_addrs,
+        per_worker,
+        cpus,
+        io,
+    } = bound;
+    let backend = choose_backend(io)?;
     let mut stats = Vec::new();
     let mut threads = Vec::new();
     let (exit_tx, exits) = mpsc::channel();

@@ -180,6 +180,9 @@ pub struct WorkerStats {
     counters: [AtomicU64; Counter::COUNT],
     latency: Mutex<Histogram<u64>>,
     batch_sizes: Mutex<Histogram<u64>>,
+    /// Publications so far: the worker's heartbeat (it publishes at least every 200 ms while its
+    /// loop runs, idle or busy), for the readiness and watchdog checks of the daemon.
+    flushes: AtomicU64,
 }
 
 impl WorkerStats {
@@ -191,7 +194,13 @@ impl WorkerStats {
             counters: Default::default(),
             latency: Mutex::new(new_latency_histogram()),
             batch_sizes: Mutex::new(new_batch_histogram()),
+            flushes: AtomicU64::new(0),
         }
+    }
+
+    /// How many times the worker has published; 0 until its loop first runs.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
     }
 
     pub fn get(&self, c: Counter) -> u64 {
@@ -304,6 +313,7 @@ impl LocalStats {
             let _ = h.add(&self.batch_sizes);
             self.batch_sizes.reset();
         }
+        shared.flushes.fetch_add(1, Ordering::Relaxed);
     }
 }
 
