@@ -36,8 +36,17 @@ pub fn have_tool(path: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("{path} is missing, but .ci/run installs it");
     }
-    eprintln!("SKIPPED: {path} is not installed (apt-get install chrony ntpsec-ntpdig)");
+    skip(&format!(
+        "{path} is not installed (README, \"Set-up\": .ci/run installs it)"
+    ));
     false
+}
+
+/// Prints `SKIPPED: why` where a plain `cargo test` shows it. libtest captures `eprintln!` of a
+/// passing test (it shows only with `--nocapture`), but not writes to the stderr handle itself.
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("SKIPPED: {why}\n").as_bytes());
 }
 
 pub fn is_root() -> bool {
@@ -482,7 +491,7 @@ pub fn backends() -> Vec<(&'static str, &'static str)> {
     let mut v = vec![("mmsg", "mmsg")];
     match gnomon::server::uring::probe() {
         Ok(()) => v.extend([("uring", "io_uring"), ("uring-send", "io_uring-send")]),
-        Err(e) => eprintln!("SKIPPED io_uring backend: {}", e.0),
+        Err(e) => skip(&format!("io_uring backend: {}", e.0)),
     }
     v
 }
