@@ -47,7 +47,7 @@ fn the_readme_tour_runs_verbatim() {
         skip("the README tour binds port 123 in namespaces of its own, which needs root");
         return;
     }
-    if !have_tool("/usr/bin/unshare") || !have_tool(NTPDIG) {
+    if !have_tool("/usr/bin/unshare") || !have_tool("/usr/sbin/ip") || !have_tool(NTPDIG) {
         return;
     }
     // Outside /tmp, which the tour gets fresh.

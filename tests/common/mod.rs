@@ -42,11 +42,16 @@ pub fn have_tool(path: &str) -> bool {
     false
 }
 
-/// Prints `SKIPPED: why` where a plain `cargo test` shows it. libtest captures `eprintln!` of a
-/// passing test (it shows only with `--nocapture`), but not writes to the stderr handle itself.
+/// Prints `SKIPPED: why` where a plain `cargo test` shows it (see [`say`]).
 pub fn skip(why: &str) {
+    say(&format!("SKIPPED: {why}"));
+}
+
+/// Prints a line that a plain `cargo test` shows: libtest captures `eprintln!` of a passing
+/// test (it shows only with `--nocapture`), but not writes to the stderr handle itself.
+pub fn say(line: &str) {
     use std::io::Write;
-    let _ = std::io::stderr().write_all(format!("SKIPPED: {why}\n").as_bytes());
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 pub fn is_root() -> bool {
