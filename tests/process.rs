@@ -94,7 +94,7 @@ fn gnomon_beside_chronyd_on_the_same_port_refuses_and_names_chronyd() {
         return;
     }
     if !is_root() {
-        eprintln!("SKIPPED: chronyd with its own pidfile and port needs root here");
+        skip("chronyd with its own pidfile and port needs root here");
         return;
     }
     let dir = tempdir("besidechrony");
@@ -138,7 +138,7 @@ fn address_taken_without_reuseport_names_the_holder() {
 #[test]
 fn reuseport_group_of_another_user_is_refused_by_the_kernel_and_named() {
     if !is_root() {
-        eprintln!("SKIPPED: starting a server as another user needs root");
+        skip("starting a server as another user needs root");
         return;
     }
     let port = free_port();
@@ -184,7 +184,7 @@ fn reuseport_group_of_another_user_is_refused_by_the_kernel_and_named() {
 #[test]
 fn a_worker_error_ends_the_process_non_zero() {
     if !cfg!(debug_assertions) {
-        eprintln!("SKIPPED: GNOMON_FAULT is honoured by debug builds only");
+        skip("GNOMON_FAULT is honoured by debug builds only");
         return;
     }
     let dir = tempdir("fault");
@@ -366,7 +366,7 @@ fn without_ipv6(cmd: &mut Command) -> bool {
         && {
             let ok = probe.status().is_ok_and(|s| s.success());
             if !ok {
-                eprintln!("SKIPPED: cannot install a seccomp filter here");
+                skip("cannot install a seccomp filter here");
             }
             ok
         }
