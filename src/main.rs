@@ -1,6 +1,6 @@
 //! The `gnomon` command: parse the command line, run the subcommand.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use gnomon::config::{self, Config};
 use gnomon::server::IoMode;
 use std::net::SocketAddr;
@@ -115,6 +115,10 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         cpus: Vec<usize>,
     },
+    /// Writes the man pages (DIR/man/*.1) and shell completions (DIR/completions/: bash, zsh,
+    /// fish) from these very definitions, for packaging (`cargo deb` takes them from there).
+    #[command(hide = true)]
+    Generate { dir: PathBuf },
 }
 
 // ---- Finding the running server's control socket (stats, sources, status, reload) ----------
@@ -308,5 +312,23 @@ fn run(cmd: Command) -> Result<ExitCode, String> {
             gnomon::daemon::bench_echo(&opts).map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Generate { dir } => {
+            generate(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn generate(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap_complete::Shell;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    clap_mangen::generate_to(Cli::command(), &man)?;
+    // File names as the shells look them up: gnomon.bash, _gnomon, gnomon.fish.
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "gnomon", &completions)?;
+    }
+    Ok(())
 }

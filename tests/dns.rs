@@ -87,12 +87,12 @@ fn why_of(srv: &Gnomon) -> Option<String> {
 #[test]
 fn a_name_server_that_never_answers_delays_no_reply_and_no_poll() {
     if let Some(why) = cannot_run() {
-        eprintln!("SKIPPED: {why}");
+        skip(&why);
         return;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let Some((ns, queries, ns_thread)) = black_hole(stop.clone()) else {
-        eprintln!("SKIPPED: no free 127.0.0.X:53 for the test's name server");
+        skip("no free 127.0.0.X:53 for the test's name server");
         return;
     };
     let dir = tempdir("dns");

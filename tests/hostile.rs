@@ -125,14 +125,14 @@ fn have_loopback_broadcast() -> bool {
         .args(["-4", "route", "show", "table", "local"])
         .output()
     else {
-        eprintln!("SKIPPED: broadcast destination: `ip` (iproute2) is not installed");
+        skip("broadcast destination: `ip` (iproute2) is not installed");
         return false;
     };
     let found = String::from_utf8_lossy(&out.stdout)
         .lines()
         .any(|l| l.starts_with("broadcast 127.255.255.255 ") && l.contains("dev lo"));
     if !found {
-        eprintln!("SKIPPED: no broadcast route 127.255.255.255 on lo (`ip route show table local`)");
+        skip("no broadcast route 127.255.255.255 on lo (`ip route show table local`)");
     }
     found
 }
@@ -170,7 +170,7 @@ fn poisons() -> Vec<Poison> {
             },
         ]);
     } else {
-        eprintln!("SKIPPED: crafted sources (port 0, ::ffff:) need raw sockets, i.e. root");
+        skip("crafted sources (port 0, ::ffff:) need raw sockets, i.e. root");
     }
     if have_loopback_broadcast() {
         v.push(Poison {
@@ -267,7 +267,7 @@ fn hot_poison_first_loses_no_good_reply() {
 #[test]
 fn hot_mapped_and_port_zero_sources_get_nothing_and_are_counted() {
     if !is_root() {
-        eprintln!("SKIPPED: crafted sources (port 0, ::ffff:) need raw sockets, i.e. root");
+        skip("crafted sources (port 0, ::ffff:) need raw sockets, i.e. root");
         return;
     }
     // Loopback is exempt, everything else ignored: a source spelled ::ffff:127.0.0.1 must not

@@ -94,7 +94,7 @@ fn gnomon_beside_chronyd_on_the_same_port_refuses_and_names_chronyd() {
         return;
     }
     if !is_root() {
-        eprintln!("SKIPPED: chronyd with its own pidfile and port needs root here");
+        skip("chronyd with its own pidfile and port needs root here");
         return;
     }
     let dir = tempdir("besidechrony");
@@ -138,7 +138,7 @@ fn address_taken_without_reuseport_names_the_holder() {
 #[test]
 fn reuseport_group_of_another_user_is_refused_by_the_kernel_and_named() {
     if !is_root() {
-        eprintln!("SKIPPED: starting a server as another user needs root");
+        skip("starting a server as another user needs root");
         return;
     }
     let port = free_port();
@@ -184,7 +184,7 @@ fn reuseport_group_of_another_user_is_refused_by_the_kernel_and_named() {
 #[test]
 fn a_worker_error_ends_the_process_non_zero() {
     if !cfg!(debug_assertions) {
-        eprintln!("SKIPPED: GNOMON_FAULT is honoured by debug builds only");
+        skip("GNOMON_FAULT is honoured by debug builds only");
         return;
     }
     let dir = tempdir("fault");
@@ -366,7 +366,7 @@ fn without_ipv6(cmd: &mut Command) -> bool {
         && {
             let ok = probe.status().is_ok_and(|s| s.success());
             if !ok {
-                eprintln!("SKIPPED: cannot install a seccomp filter here");
+                skip("cannot install a seccomp filter here");
             }
             ok
         }
@@ -374,63 +374,7 @@ fn without_ipv6(cmd: &mut Command) -> bool {
 }
 
 fn add_ipv6_filter(cmd: &mut Command) -> bool {
-    let arch: u32 = if cfg!(all(target_arch = "x86_64", target_endian = "little")) {
-        0xC000_003E // AUDIT_ARCH_X86_64
-    } else if cfg!(all(target_arch = "aarch64", target_endian = "little")) {
-        0xC000_00B7 // AUDIT_ARCH_AARCH64
-    } else {
-        eprintln!("SKIPPED: no seccomp filter for this architecture");
-        return false;
-    };
-    let stmt = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jeq = |k: u32, jf: u8| libc::sock_filter {
-        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-        jt: 0,
-        jf,
-        k,
-    };
-    let ld = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
-    // struct seccomp_data: nr at 0, arch at 4, args[0] at 16 (low half first on little-endian).
-    let prog: Vec<libc::sock_filter> = vec![
-        stmt(ld, 4),
-        jeq(arch, 5),
-        stmt(ld, 0),
-        jeq(libc::SYS_socket as u32, 3),
-        stmt(ld, 16),
-        jeq(libc::AF_INET6 as u32, 1),
-        stmt(
-            libc::BPF_RET | libc::BPF_K,
-            libc::SECCOMP_RET_ERRNO | libc::EAFNOSUPPORT as u32,
-        ),
-        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
-    ];
-    let prog: &'static [libc::sock_filter] = prog.leak();
-    // SAFETY: the closure runs in the forked child before exec and only makes two prctl calls
-    // (async-signal-safe) on a filter that lives for the rest of the program.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fprog = libc::sock_fprog {
-                len: prog.len() as u16,
-                filter: prog.as_ptr().cast_mut(),
-            };
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                || libc::prctl(
-                    libc::PR_SET_SECCOMP,
-                    libc::SECCOMP_MODE_FILTER,
-                    &fprog as *const libc::sock_fprog,
-                ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    true
+    deny_syscall(cmd, libc::SYS_socket, Some(libc::AF_INET6 as u32), libc::EAFNOSUPPORT)
 }
 
 #[test]

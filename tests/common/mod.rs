@@ -36,8 +36,22 @@ pub fn have_tool(path: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("{path} is missing, but .ci/run installs it");
     }
-    eprintln!("SKIPPED: {path} is not installed (apt-get install chrony ntpsec-ntpdig)");
+    skip(&format!(
+        "{path} is not installed (README, \"Set-up\": .ci/run installs it)"
+    ));
     false
+}
+
+/// Prints `SKIPPED: why` where a plain `cargo test` shows it (see [`say`]).
+pub fn skip(why: &str) {
+    say(&format!("SKIPPED: {why}"));
+}
+
+/// Prints a line that a plain `cargo test` shows: libtest captures `eprintln!` of a passing
+/// test (it shows only with `--nocapture`), but not writes to the stderr handle itself.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 pub fn is_root() -> bool {
@@ -52,6 +66,8 @@ pub struct Gnomon {
     pub control: PathBuf,
     pub dir: PathBuf,
     pub log: mpsc::Receiver<String>,
+    /// What it logged until it served (`log` has the lines after).
+    pub startup_log: Vec<String>,
 }
 
 impl Gnomon {
@@ -109,11 +125,13 @@ impl Gnomon {
             }
         });
         let mut addrs = Vec::new();
+        let mut startup_log = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    startup_log.push(line.clone());
                     if let Some(rest) = line.split("listening on ").nth(1) {
                         let a = rest.split_whitespace().next().unwrap();
                         addrs.push(a.parse().unwrap());
@@ -131,6 +149,7 @@ impl Gnomon {
             control,
             dir,
             log: rx,
+            startup_log,
         }
     }
 
@@ -482,7 +501,74 @@ pub fn backends() -> Vec<(&'static str, &'static str)> {
     let mut v = vec![("mmsg", "mmsg")];
     match gnomon::server::uring::probe() {
         Ok(()) => v.extend([("uring", "io_uring"), ("uring-send", "io_uring-send")]),
-        Err(e) => eprintln!("SKIPPED io_uring backend: {}", e.0),
+        Err(e) => skip(&format!("io_uring backend: {}", e.0)),
     }
     v
+}
+
+/// Makes syscall `nr` (only where its first argument is `arg0`, if given) fail with `errno` in
+/// the child `cmd` starts, through a seccomp filter as container runtimes install them. False,
+/// with a SKIPPED line, on an architecture this does not know.
+pub fn deny_syscall(cmd: &mut Command, nr: libc::c_long, arg0: Option<u32>, errno: i32) -> bool {
+    use std::os::unix::process::CommandExt;
+    let arch: u32 = if cfg!(all(target_arch = "x86_64", target_endian = "little")) {
+        0xC000_003E // AUDIT_ARCH_X86_64
+    } else if cfg!(all(target_arch = "aarch64", target_endian = "little")) {
+        0xC000_00B7 // AUDIT_ARCH_AARCH64
+    } else {
+        skip("no seccomp filter for this architecture");
+        return false;
+    };
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt: 0,
+        jf,
+        k,
+    };
+    let ld = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    // struct seccomp_data: nr at 0, arch at 4, args[0] at 16 (low half first on little-endian).
+    // Each failed comparison jumps to the final ALLOW.
+    let checks: Vec<(u32, u32)> = [(4, arch), (0, nr as u32)]
+        .into_iter()
+        .chain(arg0.map(|a| (16, a)))
+        .collect();
+    let mut prog = Vec::new();
+    for (i, (offset, value)) in checks.iter().enumerate() {
+        let left = checks.len() - 1 - i;
+        prog.push(stmt(ld, *offset));
+        prog.push(jeq(*value, (2 * left + 1) as u8));
+    }
+    prog.push(stmt(
+        libc::BPF_RET | libc::BPF_K,
+        libc::SECCOMP_RET_ERRNO | errno as u32,
+    ));
+    prog.push(stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW));
+    let prog: &'static [libc::sock_filter] = prog.leak();
+    // SAFETY: the closure runs in the forked child before exec and only makes two prctl calls
+    // (async-signal-safe) on a filter that lives for the rest of the program.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fprog = libc::sock_fprog {
+                len: prog.len() as u16,
+                filter: prog.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &fprog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    true
 }
