@@ -154,7 +154,10 @@ fn the_package_installs_everything_where_the_unit_and_tools_look() {
     assert!(root.join("usr/share/doc/gnomon/README.md").is_file());
     assert!(root.join("usr/lib/firewalld/services/gnomon.xml").is_file());
     // The system-clock drop-in is an example to copy, never active in the unit's own .d.
-    assert!(root.join("usr/share/doc/gnomon/examples/gnomon-system-clock.conf").is_file());
+    assert!(
+        root.join("usr/share/doc/gnomon/examples/gnomon-system-clock.conf")
+            .is_file()
+    );
     assert!(!root.join("usr/lib/systemd/system/gnomon.service.d").exists());
 
     // The gnomon system user: sysusers.d, run by postinst.
