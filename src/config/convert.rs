@@ -498,23 +498,7 @@ fn ntp(text: &str, out: &mut Out) {
                     }
                     continue;
                 }
-                let mut up = Upstream {
-                    pool: head == "pool",
-                    address: addr.to_string(),
-                    line,
-                    text: words.join(" "),
-                    ..Upstream::default()
-                };
-                if head == "peer" {
-                    out.note(line, &words, WHY_PEER);
-                }
-                if !host_or_address(addr) {
-                    out.note(line, &words, "not a host name or IP address: left out");
-                    continue;
-                }
-                if server_options(&args[1..], Format::Ntp, &mut up, line, &words, out) {
-                    out.upstreams.push(up);
-                }
+                add_upstream(&head, addr, &args[1..], Format::Ntp, line, &words, out);
             }
             "fudge" => {
                 let addr = words.get(1).copied().unwrap_or("");
@@ -891,6 +875,27 @@ fn host_or_address(s: &str) -> bool {
 }
 
 /// Options of a `server`/`pool`/`peer` line. Returns false when the source is not to be added.
+/// A `server`, `pool` or `peer` line of either format, once its address is known.
+fn add_upstream(head: &str, addr: &str, options: &[&str], format: Format, line: usize, words: &[&str], out: &mut Out) {
+    let mut up = Upstream {
+        pool: head == "pool",
+        address: addr.to_string(),
+        line,
+        text: words.join(" "),
+        ..Upstream::default()
+    };
+    if head == "peer" {
+        out.note(line, words, WHY_PEER);
+    }
+    if !host_or_address(addr) {
+        out.note(line, words, "not a host name or IP address: left out");
+        return;
+    }
+    if server_options(options, format, &mut up, line, words, out) {
+        out.upstreams.push(up);
+    }
+}
+
 fn server_options(
     opts: &[&str],
     format: Format,
@@ -1072,23 +1077,7 @@ fn chrony(text: &str, out: &mut Out) {
                     out.note(line, &words, "no address: skipped");
                     continue;
                 };
-                let mut up = Upstream {
-                    pool: head == "pool",
-                    address: addr.to_string(),
-                    line,
-                    text: words.join(" "),
-                    ..Upstream::default()
-                };
-                if head == "peer" {
-                    out.note(line, &words, WHY_PEER);
-                }
-                if !host_or_address(addr) {
-                    out.note(line, &words, "not a host name or IP address: left out");
-                    continue;
-                }
-                if server_options(&words[2..], Format::Chrony, &mut up, line, &words, out) {
-                    out.upstreams.push(up);
-                }
+                add_upstream(&head, addr, &words[2..], Format::Chrony, line, &words, out);
             }
             "allow" | "deny" => {
                 let allow = head == "allow";
