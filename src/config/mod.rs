@@ -3,7 +3,7 @@
 
 use crate::policy::{Action, PolicyConfig, Rule};
 use crate::server::ServeOptions;
-use crate::sync::{ClockMode, SyncConfig, UpstreamConfig};
+use crate::sync::{ClockMode, MakeStep, SyncConfig, UpstreamConfig};
 use serde::Deserialize;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -89,6 +89,13 @@ struct RawRateLimit {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawMakeStep {
+    threshold: Option<Spanned<f64>>,
+    limit: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<Vec<Spanned<String>>>,
     workers: Option<Spanned<i64>>,
@@ -108,6 +115,7 @@ struct RawConfig {
     #[serde(default)]
     restrict: Vec<RawRestrict>,
     rate_limit: Option<RawRateLimit>,
+    makestep: Option<RawMakeStep>,
 }
 
 /// Turns a byte offset into a 1-based line number and the key written on that line.
@@ -255,6 +263,9 @@ impl Config {
             }
             sync.max_root_dispersion = v;
         }
+        if let Some(m) = &raw.makestep {
+            sync.makestep = parse_makestep(&loc, m)?;
+        }
         for (list, pool) in [(&raw.upstream, false), (&raw.pool, true)] {
             for u in list {
                 sync.upstreams.push(parse_upstream(&loc, u, pool)?);
@@ -335,6 +346,25 @@ fn parse_upstream(loc: &Locator, u: &RawUpstream, pool: bool) -> Result<Upstream
     up.prefer = u.prefer.unwrap_or(false);
     up.trust = u.trust.unwrap_or(false);
     Ok(up)
+}
+
+fn parse_makestep(loc: &Locator, m: &RawMakeStep) -> Result<MakeStep, ConfigError> {
+    let mut out = MakeStep::DEFAULT;
+    if let Some(t) = &m.threshold {
+        let v = *t.get_ref();
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(loc.value(t, format!("threshold must be 0 or more seconds, got {v}")));
+        }
+        out.threshold = v;
+    }
+    if let Some(l) = &m.limit {
+        // As chrony: a negative limit lets any update step.
+        out.limit = match *l.get_ref() {
+            -1 => None,
+            _ => Some(int_in(loc, l, -1, 1_000_000, "limit")?),
+        };
+    }
+    Ok(out)
 }
 
 fn parse_policy(
@@ -516,6 +546,31 @@ mod tests {
         assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("clock_mode")), "{e}");
         let e = Config::parse("[[upstream]]\nadress = \"a\"\n", "f").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("adress"), "{e}");
+    }
+
+    #[test]
+    fn makestep() {
+        assert_eq!(Config::parse("", "f").unwrap().sync.makestep, MakeStep::DEFAULT);
+        let c = Config::parse("[makestep]\nthreshold = 0.01\nlimit = 1\n", "f").unwrap();
+        assert_eq!(
+            c.sync.makestep,
+            MakeStep {
+                threshold: 0.01,
+                limit: Some(1)
+            }
+        );
+        let c = Config::parse("[makestep]\nlimit = -1\n", "f").unwrap();
+        assert_eq!(
+            c.sync.makestep,
+            MakeStep {
+                threshold: 1.0,
+                limit: None
+            }
+        );
+        let e = Config::parse("[makestep]\nlimit = -2\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("limit")), "{e}");
+        let e = Config::parse("[makestep]\nthreshold = -1.0\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("threshold")), "{e}");
     }
 
     #[test]

@@ -92,7 +92,8 @@ pub fn spawn(
         }
         Err(_) => 0.0,
     };
-    let timeline = Timeline::new(system, kernel.read(), frequency);
+    let mut timeline = Timeline::new(system, kernel.read(), frequency);
+    timeline.makestep = config.makestep;
     let now = timeline.raw_now();
     let mut core = SyncCore::new(&config, precision, now);
     for up in &config.upstreams {

@@ -46,7 +46,14 @@ out=$dir/gnomon.$node.toml
 			shift
 		done
 	done
-	grep -v -E '^(server |local stratum|pidfile|allow|cmdallow|bindcmdaddress|deny|#|$)' "$conf" | sed 's/^/# ignored chrony directive: /'
+	# chronyd without makestep never steps; gnomon's default (chrony's recommended 1.0 3) would.
+	echo '[makestep]'
+	if grep -q '^makestep ' "$conf"; then
+		awk '/^makestep / { print "threshold = " $2 + 0; print "limit = " $3 }' "$conf"
+	else
+		echo 'limit = 0'
+	fi
+	grep -v -E '^(server |local stratum|makestep |pidfile|allow|cmdallow|bindcmdaddress|deny|#|$)' "$conf" | sed 's/^/# ignored chrony directive: /'
 } > "$out"
 export LD_PRELOAD=$CLK_BUILD/mtshim.so:$MT_SAVED_PRELOAD
 exec "$GNOMON" serve -c "$out" --io mmsg --workers 1
