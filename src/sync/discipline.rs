@@ -15,11 +15,12 @@ use crate::clock::{ClockState, PHI};
 use crate::proto::{LeapIndicator, RefId};
 use core::fmt;
 
+/// Extra frequency for slewing away phase errors, on top of the estimated frequency: gentle, as
+/// clients see it in served time.
+pub const MAX_SLEW: f64 = 50e-6;
 /// Largest published frequency (s/s) including slew: served time advances at least
-/// 1 - 0.5e-3 s per second of realtime, so T3 never goes backwards.
-pub const MAX_TOTAL_FREQUENCY: f64 = 5e-4;
-/// Extra frequency for slewing away phase errors, on top of the estimated frequency.
-pub const MAX_SLEW: f64 = MAX_TOTAL_FREQUENCY - MAX_FREQUENCY;
+/// 1 - 0.05 s per second of realtime, so T3 never goes backwards.
+pub const MAX_TOTAL_FREQUENCY: f64 = MAX_FREQUENCY + MAX_SLEW;
 /// Shortest slew: small corrections are spread over this long, not applied in a burst.
 pub const MIN_SLEW_NS: i64 = 8_000_000_000;
 /// Phase errors smaller than this are not worth a new slew.

@@ -16,8 +16,10 @@ use std::collections::VecDeque;
 
 /// Samples kept per source: 16 polls (17 minutes at 64 s, 4.5 hours at 1024 s).
 pub const MAX_SAMPLES: usize = 16;
-/// Frequency estimates beyond this (s/s) are clamped: no working clock is that far off.
-pub const MAX_FREQUENCY: f64 = 4.5e-4;
+/// Frequency estimates beyond this (s/s) are clamped: no working clock is that far off. Wider
+/// than the kernel's `timex.freq` (500 ppm): clocks 5000 ppm off exist (chrony's scenario 003),
+/// and the kernel's tick reaches 10% (see [`super::kernel::KERNEL_MAX_FREQUENCY`]).
+pub const MAX_FREQUENCY: f64 = 0.05;
 /// Frequency uncertainty assumed from a single sample.
 const UNKNOWN_FREQUENCY_SIGMA: f64 = 1e-4;
 
@@ -237,6 +239,21 @@ mod tests {
         assert!((e.offset - (0.1 - 100e-6 * 700.0)).abs() < 1e-6, "{}", e.offset);
         assert_eq!(e.samples, 10);
         assert!(e.root_distance() >= 0.005);
+    }
+
+    #[test]
+    fn follows_a_clock_5000_ppm_off() {
+        // chrony's scenario 003: beyond the kernel's timex.freq range, within its tick's.
+        for freq in [-5e-3, 5e-3] {
+            let mut f = ClockFilter::default();
+            for i in 0..4 {
+                let t = i as f64 * 64.0;
+                f.add(sample((t * 1e9) as i64, freq * t, 1e-4));
+            }
+            let e = f.estimate(192_000_000_000, 1e-7).unwrap();
+            assert!((e.frequency - freq).abs() < 1e-9, "{freq}: {}", e.frequency);
+            assert!((e.offset - freq * 192.0).abs() < 1e-6, "{freq}: {}", e.offset);
+        }
     }
 
     #[test]
