@@ -19,7 +19,8 @@ use std::time::Duration;
 /// with the debug binary, so only these run by default.
 const ASSERTED: &[&str] = &["001-defaults:1", "101-poll4:1", "102-iburst:1"];
 
-/// Rows gnomon passes too, asserted when `GNOMON_CLKNETSIM_ALL=1` (about 30 s each).
+/// Rows gnomon passes too, asserted when `GNOMON_CLKNETSIM_ALL=1` (about 30 s each, 011 five
+/// minutes).
 const ASSERTED_LONG: &[&str] = &[
     "001-defaults:2",
     "001-defaults:3",
@@ -28,19 +29,18 @@ const ASSERTED_LONG: &[&str] = &[
     "004-time-100s:1",
     "004-time+100s:1",
     "006-largejitter:1",
-    "101-poll6:1",
-    "101-poll8:1",
-];
-
-/// Rows gnomon does not pass yet; each fix moves its rows to [`ASSERTED`] or
-/// [`ASSERTED_LONG`].
-const KNOWN_FAILING: &[&str] = &[
     "007-largewander:1",
     "011-asymjitter:1",
-    "113-leap-insert:1",
+    "101-poll6:1",
+    "101-poll8:1",
     "served-system:1",
     "served-software:1",
 ];
+
+/// Rows gnomon does not pass yet; each fix moves its rows to [`ASSERTED`] or
+/// [`ASSERTED_LONG`]. (Within chrony's thresholds is not yet within 1.2x of chronyd's rms:
+/// `compare.sh` shows both.)
+const KNOWN_FAILING: &[&str] = &["113-leap-insert:1"];
 
 /// A run simulates up to 4 days; 10,000 simulated seconds take about 10 s.
 const RUN_LIMIT: Duration = Duration::from_secs(900);

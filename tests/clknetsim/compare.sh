@@ -33,7 +33,9 @@ export CLK_BUILD=${CLK_BUILD:-$REPO/target/clknetsim}
 
 # label | seed | gnomon nodes | measured node | FROM | variables (as chrony's scenario sets them)
 # | setup run after test_start (files in tmp/). 113 is the scenario's last case (the leap second
-# from the server's right/UTC time zone): Debian's chronyd 4.3 has no `leapseclist`.
+# from the server's right/UTC time zone): Debian's chronyd 4.3 has no `leapseclist`. The served
+# rows are not chrony's: a chronyd client (node 3) behind the stratum-2 node under test (node 2),
+# with chrony's default limits but 400 s to synchronise through two strata.
 ROWS=$(
 	cat <<'EOF'
 001-defaults|1|2|2|1000||
@@ -51,8 +53,8 @@ ROWS=$(
 101-poll8|1|2|2|1000|P=8 wander=0.0 jitter=1e-6 time_max_limit=1e-5 freq_max_limit=1e-5 time_rms_limit=5e-6 freq_rms_limit=5e-6 client_conf="makestep 1e-2 1" client_server_options="minpoll $P maxpoll $P" limit=$((2**P*10)) min_sync_time=$((2**P*2)) max_sync_time=$((2**P*21/10+1)) client_max_min_out_interval=$(awk "BEGIN{print 2^$P*1.1}") client_min_mean_out_interval=$(awk "BEGIN{print 2^$P*0.99}")|
 102-iburst|1|2|2|1000|freq_offset=1e-4 client_conf=$'makestep 1e-2 1\ndriftfile tmp/drift' client_server_options=iburst min_sync_time=4 max_sync_time=6|echo "100 1.0" > tmp/drift
 113-leap-insert|1|2|2|200000|export CLKNETSIM_START_DATE=$(TZ=UTC date -d 'Dec 30 2008 0:00:00' +%s); limit=$((4*24*3600)) client_start=$((2*3600)) refclock_jitter=1e-9 leap=$((2*24*3600)) server_conf=$'refclock SHM 0 dpoll 10 poll 10\nleapsectz right/UTC' refclock_offset="(* -1 (equal 0.1 (max (sum 1.0) $leap) $leap))" client_conf="leapsecmode system" min_sync_time=$((leap-2)) max_sync_time=$leap|
-served-system|1|2|3|1000|server_strata=2|
-served-software|1|2|3|1000|server_strata=2 GNOMON_CLOCK_MODE=software|
+served-system|1|2|3|1000|server_strata=2 max_sync_time=400|
+served-software|1|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
 EOF
 )
 
