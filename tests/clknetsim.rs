@@ -40,27 +40,29 @@ const ASSERTED_LONG: &[&str] = &[
 /// Rows gnomon does not pass yet; each fix moves its rows to [`ASSERTED`] or
 /// [`ASSERTED_LONG`]. (Within chrony's thresholds is not yet within 1.2x of chronyd's rms:
 /// `compare.sh` shows both.)
+/// 113: leap seconds are not handled yet (issue 12, item 2), and under clknetsim gnomon spins
+/// while its node waits for its start at 2 h, so the row takes over 15 minutes.
 const KNOWN_FAILING: &[&str] = &["113-leap-insert:1"];
 
-/// A run simulates up to 4 days; 10,000 simulated seconds take about 10 s.
+/// 10,000 simulated seconds take about 30 s with the debug binary; 011 simulates 100,000.
 const RUN_LIMIT: Duration = Duration::from_secs(900);
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clknetsim/compare.sh")
 }
 
-/// One `compare.sh --run` row with gnomon: (passed chrony's checks, the RESULT line).
-fn run_row(row: &str) -> (bool, String) {
+/// One `compare.sh --run` row with gnomon: whether it passed chrony's checks (`None`: it did not
+/// finish), and the RESULT line or the output.
+fn run_row(row: &str) -> (Option<bool>, String) {
     let (ok, out) = run_bounded(
         Command::new(script())
             .args(["--run", row, "gnomon"])
             .env("GNOMON", common::GNOMON),
         RUN_LIMIT,
     );
-    let line = out.lines().find(|l| l.starts_with("RESULT ")).map(str::to_string);
-    match (ok, line) {
-        (true, Some(l)) => (l.split_whitespace().nth(4) == Some("pass"), l),
-        (_, l) => panic!("compare.sh --run {row} failed: {}\n{out}", l.unwrap_or_default()),
+    match out.lines().find(|l| l.starts_with("RESULT ")) {
+        Some(l) if ok => (Some(l.split_whitespace().nth(4) == Some("pass")), l.to_string()),
+        _ => (None, format!("compare.sh --run {row} did not finish:\n{out}")),
     }
 }
 
@@ -103,7 +105,7 @@ fn chrony_scenarios_on_clknetsim() {
     for row in ASSERTED.iter().chain(ASSERTED_LONG.iter().filter(|_| all)) {
         let (pass, line) = run_row(row);
         eprintln!("{line}");
-        if !pass {
+        if pass != Some(true) {
             failed.push(line);
         }
     }
@@ -116,10 +118,10 @@ fn chrony_scenarios_on_clknetsim() {
     }
     for row in KNOWN_FAILING.iter().filter(|_| all) {
         let (pass, line) = run_row(row);
-        let tag = if pass {
-            "now passes, move it to ASSERTED"
-        } else {
-            "still failing"
+        let tag = match pass {
+            Some(true) => "now passes, move it to ASSERTED",
+            Some(false) => "still failing",
+            None => "did not finish",
         };
         eprintln!("KNOWN-FAILING ({tag}): {line}");
     }
