@@ -264,7 +264,7 @@ impl Config {
             sync.max_root_dispersion = v;
         }
         if let Some(m) = &raw.makestep {
-            sync.makestep = parse_makestep(&loc, m)?;
+            sync.makestep = Some(parse_makestep(&loc, m)?);
         }
         for (list, pool) in [(&raw.upstream, false), (&raw.pool, true)] {
             for u in list {
@@ -550,22 +550,22 @@ mod tests {
 
     #[test]
     fn makestep() {
-        assert_eq!(Config::parse("", "f").unwrap().sync.makestep, MakeStep::DEFAULT);
+        assert_eq!(Config::parse("", "f").unwrap().sync.makestep, None);
         let c = Config::parse("[makestep]\nthreshold = 0.01\nlimit = 1\n", "f").unwrap();
         assert_eq!(
             c.sync.makestep,
-            MakeStep {
+            Some(MakeStep {
                 threshold: 0.01,
                 limit: Some(1)
-            }
+            })
         );
         let c = Config::parse("[makestep]\nlimit = -1\n", "f").unwrap();
         assert_eq!(
             c.sync.makestep,
-            MakeStep {
+            Some(MakeStep {
                 threshold: 1.0,
                 limit: None
-            }
+            })
         );
         let e = Config::parse("[makestep]\nlimit = -2\n", "f").unwrap_err();
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("limit")), "{e}");

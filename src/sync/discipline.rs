@@ -127,8 +127,9 @@ pub struct Discipline {
     pub last_update_ns: Option<i64>,
     max_root_dispersion: f64,
     local_stratum: Option<u8>,
-    /// When an update may step the served correction instead of slewing it.
-    pub makestep: MakeStep,
+    /// When an update after the first may step the served correction instead of slewing it;
+    /// `None` (not configured): never, so served time stays continuous once synchronised.
+    pub makestep: Option<MakeStep>,
     /// Updates followed so far.
     updates: u32,
 }
@@ -143,7 +144,7 @@ impl Discipline {
             last_update_ns: None,
             max_root_dispersion,
             local_stratum: None,
-            makestep: MakeStep::DEFAULT,
+            makestep: None,
             updates: 0,
         }
     }
@@ -189,10 +190,8 @@ impl Discipline {
         self.last_update_ns = Some(now_ns);
         self.updates = self.updates.saturating_add(1);
         let now_offset_ns = self.state.offset_at(now_ns);
-        let step = first
-            || self
-                .makestep
-                .allows(self.updates, est.offset - nanos_to_secs(now_offset_ns));
+        let error = est.offset - nanos_to_secs(now_offset_ns);
+        let step = first || self.makestep.is_some_and(|m| m.allows(self.updates, error));
         let offset_ns = if step { secs_to_nanos(est.offset) } else { now_offset_ns };
         let phase = est.offset - nanos_to_secs(offset_ns);
         self.last_phase = phase;
@@ -304,12 +303,16 @@ mod tests {
     #[test]
     fn makestep_steps_large_errors_in_the_first_updates_only() {
         let mut d = Discipline::new(-20, 1.0);
-        d.makestep = MakeStep {
-            threshold: 0.5,
-            limit: Some(2),
-        };
         d.update(T0, &est(0.0, 0.0));
         let t = T0 + 16_000_000_000;
+        // Not configured: once synchronised, served time is never stepped.
+        let mut unset = d.clone();
+        let s = unset.update(t, &est(2.0, 0.0));
+        assert_eq!(s.offset_at(t), 0);
+        d.makestep = Some(MakeStep {
+            threshold: 0.5,
+            limit: Some(2),
+        });
         // Second update under the threshold: slewed, continuous.
         let mut small = d.clone();
         let s = small.update(t, &est(0.4, 0.0));

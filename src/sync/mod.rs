@@ -91,14 +91,16 @@ pub struct SyncConfig {
     pub max_root_dispersion: f64,
     /// With no upstreams: serve the local clock at this stratum (refid LOCL).
     pub local_stratum: Option<u8>,
-    /// When a correction may step instead of slew (chrony's `makestep`).
-    pub makestep: MakeStep,
+    /// When a correction may step instead of slew (chrony's `makestep`), as configured. Not
+    /// configured: the kernel clock (mode system) follows [`MakeStep::DEFAULT`], and served time
+    /// steps only at its first update, before anything was served as synchronised.
+    pub makestep: Option<MakeStep>,
 }
 
 /// chrony's `makestep THRESHOLD LIMIT`: in the first `limit` clock updates, an error larger than
-/// `threshold` is corrected at once instead of slewed. Later updates always slew, so served time
-/// and the kernel clock stay continuous once synchronised. The served time's very first
-/// correction is always a step in software mode: nothing was served as synchronised before.
+/// `threshold` is corrected at once instead of slewed. Later updates always slew. The served
+/// time's very first correction is always a step: nothing was served as synchronised before.
+/// A kernel step never moves served time (the snapshot takes it out).
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub struct MakeStep {
     /// Seconds.
@@ -133,7 +135,7 @@ impl Default for SyncConfig {
             mode: ClockMode::Software,
             max_root_dispersion: 1.0,
             local_stratum: None,
-            makestep: MakeStep::DEFAULT,
+            makestep: None,
         }
     }
 }

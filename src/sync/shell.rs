@@ -93,7 +93,7 @@ pub fn spawn(
         Err(_) => 0.0,
     };
     let mut timeline = Timeline::new(system, kernel.read(), frequency);
-    timeline.makestep = config.makestep;
+    timeline.makestep = config.makestep.unwrap_or_default();
     let now = timeline.raw_now();
     let mut core = SyncCore::new(&config, precision, now);
     for up in &config.upstreams {
