@@ -7,6 +7,7 @@ use gnomon::clock::ClockState;
 use gnomon::proto::{
     LeapIndicator, NtpShort, NtpTimestamp, RefId, ReplyTemplate, ServerInfo, respond, stamp_transmit, write_reply,
 };
+use gnomon::sync::kernel::KERNEL_SLEW;
 use gnomon::sync::{
     MAX_SOURCES, SimulatedKernel, SyncConfig, SyncCore, SyncReport, Timeline, UpstreamConfig, render_status,
 };
@@ -542,14 +543,23 @@ fn system_mode_cold_start_steers_the_kernel_clock() {
     // in `probe`), the step is counted, and the kernel is slewed back, not stepped again.
     sim.kernel.as_mut().unwrap().kernel.external_step(2 * NS);
     sim.measure_from = i64::MAX;
-    sim.run_for(10 * MINUTE);
-    let k = sim.kernel.as_ref().unwrap();
-    assert_eq!(k.timeline.external_steps, 1);
-    let kernel_error = (k.kernel.realtime_at(sim.now) - sim.clock.true_of_local(sim.now)) as f64 * 1e-9;
+    let kernel_error = |sim: &Sim| {
+        let k = sim.kernel.as_ref().unwrap();
+        (k.kernel.realtime_at(sim.now) - sim.clock.true_of_local(sim.now)) as f64 * 1e-9
+    };
+    sim.run_for(12 * NS);
+    // The step is noticed at the next wake-up, at most one probe interval later.
+    let slewed = 12.0 * KERNEL_SLEW;
+    let noticed_late = PROBE_NS as f64 * 1e-9 * KERNEL_SLEW;
     assert!(
-        (1.7..1.8).contains(&kernel_error),
-        "2 s slewed back at 400 ppm for 10 minutes leaves 1.76 s: {kernel_error}"
+        (2.0 - slewed - 0.01..2.0 - slewed + noticed_late + 0.01).contains(&kernel_error(&sim)),
+        "2 s slewed back at {KERNEL_SLEW} s/s for 12 s leaves {} s: {}",
+        2.0 - slewed,
+        kernel_error(&sim)
     );
+    sim.run_for(10 * MINUTE);
+    assert_eq!(sim.kernel.as_ref().unwrap().timeline.external_steps, 1);
+    assert!(kernel_error(&sim).abs() < 1e-3, "{}", kernel_error(&sim));
     sim.assert_continuous();
 }
 

@@ -5,7 +5,7 @@ pub mod convert;
 
 use crate::policy::{Action, PolicyConfig, Rule};
 use crate::server::ServeOptions;
-use crate::sync::{ClockMode, MAX_POOL_SOURCES, SyncConfig, UpstreamConfig};
+use crate::sync::{ClockMode, MAX_POOL_SOURCES, MakeStep, SyncConfig, UpstreamConfig};
 use serde::Deserialize;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -94,6 +94,13 @@ struct RawRateLimit {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawMakeStep {
+    threshold: Option<Spanned<f64>>,
+    limit: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<Vec<Spanned<String>>>,
     workers: Option<Spanned<i64>>,
@@ -115,6 +122,7 @@ struct RawConfig {
     rate_limit: Option<RawRateLimit>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
+    makestep: Option<RawMakeStep>,
 }
 
 /// Turns a byte offset into a 1-based line number and the key written on that line.
@@ -305,6 +313,9 @@ impl Config {
             }
             sync.max_root_dispersion = v;
         }
+        if let Some(m) = &raw.makestep {
+            sync.makestep = Some(parse_makestep(&loc, m)?);
+        }
         for (list, pool) in [(&raw.upstream, false), (&raw.pool, true)] {
             for u in list {
                 sync.upstreams.push(parse_upstream(&loc, u, pool)?);
@@ -486,6 +497,25 @@ fn parse_upstream(loc: &Locator, u: &RawUpstream, pool: bool) -> Result<Upstream
         up.max_sources = int_in(loc, m, 1, MAX_POOL_SOURCES.into(), "max_sources")?;
     }
     Ok(up)
+}
+
+fn parse_makestep(loc: &Locator, m: &RawMakeStep) -> Result<MakeStep, ConfigError> {
+    let mut out = MakeStep::DEFAULT;
+    if let Some(t) = &m.threshold {
+        let v = *t.get_ref();
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(loc.value(t, format!("threshold must be 0 or more seconds, got {v}")));
+        }
+        out.threshold = v;
+    }
+    if let Some(l) = &m.limit {
+        // As chrony: a negative limit lets any update step.
+        out.limit = match *l.get_ref() {
+            -1 => None,
+            _ => Some(int_in(loc, l, -1, 1_000_000, "limit")?),
+        };
+    }
+    Ok(out)
 }
 
 fn parse_policy(
@@ -769,6 +799,31 @@ mod tests {
         let e = Config::parse("group = \"root\"\n", "f").unwrap_err();
         assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("group")), "{e}");
         assert!(e.message.contains("needs `user`"), "{e}");
+    }
+
+    #[test]
+    fn makestep() {
+        assert_eq!(Config::parse("", "f").unwrap().sync.makestep, None);
+        let c = Config::parse("[makestep]\nthreshold = 0.01\nlimit = 1\n", "f").unwrap();
+        assert_eq!(
+            c.sync.makestep,
+            Some(MakeStep {
+                threshold: 0.01,
+                limit: Some(1)
+            })
+        );
+        let c = Config::parse("[makestep]\nlimit = -1\n", "f").unwrap();
+        assert_eq!(
+            c.sync.makestep,
+            Some(MakeStep {
+                threshold: 1.0,
+                limit: None
+            })
+        );
+        let e = Config::parse("[makestep]\nlimit = -2\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("limit")), "{e}");
+        let e = Config::parse("[makestep]\nthreshold = -1.0\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("threshold")), "{e}");
     }
 
     #[test]

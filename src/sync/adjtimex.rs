@@ -1,17 +1,19 @@
 //! The real kernel clock for [`super::kernel::Timeline`]: `clock_gettime` and `clock_adjtime`
-//! on CLOCK_REALTIME. Only the frequency, a step and the status words are ever set. On taking
+//! on CLOCK_REALTIME. Only the frequency (tick and freq), a step and the status words are ever set. On taking
 //! over, the kernel's PLL/FLL is switched off and phase corrections left by other programs are
 //! cancelled (as chrony does), so nothing but gnomon moves the clock's phase.
 
-use super::kernel::{ClockReading, KERNEL_FREQUENCY_UNIT, KernelClock};
+use super::kernel::{ClockReading, KernelClock, combined_frequency, split_frequency};
 use std::io;
 
 /// A reading pair whose two CLOCK_REALTIME reads are further apart was preempted: retried.
 const READ_WINDOW_NS: i64 = 20_000;
 
-/// CLOCK_REALTIME via `clock_adjtime`.
+/// CLOCK_REALTIME via `clock_adjtime`; holds the kernel's nominal tick (microseconds).
 #[derive(Debug)]
-pub struct LinuxClock(());
+pub struct LinuxClock {
+    base_tick: i64,
+}
 
 impl LinuxClock {
     /// Fails where a sandbox denies CLOCK_REALTIME or CLOCK_BOOTTIME: a clock that reads 0 would
@@ -19,7 +21,17 @@ impl LinuxClock {
     pub fn new() -> io::Result<LinuxClock> {
         gettime(libc::CLOCK_REALTIME)?;
         gettime(libc::CLOCK_BOOTTIME)?;
-        Ok(LinuxClock(()))
+        // SAFETY: sysconf has no preconditions; it returns -1 for an unknown name.
+        // c_long is i32 on some 32-bit targets.
+        #[allow(clippy::useless_conversion)]
+        let hz = i64::from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) });
+        if hz <= 0 {
+            return Err(io::Error::other("sysconf(_SC_CLK_TCK) failed"));
+        }
+        // As the kernel's NTP code: USER_HZ jiffies of this many microseconds make a second.
+        Ok(LinuxClock {
+            base_tick: (1_000_000 + hz / 2) / hz,
+        })
     }
 }
 
@@ -79,14 +91,26 @@ impl KernelClock for LinuxClock {
     fn frequency(&mut self) -> io::Result<f64> {
         let mut tx = timex(0);
         adjtime(&mut tx)?;
-        Ok(tx.freq as f64 * KERNEL_FREQUENCY_UNIT)
+        #[allow(clippy::useless_conversion)]
+        Ok(combined_frequency(
+            i64::from(tx.tick),
+            i64::from(tx.freq),
+            self.base_tick,
+        ))
     }
 
     fn set_frequency(&mut self, frequency: f64) -> io::Result<f64> {
-        let mut tx = timex(libc::ADJ_FREQUENCY);
-        tx.freq = (frequency / KERNEL_FREQUENCY_UNIT).round() as _;
+        let (tick, freq) = split_frequency(frequency, self.base_tick);
+        let mut tx = timex(libc::ADJ_FREQUENCY | libc::ADJ_TICK);
+        tx.tick = tick as _;
+        tx.freq = freq as _;
         adjtime(&mut tx)?;
-        Ok(tx.freq as f64 * KERNEL_FREQUENCY_UNIT)
+        #[allow(clippy::useless_conversion)]
+        Ok(combined_frequency(
+            i64::from(tx.tick),
+            i64::from(tx.freq),
+            self.base_tick,
+        ))
     }
 
     fn step(&mut self, delta_ns: i64) -> io::Result<()> {

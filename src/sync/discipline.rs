@@ -10,22 +10,24 @@
 //! loop to keep stable (unlike an RFC 5905 PLL steering the clock it measures).
 
 use super::filter::MAX_FREQUENCY;
-use super::{ClockMode, nanos_to_secs, secs_to_nanos};
+use super::{ClockMode, MakeStep, nanos_to_secs, secs_to_nanos};
 use crate::clock::{ClockState, PHI};
 use crate::proto::{LeapIndicator, RefId};
 use core::fmt;
 
+/// Extra frequency for slewing away phase errors, on top of the estimated frequency: gentle, as
+/// clients see it in served time.
+pub const MAX_SLEW: f64 = 50e-6;
 /// Largest published frequency (s/s) including slew: served time advances at least
-/// 1 - 0.5e-3 s per second of realtime, so T3 never goes backwards.
-pub const MAX_TOTAL_FREQUENCY: f64 = 5e-4;
-/// Extra frequency for slewing away phase errors, on top of the estimated frequency.
-pub const MAX_SLEW: f64 = MAX_TOTAL_FREQUENCY - MAX_FREQUENCY;
+/// 1 - 0.05 s per second of realtime, so T3 never goes backwards.
+pub const MAX_TOTAL_FREQUENCY: f64 = MAX_FREQUENCY + MAX_SLEW;
 /// Shortest slew: small corrections are spread over this long, not applied in a burst.
 pub const MIN_SLEW_NS: i64 = 8_000_000_000;
 /// Phase errors smaller than this are not worth a new slew.
 const NEGLIGIBLE_PHASE: f64 = 50e-9;
-/// The estimate must rest on this many samples of the system peer before the first step.
-pub const MIN_SAMPLES_TO_SYNC: usize = 4;
+/// The estimate must rest on this many samples of the system peer before the first step: as
+/// chrony, the fewest that show a frequency and one residual (an iburst syncs in 4 s).
+pub const MIN_SAMPLES_TO_SYNC: usize = 3;
 /// In local-clock mode, the reference time is refreshed this often.
 pub const LOCAL_REFRESH_NS: i64 = 16_000_000_000;
 
@@ -125,6 +127,11 @@ pub struct Discipline {
     pub last_update_ns: Option<i64>,
     max_root_dispersion: f64,
     local_stratum: Option<u8>,
+    /// When an update after the first may step the served correction instead of slewing it;
+    /// `None` (not configured): never, so served time stays continuous once synchronised.
+    pub makestep: Option<MakeStep>,
+    /// Updates followed so far.
+    updates: u32,
 }
 
 impl Discipline {
@@ -137,6 +144,8 @@ impl Discipline {
             last_update_ns: None,
             max_root_dispersion,
             local_stratum: None,
+            makestep: None,
+            updates: 0,
         }
     }
 
@@ -167,7 +176,8 @@ impl Discipline {
     }
 
     /// Follows a new estimate made at `now_ns`. The first one steps (nothing was served as
-    /// synchronised before); later ones start a slew from where the correction is now.
+    /// synchronised before), later ones within [`Discipline::makestep`] step when the error is
+    /// over its threshold; otherwise a slew starts from where the correction is now.
     pub fn update(&mut self, now_ns: i64, est: &SystemEstimate) -> ClockState {
         let frequency = est.frequency.clamp(-MAX_FREQUENCY, MAX_FREQUENCY);
         let target = Target {
@@ -178,11 +188,11 @@ impl Discipline {
         let first = self.target.is_none();
         self.target = Some(target);
         self.last_update_ns = Some(now_ns);
-        let offset_ns = if first {
-            secs_to_nanos(est.offset)
-        } else {
-            self.state.offset_at(now_ns)
-        };
+        self.updates = self.updates.saturating_add(1);
+        let now_offset_ns = self.state.offset_at(now_ns);
+        let error = est.offset - nanos_to_secs(now_offset_ns);
+        let step = first || self.makestep.is_some_and(|m| m.allows(self.updates, error));
+        let offset_ns = if step { secs_to_nanos(est.offset) } else { now_offset_ns };
         let phase = est.offset - nanos_to_secs(offset_ns);
         self.last_phase = phase;
         let (slew, end) = slew_for(phase, now_ns);
@@ -291,6 +301,35 @@ mod tests {
         assert!((nanos_to_secs(s3.offset_at(end)) - expected).abs() < 1e-8);
         assert_eq!(s3.frequency, -1e-4);
         assert_eq!(d.deadline(), None);
+    }
+
+    #[test]
+    fn makestep_steps_large_errors_in_the_first_updates_only() {
+        let mut d = Discipline::new(-20, 1.0);
+        d.update(T0, &est(0.0, 0.0));
+        let t = T0 + 16_000_000_000;
+        // Not configured: once synchronised, served time is never stepped.
+        let mut unset = d.clone();
+        let s = unset.update(t, &est(2.0, 0.0));
+        assert_eq!(s.offset_at(t), 0);
+        d.makestep = Some(MakeStep {
+            threshold: 0.5,
+            limit: Some(2),
+        });
+        // Second update under the threshold: slewed, continuous.
+        let mut small = d.clone();
+        let s = small.update(t, &est(0.4, 0.0));
+        assert_eq!(s.offset_at(t), 0);
+        // Second update, 2 s off: within the limit and over the threshold, so stepped.
+        let s = d.update(t, &est(2.0, 0.0));
+        assert_eq!(s.offset_at(t), 2_000_000_000);
+        assert_eq!(d.deadline(), None, "nothing left to slew");
+        // Third update: past the limit, slewed however large.
+        let t3 = t + 16_000_000_000;
+        let before = d.state().offset_at(t3);
+        let s = d.update(t3, &est(10.0, 0.0));
+        assert_eq!(s.offset_at(t3), before);
+        assert!(s.frequency > 0.0 && d.deadline().is_some());
     }
 
     #[test]

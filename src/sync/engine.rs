@@ -111,6 +111,7 @@ impl SyncCore {
     /// stratum, it serves the local clock at once.
     pub fn new(config: &SyncConfig, precision: i8, now_ns: i64) -> SyncCore {
         let mut discipline = Discipline::new(precision, config.max_root_dispersion);
+        discipline.makestep = config.makestep;
         if config.upstreams.is_empty()
             && let Some(stratum) = config.local_stratum
         {

@@ -16,8 +16,10 @@ use std::collections::VecDeque;
 
 /// Samples kept per source: 16 polls (17 minutes at 64 s, 4.5 hours at 1024 s).
 pub const MAX_SAMPLES: usize = 16;
-/// Frequency estimates beyond this (s/s) are clamped: no working clock is that far off.
-pub const MAX_FREQUENCY: f64 = 4.5e-4;
+/// Frequency estimates beyond this (s/s) are clamped: no working clock is that far off. Wider
+/// than the kernel's `timex.freq` (500 ppm): clocks 5000 ppm off exist (chrony's scenario 003),
+/// and the kernel's tick reaches 10% (see [`super::kernel::KERNEL_MAX_FREQUENCY`]).
+pub const MAX_FREQUENCY: f64 = 0.05;
 /// Frequency uncertainty assumed from a single sample.
 const UNKNOWN_FREQUENCY_SIGMA: f64 = 1e-4;
 
@@ -69,9 +71,21 @@ impl Estimate {
     }
 }
 
+/// Jitter asymmetry (offset error per second of extra delay) this large in magnitude, with one
+/// sign in this many regressions in a row, is corrected (as chrony's sourcestats). All jitter in
+/// one direction gives 0.5.
+const MIN_ASYMMETRY: f64 = 0.45;
+const MAX_ASYMMETRY: f64 = 0.5;
+const MIN_ASYMMETRY_RUN: i32 = 10;
+const MAX_ASYMMETRY_RUN: i32 = 1000;
+
 #[derive(Clone, Debug, Default)]
 pub struct ClockFilter {
     samples: VecDeque<Sample>,
+    /// The asymmetry the offsets are corrected by (0 until it has shown itself).
+    asymmetry: f64,
+    /// Regressions in a row that found it, signed by its sign.
+    asymmetry_run: i32,
 }
 
 impl ClockFilter {
@@ -80,6 +94,37 @@ impl ClockFilter {
             self.samples.pop_front();
         }
         self.samples.push_back(s);
+        self.update_asymmetry();
+    }
+
+    /// When queueing delays one direction more than the other, a sample's offset error grows
+    /// with its delay (by half the difference of the two directions' extra delays): the slope
+    /// of offset against delay, with time as the other regressor, measures it. Once it is
+    /// large and steady, offsets are corrected to what they would be at the minimum delay.
+    fn update_asymmetry(&mut self) {
+        let Some(a) = offset_delay_slope(&self.samples) else {
+            self.asymmetry = 0.0;
+            self.asymmetry_run = 0;
+            return;
+        };
+        if a * f64::from(self.asymmetry_run) < 0.0 {
+            self.asymmetry = 0.0;
+            self.asymmetry_run = 0;
+            return;
+        }
+        if a <= -MIN_ASYMMETRY {
+            self.asymmetry_run = (self.asymmetry_run - 1).max(-MAX_ASYMMETRY_RUN);
+        } else if a >= MIN_ASYMMETRY {
+            self.asymmetry_run = (self.asymmetry_run + 1).min(MAX_ASYMMETRY_RUN);
+        }
+        if self.asymmetry_run.abs() >= MIN_ASYMMETRY_RUN {
+            self.asymmetry = a.clamp(-MAX_ASYMMETRY, MAX_ASYMMETRY);
+        }
+    }
+
+    /// The offset-against-delay slope in use (0: none corrected).
+    pub fn asymmetry(&self) -> f64 {
+        self.asymmetry
     }
 
     pub fn len(&self) -> usize {
@@ -111,7 +156,8 @@ impl ClockFilter {
         let points = &mut points[..self.samples.len()];
         for (p, s) in points.iter_mut().zip(&self.samples) {
             let e = (s.delay - min_delay) / 2.0 + floor;
-            *p = (nanos_to_secs(s.local_ns - last.local_ns), s.offset, 1.0 / (e * e));
+            let offset = s.offset - self.asymmetry * (s.delay - min_delay);
+            *p = (nanos_to_secs(s.local_ns - last.local_ns), offset, 1.0 / (e * e));
         }
         // Like chrony's runs test: while the residuals' signs form too few runs, the line does
         // not fit (the frequency wandered), so older samples are dropped.
@@ -150,6 +196,36 @@ impl ClockFilter {
             samples: n,
         })
     }
+}
+
+/// Least squares of offset against time and delay together: the coefficient of delay, or
+/// `None` when the samples cannot tell it (too few, or delay and time not independent).
+fn offset_delay_slope(samples: &VecDeque<Sample>) -> Option<f64> {
+    let n = samples.len();
+    if n < 4 {
+        return None;
+    }
+    let last = samples.back()?.local_ns;
+    let nf = n as f64;
+    let x = |s: &Sample| nanos_to_secs(s.local_ns - last);
+    let (mx, md, my) = samples.iter().fold((0.0, 0.0, 0.0), |(a, b, c), s| {
+        (a + x(s) / nf, b + s.delay / nf, c + s.offset / nf)
+    });
+    let (mut sxx, mut sdd, mut sxd, mut sxy, mut sdy) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for s in samples {
+        let (dx, dd, dy) = (x(s) - mx, s.delay - md, s.offset - my);
+        sxx += dx * dx;
+        sdd += dd * dd;
+        sxd += dx * dd;
+        sxy += dx * dy;
+        sdy += dd * dy;
+    }
+    let det = sxx * sdd - sxd * sxd;
+    // Delay must vary independently of time for its slope to mean anything.
+    if sdd <= 0.0 || det.is_nan() || det <= 1e-12 * sxx * sdd {
+        return None;
+    }
+    Some((sxx * sdy - sxd * sxy) / det)
 }
 
 /// The regression never drops below this many samples.
@@ -237,6 +313,56 @@ mod tests {
         assert!((e.offset - (0.1 - 100e-6 * 700.0)).abs() < 1e-6, "{}", e.offset);
         assert_eq!(e.samples, 10);
         assert!(e.root_distance() >= 0.005);
+    }
+
+    #[test]
+    fn follows_a_clock_5000_ppm_off() {
+        // chrony's scenario 003: beyond the kernel's timex.freq range, within its tick's.
+        for freq in [-5e-3, 5e-3] {
+            let mut f = ClockFilter::default();
+            for i in 0..4 {
+                let t = i as f64 * 64.0;
+                f.add(sample((t * 1e9) as i64, freq * t, 1e-4));
+            }
+            let e = f.estimate(192_000_000_000, 1e-7).unwrap();
+            assert!((e.frequency - freq).abs() < 1e-9, "{freq}: {}", e.frequency);
+            assert!((e.offset - freq * 192.0).abs() < 1e-6, "{freq}: {}", e.offset);
+        }
+    }
+
+    #[test]
+    fn asymmetric_jitter_is_corrected_once_steady() {
+        // chrony's scenario 011: the way back queues, the way out hardly: each sample's offset
+        // is off by -0.47 times its extra delay. Frequency 0, true offset 1 ms.
+        let mut f = ClockFilter::default();
+        let mut seed = 7u64;
+        let mut sum_plain = 0.0;
+        let mut sum_corrected = 0.0;
+        for i in 0..200i64 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let u = (seed >> 11) as f64 / (1u64 << 53) as f64;
+            let extra = -1e-3 * (1.0 - u).ln();
+            f.add(sample(i * 64_000_000_000, 1e-3 - 0.47 * extra, 2e-4 + extra));
+            let e = f.estimate(i * 64_000_000_000, 1e-7).unwrap();
+            if i >= 100 {
+                sum_corrected += (e.offset - 1e-3).abs();
+                let mut plain = f.clone();
+                plain.asymmetry = 0.0;
+                sum_plain += (plain.estimate(i * 64_000_000_000, 1e-7).unwrap().offset - 1e-3).abs();
+            }
+        }
+        assert!((f.asymmetry() + 0.47).abs() < 0.1, "{}", f.asymmetry());
+        assert!(sum_corrected < 0.5 * sum_plain, "{sum_corrected} vs {sum_plain}");
+        // Symmetric jitter is left alone.
+        let mut g = ClockFilter::default();
+        for i in 0..200i64 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let u = (seed >> 11) as f64 / (1u64 << 53) as f64;
+            let extra = -1e-3 * (1.0 - u).ln();
+            let sign = if (seed >> 7) & 1 == 0 { 1.0 } else { -1.0 };
+            g.add(sample(i * 64_000_000_000, sign * 0.3 * extra, 2e-4 + extra));
+        }
+        assert_eq!(g.asymmetry(), 0.0);
     }
 
     #[test]

@@ -23,31 +23,51 @@
 //! Slews by another program (adjtime, ADJ_OFFSET) move both clocks alike and cannot be told from
 //! oscillator wander that way; a changed kernel frequency setting is reported instead.
 
+use super::MakeStep;
 use super::report::SystemReport;
 use crate::clock::ClockState;
 use crate::proto::RefId;
 use core::fmt;
 use std::io;
 
-/// Largest frequency adjustment the Linux kernel accepts (s/s): its MAXFREQ, 500 ppm.
-pub const KERNEL_MAX_FREQUENCY: f64 = 500e-6;
+/// Largest frequency adjustment of `timex.freq` alone (s/s): the kernel's MAXFREQ, 500 ppm.
+pub const KERNEL_MAX_FREQ_FIELD: f64 = 500e-6;
 /// The kernel's unit of frequency adjustment (`timex.freq`), in s/s: 2^-16 ppm.
 pub const KERNEL_FREQUENCY_UNIT: f64 = 1e-6 / 65536.0;
-/// Share of the kernel's range used to remove a residual, on top of the frequency correction.
-pub const KERNEL_SLEW: f64 = 400e-6;
+/// Largest frequency adjustment (s/s) with the tick: the kernel takes `timex.tick` within 10%
+/// of its nominal value (as chrony, which uses it to cope with clocks 5000 ppm off and to
+/// slew at 83333 ppm), and `timex.freq` for what the tick's 1/tick steps do not reach.
+pub const KERNEL_MAX_FREQUENCY: f64 = 0.1;
+/// Extra rate used to remove a residual, on top of the frequency correction: chrony's
+/// `maxslewrate` default (1/12). Served time does not slew with it: the snapshot keeps it right
+/// while the kernel clock catches up.
+pub const KERNEL_SLEW: f64 = 1.0 / 12.0;
 /// Shortest kernel slew: small residuals are spread over this long.
 pub const MIN_KERNEL_SLEW_NS: i64 = 8_000_000_000;
 /// Residuals smaller than this are left alone (they are below what the estimate can tell).
 const NEGLIGIBLE_RESIDUAL_NS: i64 = 100;
-/// At the first synchronisation, a kernel clock this far off is stepped rather than slewed
-/// (chrony's usual `makestep 1 3`; slewing 1 s at 400 ppm would take 40 minutes).
-pub const STEP_THRESHOLD_NS: i64 = 1_000_000_000;
 /// A change of CLOCK_REALTIME - CLOCK_BOOTTIME larger than this is a step. Reading both clocks
 /// takes well under a microsecond; a preempted read is retried by [`ClockReading`]'s producer.
 pub const STEP_DETECT_NS: i64 = 1_000_000;
 /// Kernel frequency settings further apart than this (s/s) were changed by someone else; the
 /// kernel's unit is 2^-16 ppm, so rounding never comes close.
 const FREQUENCY_CHANGED: f64 = 1e-9;
+
+/// A frequency adjustment (s/s) as the kernel takes it: `(tick, freq)`, the tick in
+/// microseconds per jiffy of nominal length `base_tick` and freq in [`KERNEL_FREQUENCY_UNIT`]s.
+/// The tick carries the whole microseconds, freq the rest (under one tick step, 1/`base_tick`).
+pub fn split_frequency(frequency: f64, base_tick: i64) -> (i64, i64) {
+    let f = frequency.clamp(-KERNEL_MAX_FREQUENCY, KERNEL_MAX_FREQUENCY);
+    let limit = base_tick / 10;
+    let tick = ((f * base_tick as f64).round() as i64).clamp(-limit, limit);
+    let rest = (f - tick as f64 / base_tick as f64).clamp(-KERNEL_MAX_FREQ_FIELD, KERNEL_MAX_FREQ_FIELD);
+    (base_tick + tick, (rest / KERNEL_FREQUENCY_UNIT).round() as i64)
+}
+
+/// The frequency adjustment (s/s) of a kernel `(tick, freq)` pair: the two add up.
+pub fn combined_frequency(tick: i64, freq: i64, base_tick: i64) -> f64 {
+    (tick - base_tick) as f64 / base_tick as f64 + freq as f64 * KERNEL_FREQUENCY_UNIT
+}
 
 /// CLOCK_REALTIME and CLOCK_BOOTTIME read together.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -81,7 +101,7 @@ pub enum KernelEvent {
     ExternalStep { raw_ns: i64, delta_ns: i64 },
     /// The kernel frequency setting is not what it was left at.
     FrequencyChanged { raw_ns: i64, from: f64, to: f64 },
-    /// gnomon stepped the kernel clock (mode system, first synchronisation only).
+    /// gnomon stepped the kernel clock (mode system, within `makestep`).
     Stepped { raw_ns: i64, delta_ns: i64 },
     /// An adjtimex call failed (mode system); the snapshot keeps served time right regardless.
     Failed { raw_ns: i64, errno: i32 },
@@ -129,8 +149,13 @@ pub struct Timeline {
     gap: i64,
     raw_now: i64,
     slew_end: Option<i64>,
-    /// The kernel has been put on the served time once (stepping allowed only before).
+    /// The kernel has been put on the served time once.
     engaged: bool,
+    /// When the kernel clock may be stepped rather than slewed (counted in clock updates).
+    pub makestep: MakeStep,
+    /// Clock updates steered toward so far, and the reference time of the last one.
+    updates: u32,
+    last_reference_ns: Option<i64>,
     /// Time is synchronised as last told to the kernel.
     told_synced: Option<bool>,
     pub last_event: Option<KernelEvent>,
@@ -152,6 +177,9 @@ impl Timeline {
             raw_now: reading.realtime_ns,
             slew_end: None,
             engaged: false,
+            makestep: MakeStep::DEFAULT,
+            updates: 0,
+            last_reference_ns: None,
             told_synced: None,
             last_event: None,
             external_steps: 0,
@@ -280,8 +308,16 @@ impl Timeline {
             kernel.take_over()?;
         }
         self.rebase(raw_now);
+        // Each clock update carries a new reference time; steering again toward the same one
+        // (at the end of a slew) is not a new update.
+        let update = self.last_reference_ns != Some(state.reference_time_ns);
+        if update {
+            self.last_reference_ns = Some(state.reference_time_ns);
+            self.updates = self.updates.saturating_add(1);
+        }
         let mut residual = state.offset_at(raw_now) - self.applied_base;
-        if !self.engaged && residual.abs() >= STEP_THRESHOLD_NS {
+        // Only a clock update may step: a step by someone else between updates is slewed back.
+        if update && self.makestep.allows(self.updates, residual as f64 * 1e-9) {
             kernel.step(residual)?;
             self.applied_base += residual;
             self.gap += residual;
@@ -366,6 +402,9 @@ impl Timeline {
     }
 }
 
+/// The simulated kernel's nominal tick: USER_HZ 100.
+const SIMULATED_BASE_TICK: i64 = 10_000;
+
 /// A kernel clock in a simulation: CLOCK_REALTIME as a function of a driving "oscillator" time
 /// the test advances, with frequency settings and steps applied exactly as the kernel would.
 #[derive(Clone, Debug)]
@@ -431,8 +470,8 @@ impl KernelClock for SimulatedKernel {
         let osc = self.oscillator_ns;
         self.adjust_base = self.adjust_at(osc);
         self.osc_base = osc;
-        let units = (frequency.clamp(-KERNEL_MAX_FREQUENCY, KERNEL_MAX_FREQUENCY) / KERNEL_FREQUENCY_UNIT).round();
-        self.frequency = units * KERNEL_FREQUENCY_UNIT;
+        let (tick, freq) = split_frequency(frequency, SIMULATED_BASE_TICK);
+        self.frequency = combined_frequency(tick, freq, SIMULATED_BASE_TICK);
         Ok(self.frequency)
     }
 
@@ -587,24 +626,54 @@ mod tests {
     }
 
     #[test]
-    fn system_mode_steps_only_a_large_first_error() {
+    fn system_mode_steps_only_large_errors_within_makestep() {
         let mut k = SimulatedKernel::new(O0, 0.0);
         let mut tl = Timeline::new(true, k.read(), 0.0);
+        tl.makestep = MakeStep {
+            threshold: 1.0,
+            limit: Some(2),
+        };
         let state = synced(tl.raw_now(), -3 * S, 0.0);
         tl.steer(&mut k, &state, tl.raw_now());
         assert!(matches!(tl.last_event, Some(KernelEvent::Stepped { delta_ns, .. }) if delta_ns == -3 * S));
         assert!(run(&mut tl, &mut k, &state, 0.0, 2) < 10);
         assert_eq!(tl.external_steps, 0, "its own step is not reported as someone else's");
+        // The second update is within the limit: stepped.
+        k.oscillator_ns += S;
+        let (raw, _) = tl.observe(k.read());
+        let second = synced(raw, -5 * S, 0.0);
+        tl.steer(&mut k, &second, raw);
+        assert!(matches!(tl.last_event, Some(KernelEvent::Stepped { delta_ns, .. }) if delta_ns == -2 * S));
         // Later errors, however large, are slewed: served time is right meanwhile.
-        let later = synced(tl.raw_now(), -5 * S, 0.0);
-        tl.steer(&mut k, &later, tl.raw_now());
+        k.oscillator_ns += S;
+        let (raw, _) = tl.observe(k.read());
+        let later = synced(raw, -15 * S, 0.0);
+        tl.steer(&mut k, &later, raw);
         assert!(
-            matches!(tl.last_event, Some(KernelEvent::Stepped { delta_ns, .. }) if delta_ns == -3 * S),
-            "no second step: {:?}",
+            matches!(tl.last_event, Some(KernelEvent::Stepped { delta_ns, .. }) if delta_ns == -2 * S),
+            "no third step: {:?}",
             tl.last_event
         );
         let left = run(&mut tl, &mut k, &later, 0.0, 10);
-        assert!(left > S, "2 s cannot be slewed in 10 s: {left}");
+        assert!(left > 5 * S, "10 s cannot be slewed in 10 s: {left}");
+    }
+
+    #[test]
+    fn kernel_frequency_uses_the_tick_beyond_500_ppm() {
+        for f in [-0.05, -5e-3, -123.456e-6, 0.0, 42e-6, 5e-3, 0.0833] {
+            let (tick, freq) = split_frequency(f, 10_000);
+            assert!((9_000..=11_000).contains(&tick), "{f}: tick {tick}");
+            assert!(
+                freq.abs() as f64 * KERNEL_FREQUENCY_UNIT <= KERNEL_MAX_FREQ_FIELD,
+                "{f}: freq {freq}"
+            );
+            let back = combined_frequency(tick, freq, 10_000);
+            assert!((back - f).abs() <= KERNEL_FREQUENCY_UNIT, "{f} -> {back}");
+        }
+        // Beyond the tick's 10%: clamped, not wrapped.
+        assert_eq!(split_frequency(0.5, 10_000).0, 11_000);
+        let mut k = SimulatedKernel::new(O0, 0.0);
+        assert!((k.set_frequency(-5e-3).unwrap() + 5e-3).abs() < 1e-9);
     }
 
     /// A VM restored from an old snapshot, its clock then set weeks ahead by an agent: slewing

@@ -95,6 +95,41 @@ pub struct SyncConfig {
     pub max_root_dispersion: f64,
     /// With no upstreams: serve the local clock at this stratum (refid LOCL).
     pub local_stratum: Option<u8>,
+    /// When a correction may step instead of slew (chrony's `makestep`), as configured. Not
+    /// configured: the kernel clock (mode system) follows [`MakeStep::DEFAULT`], and served time
+    /// steps only at its first update, before anything was served as synchronised.
+    pub makestep: Option<MakeStep>,
+}
+
+/// chrony's `makestep THRESHOLD LIMIT`: in the first `limit` clock updates, an error larger than
+/// `threshold` is corrected at once instead of slewed. Later updates always slew. The served
+/// time's very first correction is always a step: nothing was served as synchronised before.
+/// A kernel step never moves served time (the snapshot takes it out).
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct MakeStep {
+    /// Seconds.
+    pub threshold: f64,
+    /// Updates counted from the first; `None`: any update may step.
+    pub limit: Option<u32>,
+}
+
+impl MakeStep {
+    /// chrony's recommended (and Debian's) `makestep 1.0 3`.
+    pub const DEFAULT: MakeStep = MakeStep {
+        threshold: 1.0,
+        limit: Some(3),
+    };
+
+    /// Whether update number `update` (1 for the first) may correct `error_s` by a step.
+    pub fn allows(&self, update: u32, error_s: f64) -> bool {
+        error_s.abs() > self.threshold && self.limit.is_none_or(|l| update <= l)
+    }
+}
+
+impl Default for MakeStep {
+    fn default() -> Self {
+        MakeStep::DEFAULT
+    }
 }
 
 impl Default for SyncConfig {
@@ -104,6 +139,7 @@ impl Default for SyncConfig {
             mode: ClockMode::Software,
             max_root_dispersion: 1.0,
             local_stratum: None,
+            makestep: None,
         }
     }
 }

@@ -99,7 +99,8 @@ pub fn spawn(
         }
         Err(_) => 0.0,
     };
-    let timeline = Timeline::new(system, kernel.read(), frequency);
+    let mut timeline = Timeline::new(system, kernel.read(), frequency);
+    timeline.makestep = config.makestep.unwrap_or_default();
     let now = timeline.raw_now();
     // Host names are only looked up once the thread runs, on the resolver's threads: the first
     // state goes out now, whatever DNS does.

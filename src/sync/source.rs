@@ -12,10 +12,14 @@ use std::net::SocketAddr;
 /// Polls sent 2 s apart at start when `iburst` is set.
 pub const IBURST_COUNT: u8 = 6;
 pub const IBURST_SPACING_NS: i64 = 2_000_000_000;
-/// Valid replies in a row at one poll interval before it is doubled.
-const POLL_RAISE_AFTER: u32 = 4;
-/// A sample further from the prediction than this many times its expected error shortens polling.
-const POLL_GATE: f64 = 3.0;
+/// The first request waits this long after the source is added (chrony's INITIAL_DELAY), so
+/// that it does not go out in the middle of the daemon's start-up (clknetsim skews clock reads
+/// until a process first waits, which made the first sample 33 us off there).
+pub const INITIAL_DELAY_NS: i64 = 200_000_000;
+/// chrony's `polltarget`: the poll interval is adjusted so that the regression window (the
+/// samples that still fit one line) holds about this many samples. A clock that wanders keeps
+/// the window short, and so the interval.
+const POLL_TARGET: f64 = 8.0;
 /// A pool member unanswered for this many polls is dropped so the pool name is re-resolved.
 pub const DROP_AFTER_MISSED: u32 = 16;
 
@@ -52,6 +56,21 @@ impl fmt::Display for Rejection {
             Rejection::NotExpected => write!(f, "unexpected reply"),
         }
     }
+}
+
+/// chrony's get_poll_adj: `miss` is (|sample - prediction|, the sample's distance) when there
+/// was a prediction, `window` the samples the regression keeps. A sample the prediction missed
+/// by more than its own distance shortens it at once; otherwise the interval drifts so that the
+/// window holds [`POLL_TARGET`] samples, shortening twice as fast as it lengthens.
+fn poll_adjustment(miss: Option<(f64, f64)>, window: usize) -> f64 {
+    if let Some((error, distance)) = miss
+        && error > distance
+        && distance > 0.0
+    {
+        return -(error / distance).log2();
+    }
+    let adj = (window as f64 / POLL_TARGET - 1.0) / POLL_TARGET;
+    if adj < 0.0 { 2.0 * adj } else { adj }
 }
 
 /// The request the client sends: version 4, mode 3, and `transmit` (random, not our clock) as
@@ -166,7 +185,8 @@ pub struct Source {
     pub last_reply_ns: Option<i64>,
     next_poll_ns: i64,
     burst_left: u8,
-    good_in_row: u32,
+    /// Fractional poll adjustments carried over (chrony's poll score).
+    poll_score: f64,
     outstanding: Option<Outstanding>,
 }
 
@@ -192,9 +212,9 @@ impl Source {
             rate_floor: None,
             filter: ClockFilter::default(),
             last_reply_ns: None,
-            next_poll_ns: now_ns,
+            next_poll_ns: now_ns + INITIAL_DELAY_NS,
             burst_left: if cfg.iburst { IBURST_COUNT } else { 0 },
-            good_in_row: 0,
+            poll_score: 0.0,
             outstanding: None,
         }
     }
@@ -216,7 +236,6 @@ impl Source {
         }
         if self.outstanding.is_some() {
             self.missed += 1;
-            self.good_in_row = 0;
         }
         self.reach <<= 1;
         // Back off from a silent server (RFC 5905 poll_update): each silent full register
@@ -264,32 +283,44 @@ impl Source {
                 self.reach |= 1;
                 self.missed = 0;
                 self.last_reply_ns = Some(t4_ns);
-                // Poll adjustment (after RFC 5905 section 13.2): a sample the estimate did not
-                // predict means the clock wanders faster than this interval can follow, so
-                // the interval shrinks; well predicted samples in a row let it grow.
-                let predicted = self
+                let precision_s = 2f64.powi(precision.into());
+                // How far the sample is from what the source predicted, against its distance.
+                let miss = self
                     .filter
-                    .estimate(sample.local_ns, 2f64.powi(precision.into()))
-                    .filter(|e| e.samples >= POLL_RAISE_AFTER as usize)
-                    .is_none_or(|e| (sample.offset - e.offset).abs() <= POLL_GATE * (e.jitter + e.offset_sigma));
+                    .estimate(sample.local_ns, precision_s)
+                    .filter(|e| e.samples >= 2)
+                    .map(|e| ((sample.offset - e.offset).abs(), sample.delay / 2.0 + sample.dispersion));
                 self.filter.add(sample);
-                let floor = self.minpoll.max(self.rate_floor.unwrap_or(MIN_POLL));
-                if predicted {
-                    self.good_in_row += 1;
-                } else {
-                    self.good_in_row = 0;
-                    self.poll -= 1;
-                }
-                if self.poll < floor {
-                    self.poll = floor;
-                }
-                if self.good_in_row >= POLL_RAISE_AFTER && self.poll < self.maxpoll && self.burst_left == 0 {
-                    self.poll += 1;
-                    self.good_in_row = 0;
-                }
+                let window = self
+                    .filter
+                    .estimate(sample.local_ns, precision_s)
+                    .map_or(1, |e| e.samples);
+                self.adjust_poll(poll_adjustment(miss, window));
             }
         }
         result.map(|_| ())
+    }
+
+    /// chrony's adjust_poll: whole steps of the accumulated score move the poll exponent.
+    fn adjust_poll(&mut self, adjustment: f64) {
+        self.poll_score += adjustment;
+        if self.poll_score >= 1.0 {
+            let up = self.poll_score.trunc();
+            self.poll = self.poll.saturating_add(up as i8);
+            self.poll_score -= up;
+        } else if self.poll_score < 0.0 {
+            let down = (self.poll_score - 1.0).trunc();
+            self.poll = self.poll.saturating_add(down as i8);
+            self.poll_score -= down;
+        }
+        let floor = self.minpoll.max(self.rate_floor.unwrap_or(MIN_POLL));
+        if self.poll < floor {
+            self.poll = floor;
+            self.poll_score = 0.0;
+        } else if self.poll > self.maxpoll.max(floor) {
+            self.poll = self.maxpoll.max(floor);
+            self.poll_score = 1.0;
+        }
     }
 
     fn kiss(&mut self, code: RefId, sent_ns: i64) {
@@ -304,7 +335,7 @@ impl Source {
                 self.poll = p;
                 self.rate_floor = Some(p);
                 self.burst_left = 0;
-                self.good_in_row = 0;
+                self.poll_score = 0.0;
                 self.next_poll_ns = sent_ns + self.interval_ns();
             }
             // Unknown codes: RFC 5905 says to treat them as "do not use this reply".
@@ -344,7 +375,12 @@ mod tests {
 
     /// Server 0.5 s ahead, 10 ms each way.
     fn exchange(req: &[u8; 48], t1_ns: i64, info: &ServerInfo) -> ([u8; 48], i64) {
-        let t2 = t1_ns + 10_000_000 + 500_000_000;
+        exchange_ahead(req, t1_ns, info, 500_000_000)
+    }
+
+    /// Server `ahead_ns` ahead, 10 ms each way.
+    fn exchange_ahead(req: &[u8; 48], t1_ns: i64, info: &ServerInfo, ahead_ns: i64) -> ([u8; 48], i64) {
+        let t2 = t1_ns + 10_000_000 + ahead_ns;
         let t3 = t2 + 1_000;
         let reply = respond(
             req,
@@ -353,7 +389,7 @@ mod tests {
             NtpTimestamp::from_unix_nanos(t3.into()),
         )
         .unwrap();
-        (reply, t3 - 500_000_000 + 10_000_000)
+        (reply, t3 - ahead_ns + 10_000_000)
     }
 
     /// The reply turned into a Kiss-o'-Death with `code`.
@@ -457,8 +493,11 @@ mod tests {
     fn iburst_then_regular_polls_and_reach() {
         let mut s = src(true);
         let mut now = 1_700_000_000_000_000_000i64;
+        // The first request waits out the start-up.
+        assert_eq!(s.poll(now, 99), None);
+        assert_eq!(s.next_poll_at(), Some(now + INITIAL_DELAY_NS));
         let mut times = Vec::new();
-        for i in 0..10u64 {
+        for i in 0..30u64 {
             now = s.next_poll_at().unwrap();
             let req = s.poll(now, i + 1).unwrap();
             times.push(now);
@@ -471,11 +510,37 @@ mod tests {
         );
         assert!(times[7] - times[6] >= 16_000_000_000);
         assert_eq!(s.reach, 0xff);
-        assert!(s.poll > 4, "poll raised after good replies: {}", s.poll);
+        assert!(s.poll > 4, "poll raised once the window holds the target: {}", s.poll);
         // A duplicate of an already taken reply is not expected any more.
         let (reply, t4) = exchange(&build_request(4, NtpTimestamp(10)), now, &info(1));
         assert_eq!(s.receive(&reply, t4, PREC), Err(Rejection::NotExpected));
         assert_eq!(s.mismatched, 1);
+    }
+
+    #[test]
+    fn poll_follows_the_regression_window() {
+        assert_eq!(poll_adjustment(None, 8), 0.0);
+        assert!(poll_adjustment(None, 16) > 0.0);
+        assert_eq!(poll_adjustment(None, 4), -2.0 * poll_adjustment(None, 12));
+        // Missed by 8 times its distance: three steps shorter at once.
+        assert_eq!(poll_adjustment(Some((8e-3, 1e-3)), 16), -3.0);
+        // Steady samples take the interval up.
+        let mut s = src(false);
+        for i in 0..60u64 {
+            let now = s.next_poll_at().unwrap();
+            let req = s.poll(now, i + 1).unwrap();
+            let (reply, t4) = exchange_ahead(&req, now, &info(1), 0);
+            s.receive(&reply, t4, PREC).unwrap();
+        }
+        let steady = s.poll;
+        assert!(steady >= 6, "{steady}");
+        // Then a sample 50 ms off the prediction, 10 times its distance (the clock's frequency
+        // jumped, say): the interval comes down by log2(10) steps at once.
+        let now = s.next_poll_at().unwrap();
+        let req = s.poll(now, 1000).unwrap();
+        let (reply, t4) = exchange_ahead(&req, now, &info(1), 50_000_000);
+        s.receive(&reply, t4, PREC).unwrap();
+        assert!(s.poll <= steady - 3, "{} after {steady}", s.poll);
     }
 
     #[test]

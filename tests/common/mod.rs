@@ -258,9 +258,12 @@ pub fn request(version: u8, mode: u8, transmit: u64) -> Vec<u8> {
     b
 }
 
-/// Runs a command with a hard time limit; returns (status success, stdout+stderr).
+/// Runs a command with a hard time limit; returns (status success, stdout+stderr). The command
+/// runs in its own process group, which is killed whole at the limit (a script's children too).
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
     let mut child = cmd
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -275,6 +278,8 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {
             return (st.success(), s);
         }
         if Instant::now() > deadline {
+            // SAFETY: kill has no memory preconditions; the group is the child's own (above).
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
             let mut s = String::from_utf8_lossy(&out.stdout).to_string();
