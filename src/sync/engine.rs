@@ -773,7 +773,11 @@ mod tests {
         c.resolved(0, Ok(addrs(&[2])), 8 + DNS_RETRY_NS);
         assert_eq!(c.sources().map(|s| s.addr).collect::<Vec<_>>(), addrs(&[1]));
         assert!(c.report(8 + DNS_RETRY_NS).sources.iter().all(|s| s.addr.is_some()));
-        assert_eq!(c.next_deadline(), Some(7 + DNS_RETRY_NS), "its poll, no lookup");
+        assert_eq!(
+            c.next_deadline(),
+            Some(7 + DNS_RETRY_NS + crate::sync::source::INITIAL_DELAY_NS),
+            "its first poll, no lookup"
+        );
     }
 
     #[test]
