@@ -34,7 +34,17 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     let new_control_dir = control_dir.is_some_and(|d| !d.exists());
     // Before anything is bound: a second gnomon with this control socket must not start at all.
     let lock = server::listeners::InstanceLock::acquire(&cfg.control_socket)?;
-    let control_listener = control::bind(&cfg.control_socket)?;
+    let control_listener = match control::bind(&cfg.control_socket) {
+        Ok(l) => Some(l),
+        // A sandbox without Unix sockets (a seccomp profile; clknetsim's shim refuses AF_UNIX)
+        // still serves NTP; only the control commands are missing. Any other failure (a
+        // live server, a file in the way) stops the start.
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+            log::warn!("{e}: serving without a control socket (stats, status and reload unavailable)");
+            None
+        }
+        Err(e) => return Err(e),
+    };
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
@@ -46,7 +56,12 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     // Everything privileged happens before this point, on this single thread; every thread
     // starts after it, with the reduced credentials (see server::privileges).
     let bound = server::bind(&cfg.serve)?;
-    drop_privileges(&cfg, &lock.path, new_control_dir.then_some(control_dir).flatten())?;
+    drop_privileges(
+        &cfg,
+        control_listener.is_some(),
+        &lock.path,
+        new_control_dir.then_some(control_dir).flatten(),
+    )?;
 
     let precision = clock::measure_precision();
     let (publisher, reader) = clock::snapshot(ClockState::unsynchronized(precision));
@@ -99,8 +114,14 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         _ => None,
     });
     let ctx = Arc::new(ControlContext::new(srv.stats.clone(), Some(extra)));
-    let control = control_listener.spawn(ctx, stop.clone())?;
-    log::info!("control socket {}", cfg.control_socket.display());
+    let control = match control_listener {
+        Some(l) => {
+            let h = l.spawn(ctx, stop.clone())?;
+            log::info!("control socket {}", cfg.control_socket.display());
+            Some(h)
+        }
+        None => None,
+    };
     if let Some(w) = systemd.watchdog() {
         log::info!(
             "systemd watchdog: pinged every {:.1} s while every worker runs",
@@ -129,13 +150,16 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             return Some(io::Error::other("the sync thread ended"));
         }
         control
-            .is_finished()
+            .as_ref()
+            .is_some_and(|c| c.is_finished())
             .then(|| io::Error::other("the control socket thread ended"))
     });
     systemd.stopping();
     log::info!("stopping");
     let _ = sync.join();
-    let _ = control.join();
+    if let Some(c) = control {
+        let _ = c.join();
+    }
     drop(lock);
     log::info!("stopped");
     r
@@ -144,7 +168,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
 /// Gives the control socket (and its lock file, and its directory if this start created it) to
 /// the configured user, then becomes that user with only the capabilities the clock mode needs.
 /// Without `user`, the server stays as it was started, with a warning when that is root.
-fn drop_privileges(cfg: &Config, lock: &Path, new_dir: Option<&Path>) -> io::Result<()> {
+fn drop_privileges(cfg: &Config, control: bool, lock: &Path, new_dir: Option<&Path>) -> io::Result<()> {
     use server::privileges::{self, capabilities_for, describe};
     let Some(account) = &cfg.run_as else {
         if privileges::euid() == 0 {
@@ -177,7 +201,9 @@ fn drop_privileges(cfg: &Config, lock: &Path, new_dir: Option<&Path>) -> io::Res
         std::os::unix::fs::chown(p, Some(account.uid), Some(account.gid))
             .map_err(|e| io::Error::new(e.kind(), format!("chown {} to {}: {e}", p.display(), account.user)))
     };
-    give(&cfg.control_socket)?;
+    if control {
+        give(&cfg.control_socket)?;
+    }
     give(lock)?;
     if let Some(d) = new_dir {
         give(d)?;

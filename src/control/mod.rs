@@ -122,7 +122,14 @@ pub fn bind(path: &Path) -> io::Result<ControlListener> {
             )));
         }
     }
-    let listener = UnixListener::bind(path).map_err(ctx)?;
+    // Unix sockets refused altogether (a seccomp profile, clknetsim's shim) read as Unsupported,
+    // which the daemon tells from a path that is in the way.
+    let listener = UnixListener::bind(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EAFNOSUPPORT) => io::Error::new(io::ErrorKind::Unsupported, e),
+            _ => e,
+        })
+        .map_err(ctx)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(ctx)?;
     listener.set_nonblocking(true).map_err(ctx)?;
     Ok(ControlListener {

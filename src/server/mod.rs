@@ -157,7 +157,11 @@ impl Server {
     /// Waits up to `timeout` for a worker to end, and says why it did. Before `stop` a worker
     /// only ends when something went wrong, so any end is an error.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<io::Error> {
-        let i = self.exits.recv_timeout(timeout).ok()?;
+        // A plain sleep, not `recv_timeout`: a futex wait is invisible to a cooperative
+        // scheduler such as clknetsim's shim, which advances time only while every thread
+        // sleeps, polls or selects; a worker's end is then noticed within `timeout`.
+        std::thread::sleep(timeout);
+        let i = self.exits.try_recv().ok()?;
         let t = self.threads.get_mut(i)?.take()?;
         Some(match t.join() {
             Ok(Err(e)) => io::Error::new(e.kind(), format!("worker {i} failed: {e}")),
