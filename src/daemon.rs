@@ -30,6 +30,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     // Before anything is bound: a second gnomon with this control socket must not start at all.
     let _lock = server::listeners::InstanceLock::acquire(&cfg.control_socket)?;
     let control_listener = control::bind(&cfg.control_socket)?;
+    let metrics_listener = cfg.metrics.map(control::metrics::bind).transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
@@ -90,6 +91,22 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     let ctx = Arc::new(ControlContext::new(srv.stats.clone(), Some(extra)));
     let control = control_listener.spawn(ctx, stop.clone())?;
     log::info!("control socket {}", cfg.control_socket.display());
+    // Prometheus metrics, read from the published stats at scrape time (see control/metrics.rs).
+    let metrics = match metrics_listener {
+        Some(l) => {
+            let addr = l.local_addr();
+            let reporter = sync.reporter();
+            let src = control::metrics::MetricsSource {
+                stats: srv.stats.clone(),
+                sync: Some(Box::new(move || reporter.report())),
+                started: std::time::Instant::now(),
+            };
+            let h = l.spawn(Arc::new(src), stop.clone())?;
+            log::info!("metrics on {addr} (http://{addr}/metrics)");
+            Some(h)
+        }
+        None => None,
+    };
 
     let r = srv.supervise(&stop, || {
         if reload_requested.swap(false, Ordering::Relaxed) {
@@ -108,6 +125,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     log::info!("stopping");
     let _ = sync.join();
     let _ = control.join();
+    let _ = metrics.map(|h| h.join());
     log::info!("stopped");
     r
 }
