@@ -501,13 +501,20 @@ pub fn bind(addr: SocketAddr) -> io::Result<MetricsListener> {
     let listener = TcpListener::bind(addr).map_err(ctx)?;
     listener.set_nonblocking(true).map_err(ctx)?;
     let addr = listener.local_addr().map_err(ctx)?;
-    if !addr.ip().is_loopback() {
-        log::warn!(
-            "metrics on {addr} can be reached from other hosts and has no access control: anyone who \
-             reaches it reads the server's counters and sources; firewall it, or listen on 127.0.0.1"
-        );
+    if let Some(w) = exposure_warning(addr) {
+        log::warn!("{w}");
     }
     Ok(MetricsListener { listener, addr })
+}
+
+/// What to tell the operator about an endpoint other hosts can reach, if it is one.
+pub fn exposure_warning(addr: SocketAddr) -> Option<String> {
+    (!addr.ip().is_loopback()).then(|| {
+        format!(
+            "metrics on {addr} can be reached from other hosts and has no access control: anyone who \
+             reaches it reads the server's counters and sources; firewall it, or listen on 127.0.0.1"
+        )
+    })
 }
 
 impl MetricsListener {
@@ -869,6 +876,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_grafana_dashboard_uses_only_exported_names() {
+        let dashboard = include_str!("../../deploy/grafana/gnomon.json");
+        let text = render(&[worker(0, &[], &[1000], &[1])], Some(&report()), 1.0);
+        let mut names = std::collections::BTreeSet::new();
+        for (i, _) in dashboard
+            .match_indices("ntp_")
+            .chain(dashboard.match_indices("gnomon_"))
+        {
+            let end = dashboard[i..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(dashboard.len(), |e| i + e);
+            names.insert(&dashboard[i..end]);
+        }
+        assert!(names.len() > 20, "{names:?}");
+        for n in names {
+            assert!(
+                text.contains(&format!("\n{n}{{")) || text.contains(&format!("\n{n} ")),
+                "the dashboard uses {n}, which gnomon does not export"
+            );
+        }
+    }
+
     fn status(r: &[u8]) -> (u16, String) {
         let t = String::from_utf8_lossy(r).to_string();
         (t[9..12].parse().unwrap(), t)
@@ -899,6 +929,17 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.0\r\n\r\nrest"), Some(18));
         assert_eq!(head_end(b"GET / HTTP/1.0\n\n"), Some(16));
         assert_eq!(head_end(b"GET / HTTP/1.0\r\n"), None);
+    }
+
+    #[test]
+    fn a_non_loopback_endpoint_is_warned_about() {
+        for quiet in ["127.0.0.1:9975", "127.3.4.5:1", "[::1]:9975"] {
+            assert_eq!(exposure_warning(quiet.parse().unwrap()), None, "{quiet}");
+        }
+        for loud in ["0.0.0.0:9975", "192.0.2.1:9975", "[::]:9975", "[2001:db8::1]:9975"] {
+            let w = exposure_warning(loud.parse().unwrap()).unwrap_or_default();
+            assert!(w.contains("no access control"), "{loud}: {w}");
+        }
     }
 
     fn get(addr: SocketAddr, request: &[u8]) -> String {
