@@ -57,7 +57,6 @@ cat >"$TMP/gnomon.toml" <<EOF
 listen = ["127.0.0.1:$PORT"]
 workers = 1
 io = "$IO"
-cpus = [$SRV_CPU]
 local_stratum = 1
 control_socket = "$TMP/gnomon.sock"
 [metrics]
