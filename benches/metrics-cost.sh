@@ -4,6 +4,8 @@
 # fixed rate; rounds alternate between no scrape and a scrape of /metrics every SCRAPE_EVERY
 # seconds (curl, pinned with the generator), in the same run. Each round reports server CPU
 # time (all threads, utime + stime) per reply; the script prints the medians and their ratio.
+# Under load that ratio is within the noise of a shared machine, so the script also measures
+# one scrape's CPU cost on the idle server beforehand and converts it to ns per reply.
 #
 # Usage: benches/metrics-cost.sh
 #   RATE=40000 ROUNDS=5 ROUND=10s IO=mmsg SCRAPE_EVERY=1   (defaults)
@@ -78,6 +80,25 @@ done
 curl -sf "http://127.0.0.1:$MPORT/metrics" >"$OUT/sample.prom"
 echo "== one scrape is $(wc -c <"$OUT/sample.prom") bytes" >&2
 
+# The cost of one scrape on its own, resolved well below a clock tick: the idle server's CPU
+# over SCRAPES back-to-back scrapes, less its idle CPU over as long a time without them.
+SCRAPES=${SCRAPES:-2000}
+scrape_loop() {
+    taskset -c "$GEN_CPU" python3 -c "
+import sys, time, urllib.request
+t = time.monotonic()
+for _ in range(int(sys.argv[1])):
+    urllib.request.urlopen('http://127.0.0.1:$MPORT/metrics').read()
+print(time.monotonic() - t)" "$1"
+}
+c0=$(cpu_ticks "$SERVER_PID")
+wall=$(scrape_loop "$SCRAPES")
+c1=$(cpu_ticks "$SERVER_PID")
+sleep "$wall"
+c2=$(cpu_ticks "$SERVER_PID")
+PER_SCRAPE_US=$(python3 -c "print('%.1f' % ((($c1 - $c0) - ($c2 - $c1)) / $CLK_TCK * 1e6 / $SCRAPES))")
+echo "== one scrape costs the idle server ${PER_SCRAPE_US} us of CPU ($SCRAPES scrapes in ${wall} s)" >&2
+
 RESULTS=$TMP/results.tsv
 : >"$RESULTS"
 # round MODE N: one fixed-rate run; MODE is "none" or "scrape".
@@ -113,7 +134,7 @@ done
 echo "== load after: $(uptime)" | tee -a "$OUT/uptime.txt" >&2
 cp "$RESULTS" "$OUT/results.tsv"
 
-python3 - "$RESULTS" "$RATE" "$SCRAPE_EVERY" <<'EOF'
+python3 - "$RESULTS" "$RATE" "$SCRAPE_EVERY" "$PER_SCRAPE_US" <<'EOF'
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 by = {"none": [], "scrape": []}
@@ -126,4 +147,8 @@ for mode, label in (("none", "no scrape"), ("scrape", f"scrape every {sys.argv[3
     print(f"  {label:<20} median {statistics.median(v):.4f}   rounds {' '.join('%.4f' % x for x in v)}")
 a, b = statistics.median(by["none"]), statistics.median(by["scrape"])
 print(f"  ratio scrape/none: {b / a:.4f}   ({(b - a) * 1000:+.1f} ns per reply)")
+per_scrape, rate, every = float(sys.argv[4]), float(sys.argv[2]), float(sys.argv[3])
+print(f"one scrape on the idle server: {per_scrape:.1f} us of CPU, i.e. "
+      f"{per_scrape / (rate * every) * 1000:.2f} ns per reply at {rate:.0f}/s with a scrape every {every:g} s "
+      f"({per_scrape / (rate * every) / a * 100:.3f} % of the no-scrape median)")
 EOF
