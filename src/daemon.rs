@@ -45,6 +45,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         }
         Err(e) => return Err(e),
     };
+    let metrics_listener = cfg.metrics.map(control::metrics::bind).transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
@@ -122,6 +123,22 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         }
         None => None,
     };
+    // Prometheus metrics, read from the published stats at scrape time (see control/metrics.rs).
+    let metrics = match metrics_listener {
+        Some(l) => {
+            let addr = l.local_addr();
+            let reporter = sync.reporter();
+            let src = control::metrics::MetricsSource {
+                stats: srv.stats.clone(),
+                sync: Some(Box::new(move || reporter.report())),
+                started: std::time::Instant::now(),
+            };
+            let h = l.spawn(Arc::new(src), stop.clone())?;
+            log::info!("metrics on {addr} (http://{addr}/metrics)");
+            Some(h)
+        }
+        None => None,
+    };
     if let Some(w) = systemd.watchdog() {
         log::info!(
             "systemd watchdog: pinged every {:.1} s while every worker runs",
@@ -159,6 +176,9 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     let _ = sync.join();
     if let Some(c) = control {
         let _ = c.join();
+    }
+    if let Some(h) = metrics {
+        let _ = h.join();
     }
     drop(lock);
     log::info!("stopped");

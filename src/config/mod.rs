@@ -58,6 +58,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// `user` (and `group`): who the server becomes after binding, when started as root.
     pub run_as: Option<crate::server::privileges::Account>,
+    /// Where the Prometheus metrics endpoint listens (`[metrics] listen`); None: no endpoint.
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -101,6 +103,12 @@ struct RawMakeStep {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<Vec<Spanned<String>>>,
     workers: Option<Spanned<i64>>,
@@ -123,6 +131,7 @@ struct RawConfig {
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     makestep: Option<RawMakeStep>,
+    metrics: Option<RawMetrics>,
 }
 
 /// Turns a byte offset into a 1-based line number and the key written on that line.
@@ -226,6 +235,18 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     bare.parse::<IpAddr>()
         .map(|ip| SocketAddr::new(ip, NTP_PORT))
         .map_err(|_| format!("`{s}` is not an address (expected e.g. 0.0.0.0:123, [::]:123 or 192.0.2.1)"))
+}
+
+/// Reads the metrics endpoint's `ADDR:PORT`, `[V6]:PORT`, or a bare address (port 9975).
+/// Addresses only: a name would need DNS at start-up for a local endpoint.
+pub fn parse_metrics_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bare = s.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, crate::control::metrics::DEFAULT_PORT))
+        .map_err(|_| format!("`{s}` is not an address (expected e.g. 127.0.0.1:9975 or [::1]:9975)"))
 }
 
 impl Config {
@@ -350,10 +371,22 @@ impl Config {
             }
             (None, None) => None,
         };
+        // An empty `[metrics]` table turns the endpoint on at ntpd-rs's default address.
+        let metrics = match &raw.metrics {
+            None => None,
+            Some(RawMetrics { listen: None }) => Some(SocketAddr::from((
+                [127, 0, 0, 1],
+                crate::control::metrics::DEFAULT_PORT,
+            ))),
+            Some(RawMetrics { listen: Some(l) }) => {
+                Some(parse_metrics_listen(l.get_ref()).map_err(|m| loc.value(l, m))?)
+            }
+        };
         Ok(Config {
             run_as,
             sync,
             policy,
+            metrics,
             source: file.to_string(),
             serve,
             control_socket: raw
@@ -824,6 +857,24 @@ mod tests {
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("limit")), "{e}");
         let e = Config::parse("[makestep]\nthreshold = -1.0\n", "f").unwrap_err();
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("threshold")), "{e}");
+    }
+
+    #[test]
+    fn metrics_endpoint() {
+        assert_eq!(Config::embedded().metrics, None, "off by default");
+        let c = Config::parse("[metrics]\nlisten = \"127.0.0.1:9100\"\n", "f").unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        let c = Config::parse("[metrics]\nlisten = \"::1\"\n", "f").unwrap();
+        assert_eq!(c.metrics, Some("[::1]:9975".parse().unwrap()));
+        let c = Config::parse("workers = 1\n[metrics]\n", "f").unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9975".parse().unwrap()));
+        let e = Config::parse("workers = 1\n[metrics]\nlisten = \"localhost:9975\"\n", "/etc/g.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("listen")), "{e}");
+        assert!(e.message.contains("`localhost:9975` is not an address"), "{e}");
+        let e = Config::parse("[metrics]\nlisten = 9975\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("listen")), "{e}");
+        let e = Config::parse("[metrics]\nlisen = \"127.0.0.1:9975\"\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("lisen")), "{e}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! server over a Unix socket with mode 0600. Aggregation of worker stats happens here, off the
 //! hot path.
 
+pub mod metrics;
 pub mod stats_view;
 
 use crate::server::stats::WorkerStats;
