@@ -4,7 +4,8 @@
 
 pub mod stats_view;
 
-use crate::server::stats::WorkerStats;
+use crate::logging::Event;
+use crate::server::stats::{Counter, WorkerStats};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -132,6 +133,64 @@ pub fn bind(path: &Path) -> io::Result<ControlListener> {
     })
 }
 
+/// Receive-queue overflow, from the counters the workers publish (never on the hot path): one
+/// line when the kernel starts dropping requests, one when it has not for [`OVERLOAD_QUIET_NS`].
+#[derive(Default, Debug)]
+pub struct OverloadWatch {
+    last: Option<(u64, i64)>,
+    /// The episode under way: drops counted before it, and the last time the count rose.
+    episode: Option<(u64, i64)>,
+}
+
+/// An overload ends after this long without a receive-queue drop.
+pub const OVERLOAD_QUIET_NS: i64 = 60_000_000_000;
+
+impl OverloadWatch {
+    /// `drops` is the `drop_kernel_rx_queue` total now; looked at once a second.
+    pub fn tick(&mut self, drops: u64, now_ns: i64) -> Option<Event> {
+        let Some((before, at)) = self.last else {
+            self.last = Some((drops, now_ns));
+            return None;
+        };
+        if now_ns - at < 1_000_000_000 {
+            return None;
+        }
+        self.last = Some((drops, now_ns));
+        match self.episode {
+            None if drops > before => {
+                self.episode = Some((before, now_ns));
+                Some(Event::warn(
+                    "overload",
+                    "",
+                    format!(
+                        "overload: the kernel dropped {} requests in {:.1} s (receive queue full, drop_kernel_rx_queue); \
+                         the workers cannot keep up",
+                        drops - before,
+                        (now_ns - at) as f64 * 1e-9
+                    ),
+                ))
+            }
+            Some((start, _)) if drops > before => {
+                self.episode = Some((start, now_ns));
+                None
+            }
+            Some((start, last)) if now_ns - last >= OVERLOAD_QUIET_NS => {
+                self.episode = None;
+                Some(Event::info(
+                    "overload",
+                    "",
+                    format!(
+                        "overload over: no receive-queue drop for {} s ({} dropped in all)",
+                        OVERLOAD_QUIET_NS / 1_000_000_000,
+                        drops - start
+                    ),
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Counts a client thread for as long as it lives.
 struct ClientSlot(Arc<AtomicUsize>);
 
@@ -152,9 +211,14 @@ impl ControlListener {
         std::thread::Builder::new()
             .name("gnomon-control".into())
             .spawn(move || {
+                let mut overload = OverloadWatch::default();
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok(mut r) = ctx.rates.lock() {
                         r.tick(&ctx.stats);
+                    }
+                    let drops = ctx.stats.iter().map(|s| s.get(Counter::KernelRxQueue)).sum();
+                    if let Some(e) = overload.tick(drops, ctx.started.elapsed().as_nanos() as i64) {
+                        crate::logging::state_change(e);
                     }
                     match listener.accept() {
                         Ok((stream, _)) => serve_client(stream, &ctx, &active),
@@ -222,4 +286,33 @@ pub fn request(path: &Path, command: &str) -> io::Result<String> {
     let mut out = String::new();
     io::Read::read_to_string(&mut s, &mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overload_gives_one_line_when_drops_start_and_one_when_they_stop() {
+        const S: i64 = 1_000_000_000;
+        let mut w = OverloadWatch::default();
+        let mut lines = Vec::new();
+        let mut drops = 0;
+        // Quiet, then five minutes dropping every second, then quiet again; ticked every 50 ms.
+        for t in 0..(20 * 60 * 10) {
+            let now = t * S / 20;
+            if (60 * S..360 * S).contains(&now) {
+                drops += 3;
+            }
+            lines.extend(w.tick(drops, now));
+        }
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0].level, log::Level::Warn);
+        assert!(lines[0].text.starts_with("overload: the kernel dropped"), "{lines:?}");
+        assert_eq!(lines[1].level, log::Level::Info);
+        assert!(
+            lines[1].text.contains(&format!("({drops} dropped in all)")),
+            "{lines:?}"
+        );
+    }
 }
