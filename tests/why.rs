@@ -105,3 +105,125 @@ fn a_short_mode_6_request_counts_as_control_mode_and_is_not_answered() {
     assert_eq!(srv.wait_counter("drop_control_mode", 1), 1);
     assert_eq!(srv.counter("drop_too_short"), 0);
 }
+
+const RULES: &str = r#"
+[[restrict]]
+address = "default"
+action = "limited"
+
+[[restrict]]
+address = "127.0.5.0/24"
+action = "deny"
+
+[[restrict]]
+address = "127.0.6.0/24"
+action = "ignore"
+
+[[restrict]]
+address = "127.0.4.0/24"
+action = "serve"
+
+[rate_limit]
+interval = 5.0
+burst = 2
+leak = 0
+"#;
+
+/// The 1-based line of the config that contains `text`.
+fn line_of(srv: &Gnomon, text: &str) -> usize {
+    let cfg = std::fs::read_to_string(srv.dir.join("gnomon.toml")).unwrap();
+    cfg.lines().position(|l| l.contains(text)).expect("in the config") + 1
+}
+
+fn explain(srv: &Gnomon, addr: &str) -> String {
+    let out = srv.ctl(&["explain", addr]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn explain_names_the_rule_its_line_and_the_rate_limit_state() {
+    let srv = Gnomon::start(&format!("listen = [\"0.0.0.0:0\"]\nlocal_stratum = 2\n{RULES}"));
+    let target: SocketAddr = format!("127.0.0.1:{}", srv.addr().port()).parse().unwrap();
+    let file = srv.dir.join("gnomon.toml").display().to_string();
+    let e = explain(&srv, "127.0.6.3");
+    let want = format!(
+        "restrict 127.0.6.0/24 action ignore ({file}:{})",
+        line_of(&srv, "127.0.6.0/24")
+    );
+    assert!(e.contains(&want), "{e}\nwanted {want}");
+    assert!(e.contains("action          ignore: dropped"), "{e}");
+    let e = explain(&srv, "127.0.5.77");
+    assert!(
+        e.contains(&format!("action deny ({file}:{})", line_of(&srv, "127.0.5.0/24"))),
+        "{e}"
+    );
+    let e = explain(&srv, "127.0.4.1");
+    assert!(e.contains("action serve") && e.contains("not applied"), "{e}");
+    // The default rule, then the same client's rate-limit state before and after a burst.
+    let e = explain(&srv, "127.0.9.9");
+    let want = format!("default action limited ({file}:{})", line_of(&srv, "\"default\""));
+    assert!(e.contains(&want), "{e}\nwanted {want}");
+    assert!(e.contains("idle: a burst of 2"), "{e}");
+    let (served, _) = send_paced("127.0.9.9", target, 6, 200.0);
+    assert_eq!(served, 2, "burst 2, interval 5 s");
+    let e = explain(&srv, "127.0.9.9");
+    assert!(e.contains("over the limit"), "{e}");
+    assert_eq!(explain(&srv, "127.0.9.9").lines().count(), e.lines().count());
+    assert!(explain(&srv, "::1").contains("default action limited"));
+    let bad = srv.ctl(&["explain", "not-an-address"]);
+    assert!(!bad.status.success(), "clap refuses a non-address");
+}
+
+#[test]
+fn clients_shows_the_busiest_by_requests_and_by_drops_from_samples() {
+    let srv = Gnomon::start(&format!("listen = [\"0.0.0.0:0\"]\nlocal_stratum = 2\n{RULES}"));
+    let target: SocketAddr = format!("127.0.0.1:{}", srv.addr().port()).parse().unwrap();
+    let (heavy, ignored, limited) = (from("127.0.4.1"), from("127.0.6.3"), from("127.0.9.9"));
+    let req = request(4, 3, 1);
+    // Interleaved, so each worker's 1-in-64 countdown meets every client in proportion:
+    // 4000 served, 2000 ignored, 2000 rate limited (burst 2), in paced bursts.
+    for round in 0..2000 {
+        for _ in 0..2 {
+            heavy.send_to(&req, target).unwrap();
+        }
+        ignored.send_to(&req, target).unwrap();
+        limited.send_to(&req, target).unwrap();
+        if round % 25 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    srv.wait_counter("received", 8000);
+    let out = srv.ctl(&["clients", "--top", "5"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    say(&text);
+    assert!(text.starts_with("sampled 1 in 64 requests"), "{text}");
+    let (by_requests, by_drops) = text.split_once("top 5 by drops:").unwrap();
+    let rows = |part: &str| -> Vec<(String, u64, u64)> {
+        part.lines()
+            .filter(|l| l.starts_with("127."))
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[0].to_string(), f[1].parse().unwrap(), f[3].parse().unwrap())
+            })
+            .collect()
+    };
+    let r = rows(by_requests);
+    assert_eq!(r[0].0, "127.0.4.1", "{text}");
+    assert!(
+        (2000..=6000).contains(&r[0].1),
+        "4000 sent, estimated {}: {text}",
+        r[0].1
+    );
+    assert_eq!(r[0].2, 0, "served, none dropped");
+    let d = rows(by_drops);
+    assert_eq!(d.len(), 2, "only the two dropped clients have drops: {text}");
+    for (ip, _, dropped) in &d {
+        assert!(ip == "127.0.6.3" || ip == "127.0.9.9", "{text}");
+        assert!(
+            (1000..=3000).contains(dropped),
+            "2000 dropped, estimated {dropped}: {text}"
+        );
+    }
+}
