@@ -457,4 +457,28 @@ mod tests {
         assert_eq!(l.counts[Counter::SendEinval as usize], 2);
         assert_eq!(l.counts[Counter::SendUnreachable as usize], 1);
     }
+
+    #[test]
+    fn sample_ring_hands_each_sample_over_once_and_counts_what_it_lost() {
+        let r = SampleRing::default();
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap());
+        r.push(a, Outcome::Answered);
+        r.push(b, Outcome::RateLimited);
+        let mut next = 0;
+        let mut got = Vec::new();
+        assert_eq!(r.drain(&mut next, |ip, o| got.push((ip, o))), 0);
+        assert_eq!(got, [(a, Outcome::Answered), (b, Outcome::RateLimited)]);
+        assert_eq!(r.drain(&mut next, |_, _| panic!("drained twice")), 0);
+        for _ in 0..SAMPLE_SLOTS + 10 {
+            r.push(a, Outcome::Ignored);
+        }
+        let mut n = 0;
+        assert_eq!(
+            r.drain(&mut next, |_, _| n += 1),
+            10,
+            "overwritten before the reader came"
+        );
+        assert_eq!(n, SAMPLE_SLOTS);
+    }
 }
