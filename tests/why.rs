@@ -227,3 +227,28 @@ fn clients_shows_the_busiest_by_requests_and_by_drops_from_samples() {
         );
     }
 }
+
+#[test]
+fn status_and_query_show_one_refid_text() {
+    let srv = Gnomon::start("local_stratum = 3\n");
+    let status = srv.ctl(&["status"]);
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    let refid = |text: &str, key: &str| -> String {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{key} in {text}"));
+        line[key.len()..].trim_start_matches([' ', ':']).trim().to_string()
+    };
+    let query = std::process::Command::new(GNOMON)
+        .args(["query", &srv.addr().to_string()])
+        .output()
+        .unwrap();
+    let query = String::from_utf8_lossy(&query.stdout).to_string();
+    assert_eq!(
+        refid(&status, "Reference ID"),
+        refid(&query, "refid"),
+        "{status}\n{query}"
+    );
+    assert_eq!(refid(&query, "refid"), "76.79.67.76 (LOCL)");
+}
