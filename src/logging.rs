@@ -21,6 +21,20 @@ fn priority(level: log::Level) -> u8 {
     }
 }
 
+/// Whether stderr is the stream `JOURNAL_STREAM` (`DEVICE:INODE`, systemd.exec(5)) names: set by
+/// systemd for the service, it is inherited by anything the service starts with its stderr
+/// elsewhere, so the variable alone is not enough.
+fn stderr_is_journal(var: Option<&str>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some((dev, ino)) = var.and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
 /// One log line. journald adds the time, name and pid itself, so the journal line carries the
 /// priority instead.
 fn format_line(level: log::Level, msg: &std::fmt::Arguments, journal: bool) -> String {
@@ -57,7 +71,7 @@ pub fn init() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(log::LevelFilter::Info);
     let logger = LOGGER.get_or_init(|| StderrLogger {
-        journal: std::env::var_os("JOURNAL_STREAM").is_some(),
+        journal: stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref()),
     });
     let _ = log::set_logger(logger);
     log::set_max_level(level);
@@ -315,5 +329,11 @@ mod tests {
         assert_eq!(line, "<4>source a unreachable");
         assert!(format_line(log::Level::Info, &format_args!("x"), false).ends_with("info: x"));
         assert_eq!(priority(log::Level::Info), 6);
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata("/proc/self/fd/2").unwrap();
+        assert!(stderr_is_journal(Some(&format!("{}:{}", m.dev(), m.ino()))));
+        assert!(!stderr_is_journal(Some(&format!("{}:{}", m.dev(), m.ino() + 1))));
+        assert!(!stderr_is_journal(None));
+        assert!(!stderr_is_journal(Some("garbage")));
     }
 }
