@@ -55,6 +55,7 @@ fn pool_policy() -> Arc<SharedPolicy> {
     let config = PolicyConfig {
         rules,
         default: Action::Serve,
+        lines: Default::default(),
         rate_limit: RateLimitConfig {
             interval: 1e-3,
             burst: 1_000_000,

@@ -102,6 +102,12 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         "sources why" => Some(crate::sync::render_sources(&sync_report.report(), true)),
         "status" => Some(crate::sync::render_status(&sync_report.report())),
         "sync json" => Some(serde_json::to_string_pretty(&sync_report.report()).unwrap_or_default() + "\n"),
+        l if l.starts_with("explain ") => Some(control::explain(
+            &control_policy.load(),
+            &source,
+            &l["explain ".len()..],
+            crate::clock::realtime_ns(),
+        )),
         "reload" => Some(match reload(&source, &control_policy) {
             Ok(m) => {
                 log::info!("{m}");

@@ -94,6 +94,23 @@ enum Command {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// Why the running server treats a client as it does: the access rule that matches ADDR,
+    /// with its file:line, the action, and the client's rate-limit state now.
+    Explain {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// The client's IP address (IPv4 or IPv6).
+        addr: std::net::IpAddr,
+    },
+    /// The busiest clients by requests and by drops, like `chronyc clients`, estimated from 1 in
+    /// 64 requests sampled by the workers.
+    Clients {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// How many clients each list shows.
+        #[arg(long, short = 'n', default_value_t = 10)]
+        top: usize,
+    },
     /// Re-read the config's access rules and rate limits in the running server (as SIGHUP does).
     Reload {
         #[command(flatten)]
@@ -286,6 +303,19 @@ fn run(cmd: Command) -> Result<ExitCode, String> {
         Command::Status { control } => {
             print!("{}", control.request("status")?);
             sync_exit(&control.request("sync json")?)
+        }
+        Command::Explain { control, addr } => {
+            let out = control.request(&format!("explain {addr}"))?;
+            print!("{out}");
+            Ok(if out.starts_with("error") {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Clients { control, top } => {
+            print!("{}", control.request(&format!("clients {top}"))?);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Reload { control } => {
             let out = control.request("reload")?;

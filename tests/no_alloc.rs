@@ -39,6 +39,7 @@ fn policy() -> Arc<SharedPolicy> {
             action: Action::Limited,
         }],
         default: Action::Deny,
+        lines: Default::default(),
         rate_limit: RateLimitConfig {
             interval: 1e-3,
             burst: 1_000_000,

@@ -263,7 +263,7 @@ fn ready_status_and_watchdog_pings_reach_a_path_socket() {
         .lines()
         .find_map(|l| l.strip_prefix("STATUS="))
         .expect("STATUS= with READY=1");
-    assert_eq!(status, "serving stratum 5, synchronised to LOCL");
+    assert_eq!(status, "serving stratum 5, synchronised to 76.79.67.76 (LOCL)");
     // WATCHDOG_USEC 0.4 s: a ping every 0.2 s, so about 7 in 1.5 s.
     let n = pings(&m.collect(Duration::from_millis(1500))).len();
     assert!((3..=20).contains(&n), "{n} pings in 1.5 s");

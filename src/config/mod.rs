@@ -571,12 +571,14 @@ fn parse_policy(
             }
             default_seen = true;
             policy.default = action;
+            policy.lines.default = Some(loc.line_of(r.address.span().start));
             continue;
         }
         let prefix = address
             .parse()
             .map_err(|e: crate::policy::PrefixError| loc.value(&r.address, format!("`{address}`: {e}")))?;
         policy.rules.push(Rule { prefix, action });
+        policy.lines.rules.push(loc.line_of(r.address.span().start));
     }
     if let Some(rl) = rl {
         let c = &mut policy.rate_limit;

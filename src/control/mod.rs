@@ -2,10 +2,13 @@
 //! server over a Unix socket with mode 0600. Aggregation of worker stats happens here, off the
 //! hot path.
 
+pub mod clients;
 pub mod metrics;
 pub mod stats_view;
 
-use crate::server::stats::WorkerStats;
+use crate::logging::Event;
+use crate::server::stats::{Counter, WorkerStats};
+use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -24,6 +27,8 @@ pub struct ControlContext {
     pub started: Instant,
     pub rates: Mutex<stats_view::RateTracker>,
     pub extra: Option<Extra>,
+    /// The busiest clients, from the workers' samples (`gnomon clients`).
+    pub clients: Mutex<clients::ClientTable>,
 }
 
 impl ControlContext {
@@ -34,6 +39,7 @@ impl ControlContext {
             started: Instant::now(),
             rates: Mutex::new(stats_view::RateTracker::new(n)),
             extra,
+            clients: Mutex::new(clients::ClientTable::new(n)),
         }
     }
 
@@ -53,6 +59,16 @@ impl ControlContext {
                 } else {
                     stats_view::render(&snap)
                 }
+            }
+            Some("clients") => {
+                let top = match words.next().map(str::parse::<usize>) {
+                    None => 10,
+                    Some(Ok(n)) if n > 0 => n,
+                    Some(_) => return "error: `clients N` wants a positive count\n".to_string(),
+                };
+                let mut t = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+                t.drain(&self.stats);
+                t.render(top)
             }
             Some(_) => match &self.extra {
                 Some(f) => f(line).unwrap_or_else(|| format!("error: unknown command `{line}`\n")),
@@ -140,6 +156,135 @@ pub fn bind(path: &Path) -> io::Result<ControlListener> {
     })
 }
 
+/// `gnomon explain ADDR`: the rule that decides for `ADDR` (with its line in `source`), what
+/// that action does, and the client's rate-limit state now, read without changing it.
+pub fn explain(policy: &crate::policy::PolicySet, source: &str, arg: &str, now_ns: i64) -> String {
+    use crate::policy::Action;
+    let Ok(ip) = arg.trim().parse::<std::net::IpAddr>() else {
+        return format!("error: `{}` is not an IP address\n", arg.trim());
+    };
+    let m = policy.access.lookup(ip);
+    let cfg = &policy.config;
+    let at = |line: Option<&usize>| match line {
+        Some(l) => format!("{source}:{l}"),
+        None => source.to_string(),
+    };
+    let rule = match m.rule {
+        Some(i) => {
+            let r = &cfg.rules[i as usize];
+            format!(
+                "restrict {} action {} ({})",
+                r.prefix,
+                r.action,
+                at(cfg.lines.rules.get(i as usize))
+            )
+        }
+        None => match cfg.lines.default {
+            Some(l) => format!("default action {} ({source}:{l})", cfg.default),
+            None => format!("default action {} (no `default` rule: built in)", cfg.default),
+        },
+    };
+    let what = match m.action {
+        Action::Serve => "answered, never rate limited",
+        Action::Exempt => "answered, never rate limited (exempt)",
+        Action::Ignore => "dropped without an answer (counted as drop_ignored)",
+        Action::Deny => "answered with Kiss-o'-Death DENY, those answers rate limited",
+        Action::Limited => "answered within the rate limit",
+    };
+    let mut out = format!(
+        "client          {ip}\nrule            {rule}\naction          {}: {what}\n",
+        m.action
+    );
+    let rl = &cfg.rate_limit;
+    if matches!(m.action, Action::Limited | Action::Deny) {
+        let p = policy.limiter.peek(ip, now_ns as u64);
+        let state = if !p.tracked {
+            format!("idle: a burst of {} may come at once", rl.burst)
+        } else if p.burst_left > 0 {
+            format!(
+                "{} more back to back within the limit (backlog {:.3} s)",
+                p.burst_left, p.backlog_s
+            )
+        } else {
+            format!(
+                "over the limit: its requests are {} for {:.3} s more",
+                if rl.kod {
+                    "dropped (one KoD RATE per window)"
+                } else {
+                    "dropped"
+                },
+                p.conforms_in_s
+            )
+        };
+        let _ = writeln!(
+            out,
+            "rate limit      {state}; limit {} s interval, burst {}, leak 1 in {}",
+            rl.interval, rl.burst, rl.leak
+        );
+    } else {
+        out.push_str("rate limit      not applied to this action\n");
+    }
+    out
+}
+
+/// Receive-queue overflow, from the counters the workers publish (never on the hot path): one
+/// line when the kernel starts dropping requests, one when it has not for [`OVERLOAD_QUIET_NS`].
+#[derive(Default, Debug)]
+pub struct OverloadWatch {
+    last: Option<(u64, i64)>,
+    /// The episode under way: drops counted before it, and the last time the count rose.
+    episode: Option<(u64, i64)>,
+}
+
+/// An overload ends after this long without a receive-queue drop.
+pub const OVERLOAD_QUIET_NS: i64 = 60_000_000_000;
+
+impl OverloadWatch {
+    /// `drops` is the `drop_kernel_rx_queue` total now; looked at once a second.
+    pub fn tick(&mut self, drops: u64, now_ns: i64) -> Option<Event> {
+        let Some((before, at)) = self.last else {
+            self.last = Some((drops, now_ns));
+            return None;
+        };
+        if now_ns - at < 1_000_000_000 {
+            return None;
+        }
+        self.last = Some((drops, now_ns));
+        match self.episode {
+            None if drops > before => {
+                self.episode = Some((before, now_ns));
+                Some(Event::warn(
+                    "overload",
+                    "",
+                    format!(
+                        "overload: the kernel dropped {} requests in {:.1} s (receive queue full, drop_kernel_rx_queue); \
+                         the workers cannot keep up",
+                        drops - before,
+                        (now_ns - at) as f64 * 1e-9
+                    ),
+                ))
+            }
+            Some((start, _)) if drops > before => {
+                self.episode = Some((start, now_ns));
+                None
+            }
+            Some((start, last)) if now_ns - last >= OVERLOAD_QUIET_NS => {
+                self.episode = None;
+                Some(Event::info(
+                    "overload",
+                    "",
+                    format!(
+                        "overload over: no receive-queue drop for {} s ({} dropped in all)",
+                        OVERLOAD_QUIET_NS / 1_000_000_000,
+                        drops - start
+                    ),
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Counts a client thread for as long as it lives.
 struct ClientSlot(Arc<AtomicUsize>);
 
@@ -160,9 +305,17 @@ impl ControlListener {
         std::thread::Builder::new()
             .name("gnomon-control".into())
             .spawn(move || {
+                let mut overload = OverloadWatch::default();
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok(mut r) = ctx.rates.lock() {
                         r.tick(&ctx.stats);
+                    }
+                    if let Ok(mut t) = ctx.clients.lock() {
+                        t.drain(&ctx.stats);
+                    }
+                    let drops = ctx.stats.iter().map(|s| s.get(Counter::KernelRxQueue)).sum();
+                    if let Some(e) = overload.tick(drops, ctx.started.elapsed().as_nanos() as i64) {
+                        crate::logging::state_change(e);
                     }
                     match listener.accept() {
                         Ok((stream, _)) => serve_client(stream, &ctx, &active),
@@ -230,4 +383,33 @@ pub fn request(path: &Path, command: &str) -> io::Result<String> {
     let mut out = String::new();
     io::Read::read_to_string(&mut s, &mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overload_gives_one_line_when_drops_start_and_one_when_they_stop() {
+        const S: i64 = 1_000_000_000;
+        let mut w = OverloadWatch::default();
+        let mut lines = Vec::new();
+        let mut drops = 0;
+        // Quiet, then five minutes dropping every second, then quiet again; ticked every 50 ms.
+        for t in 0..(20 * 60 * 10) {
+            let now = t * S / 20;
+            if (60 * S..360 * S).contains(&now) {
+                drops += 3;
+            }
+            lines.extend(w.tick(drops, now));
+        }
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0].level, log::Level::Warn);
+        assert!(lines[0].text.starts_with("overload: the kernel dropped"), "{lines:?}");
+        assert_eq!(lines[1].level, log::Level::Info);
+        assert!(
+            lines[1].text.contains(&format!("({drops} dropped in all)")),
+            "{lines:?}"
+        );
+    }
 }

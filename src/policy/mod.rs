@@ -6,5 +6,5 @@ pub mod ratelimit;
 pub mod set;
 
 pub use access::{AccessTable, Action, Match, Prefix, PrefixError, Rule, UnknownAction, linear_lookup};
-pub use ratelimit::{Checked, Limit, RateLimitConfig, RateLimiter};
-pub use set::{PolicyConfig, PolicySet, SharedPolicy};
+pub use ratelimit::{Checked, Limit, Peek, RateLimitConfig, RateLimiter};
+pub use set::{PolicyConfig, PolicySet, RuleLines, SharedPolicy};

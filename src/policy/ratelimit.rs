@@ -136,6 +136,19 @@ pub struct Checked {
     pub evicted: bool,
 }
 
+/// A client's rate-limit state, read without changing it ([`RateLimiter::peek`]).
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct Peek {
+    /// The table holds a live entry for the client (it asked within the last burst's time).
+    pub tracked: bool,
+    /// How far its theoretical arrival time is ahead of now (s): the debt it carries.
+    pub backlog_s: f64,
+    /// Requests it may send back to back right now and still be answered.
+    pub burst_left: u32,
+    /// Seconds until its next request conforms again (0 when one would now).
+    pub conforms_in_s: f64,
+}
+
 /// Slots per bucket: 8 words fill one cache line.
 const SLOTS: usize = 8;
 
@@ -286,6 +299,32 @@ impl RateLimiter {
         }
     }
 
+    /// What the table holds for `addr` at `now_ns`, without changing it (for `gnomon explain`):
+    /// a read of one bucket, no store.
+    pub fn peek(&self, addr: IpAddr, now_ns: u64) -> Peek {
+        let h = self.hash(self.key(addr));
+        let tag = h >> TAG_SHIFT;
+        let bucket = &self.buckets[h as usize & (self.buckets.len() - 1)].0;
+        let now = (now_ns >> UNIT_SHIFT) & TAT_MASK;
+        let ahead = bucket
+            .iter()
+            .map(|s| s.load(Relaxed))
+            .find(|w| w >> TAG_SHIFT == tag)
+            .map(|w| self.ahead(w, now));
+        let unit_s = (1u64 << UNIT_SHIFT) as f64 * 1e-9;
+        let a = ahead.unwrap_or(0);
+        Peek {
+            tracked: ahead.is_some_and(|a| a > 0),
+            backlog_s: a as f64 * unit_s,
+            burst_left: if a > self.tolerance {
+                0
+            } else {
+                ((self.tolerance - a) / self.emission + 1) as u32
+            },
+            conforms_in_s: a.saturating_sub(self.tolerance) as f64 * unit_s,
+        }
+    }
+
     /// How far a slot's TAT lies ahead of `now`, in units; 0 for idle, empty or stale slots.
     #[inline]
     fn ahead(&self, word: u64, now: u64) -> u64 {
@@ -355,6 +394,27 @@ mod tests {
             c[l as usize] += 1;
         }
         c
+    }
+
+    #[test]
+    fn peek_reads_the_state_and_changes_nothing() {
+        let l = RateLimiter::with_seed(&cfg(1.0, 4, 0), SEED);
+        let (a, t) = (v4(1), 100 * SEC);
+        let fresh = l.peek(a, t);
+        assert!(!fresh.tracked);
+        assert_eq!((fresh.burst_left, fresh.conforms_in_s), (4, 0.0));
+        assert_eq!(l.check(a, t, 0), Limit::Allow);
+        assert_eq!(l.check(a, t, 0), Limit::Allow);
+        for _ in 0..100 {
+            assert_eq!(l.peek(a, t).burst_left, 2, "peeking spends nothing");
+        }
+        assert!(l.peek(a, t).tracked);
+        assert!((l.peek(a, t).backlog_s - 2.0).abs() < 1e-3);
+        assert_eq!(count((0..3).map(|_| l.check(a, t, 0))), [2, 0, 1, 0]);
+        let over = l.peek(a, t);
+        assert_eq!(over.burst_left, 0);
+        assert!((over.conforms_in_s - 1.0).abs() < 1e-3, "{over:?}");
+        assert_eq!(l.peek(a, t + 10 * SEC).burst_left, 4, "forgiven after idling");
     }
 
     #[test]

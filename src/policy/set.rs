@@ -13,6 +13,16 @@ pub struct PolicyConfig {
     /// The action for addresses no rule matches (`address = "default"`; `serve` if absent).
     pub default: Action,
     pub rate_limit: RateLimitConfig,
+    /// Where each rule is written, for `gnomon explain`.
+    pub lines: RuleLines,
+}
+
+/// The config line of each rule (in the order of `rules`) and of the `default` rule; empty
+/// when the policy does not come from a file.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct RuleLines {
+    pub rules: Vec<usize>,
+    pub default: Option<usize>,
 }
 
 impl Default for PolicyConfig {
@@ -21,6 +31,7 @@ impl Default for PolicyConfig {
             rules: Vec::new(),
             default: Action::Serve,
             rate_limit: RateLimitConfig::default(),
+            lines: RuleLines::default(),
         }
     }
 }
@@ -96,6 +107,7 @@ mod tests {
                 })
                 .collect(),
             default,
+            lines: Default::default(),
             rate_limit: RateLimitConfig {
                 table_bytes: 4096,
                 ..RateLimitConfig::default()

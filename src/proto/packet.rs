@@ -119,16 +119,16 @@ impl RefId {
             && self.0[n..].iter().all(|&c| c == 0)
     }
 
-    /// Text form: the ASCII code for stratum 0 and 1, a dotted quad otherwise.
+    /// Text form, the one `status`, `sources` and `query` all show: the ASCII code for stratum
+    /// 0 and 1 when the bytes are one (kiss codes, a stratum-1 server's source), else a dotted
+    /// quad (chrony's local clock sends 127.127.1.1 at stratum 1), with the code after it when
+    /// a server above stratum 1 sends one (ntpd's LOCAL clock, gnomon's `local_stratum`).
     pub fn display(self, stratum: u8) -> String {
-        if stratum <= 1 {
+        if stratum <= 1 && self.is_ascii_code() {
             let n = self.0.iter().position(|&c| c == 0).unwrap_or(4);
-            self.0[..n]
-                .iter()
-                .map(|&c| if c.is_ascii_graphic() { c as char } else { '?' })
-                .collect()
-        } else if self.0.iter().all(|c| c.is_ascii_uppercase()) {
-            // Not an address anyone uses; a LOCL-style code above stratum 1 (ntpd's LOCAL clock).
+            self.0[..n].iter().map(|&c| c as char).collect()
+        } else if stratum > 1 && self.0.iter().all(|c| c.is_ascii_uppercase()) {
+            // Not an address anyone uses: a code, shown after the quad a client compares.
             format!("{} ({})", self.to_ipv4(), self.display(0))
         } else {
             self.to_ipv4().to_string()
@@ -415,5 +415,8 @@ mod tests {
         assert!(!RefId([127, 0, 0, 1]).is_ascii_code());
         assert_eq!(RefId([127, 0, 0, 1]).display(2), "127.0.0.1");
         assert_eq!(RefId::LOCL.display(1), "LOCL");
+        // chrony's local clock at stratum 1: not a code, so the quad (was "????").
+        assert_eq!(RefId([127, 127, 1, 1]).display(1), "127.127.1.1");
+        assert_eq!(RefId::LOCL.display(10), "76.79.67.76 (LOCL)");
     }
 }

@@ -53,11 +53,14 @@ impl RequestError {
 /// (RFC 1305 appendix B); any other mode 0 is dropped.
 #[inline]
 pub fn check_request(datagram: &[u8]) -> Result<(), RequestError> {
-    if datagram.len() < HEADER_LEN {
-        return Err(RequestError::TooShort);
-    }
-    if datagram.len() > MAX_REQUEST_LEN {
-        return Err(RequestError::Oversized);
+    if datagram.len() < HEADER_LEN || datagram.len() > MAX_REQUEST_LEN {
+        // Off the common path: mode 6 requests (`ntpq`) are 12 bytes and mode 7 (`ntpdc`) ones
+        // of any length; they are counted as control mode, not by their size.
+        return Err(match datagram.first() {
+            Some(lvm) if matches!(lvm & 7, 6 | 7) => RequestError::ControlMode,
+            _ if datagram.len() < HEADER_LEN => RequestError::TooShort,
+            _ => RequestError::Oversized,
+        });
     }
     let lvm = datagram[offset::LI_VN_MODE];
     let version = (lvm >> 3) & 7;
@@ -285,6 +288,21 @@ mod tests {
         assert_eq!(check_request(&big), Err(RequestError::Oversized));
         big.truncate(MAX_REQUEST_LEN);
         assert_eq!(check_request(&big), Ok(()));
+    }
+
+    #[test]
+    fn control_mode_counted_as_such_whatever_the_length() {
+        // `ntpq -p`'s first request: a 12-byte mode 6 header (version 2, READVAR).
+        let ntpq = [0x16, 0x02, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(check_request(&ntpq), Err(RequestError::ControlMode));
+        assert_eq!(
+            check_request(&[0x17]),
+            Err(RequestError::ControlMode),
+            "mode 7, one byte"
+        );
+        let mut big = vec![0u8; MAX_REQUEST_LEN + 1];
+        big[0] = 0x17;
+        assert_eq!(check_request(&big), Err(RequestError::ControlMode), "mode 7, oversized");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The NTP handler: request checks, policy, and the reply stamped from the clock snapshot.
 
 use super::socket::{SendError, peer_ip};
-use super::stats::{Counter, LocalStats, WorkerStats};
+use super::stats::{Counter, LocalStats, Outcome, SAMPLE_EVERY, WorkerStats};
 use super::{Datagram, Handler, TxStamp};
 use crate::clock::{ClockReader, ClockState, realtime_ns};
 use crate::policy::{Action, Limit, PolicySet, SharedPolicy};
@@ -22,6 +22,8 @@ pub struct NtpHandler {
     policy_generation: u64,
     /// xorshift64 state for the rate limiter's leak.
     rng: u64,
+    /// Requests until the next one is sampled for `gnomon clients`.
+    sample_left: u32,
     local: LocalStats,
     shared: Arc<WorkerStats>,
 }
@@ -42,6 +44,7 @@ impl NtpHandler {
             policy: policy.load(),
             shared_policy: policy,
             rng: u64::from_le_bytes(seed) | 1,
+            sample_left: SAMPLE_EVERY,
             local: LocalStats::default(),
             shared,
         }
@@ -70,6 +73,62 @@ impl NtpHandler {
         }
         checked.limit
     }
+
+    /// Everything about one request but the sampling; the reply's length and what became of it.
+    #[inline(always)]
+    fn answer(&mut self, d: Datagram<'_>) -> (usize, Outcome) {
+        if !self.local.received(d.truncated) {
+            return (0, Outcome::Invalid);
+        }
+        if let Err(e) = check_request(&d.buf[..d.len]) {
+            self.local.add(Counter::from_request_error(e), 1);
+            return (0, Outcome::Invalid);
+        }
+        // Before any policy: a reply that cannot reach the client is never built, and an address
+        // spelled to look like another (::ffff:127.0.0.1) never meets a rule.
+        if let Err(u) = check_addresses(d.peer, d.destination) {
+            self.local.add(Counter::from_unanswerable(u), 1);
+            return (0, Outcome::Invalid);
+        }
+        let rx = match d.rx_realtime_ns {
+            Some(t) => t,
+            None => {
+                self.local.add(Counter::NoTimestamp, 1);
+                self.batch_realtime_ns
+            }
+        };
+        let ip = peer_ip(&d.peer);
+        let action = self.policy.access.action(ip);
+        self.local.add(Counter::from_action(action), 1);
+        let template = match action {
+            Action::Serve | Action::Exempt => (&self.template, Outcome::Answered),
+            Action::Ignore => {
+                self.local.add(Counter::Ignored, 1);
+                return (0, Outcome::Ignored);
+            }
+            // A refused client's answer is limited like any other, or a spoofed flood would
+            // turn the server into a 1:1 reflector of DENYs at line rate.
+            Action::Deny => match self.rate_limit(ip, rx) {
+                Limit::Drop => return (0, Outcome::RateLimited),
+                Limit::Allow | Limit::Leak | Limit::Kod => {
+                    self.local.add(Counter::KodDeny, 1);
+                    (&self.kod_deny, Outcome::KodDeny)
+                }
+            },
+            Action::Limited => match self.rate_limit(ip, rx) {
+                Limit::Allow | Limit::Leak => (&self.template, Outcome::Answered),
+                Limit::Drop => return (0, Outcome::RateLimited),
+                // The limiter sends at most one per client per KoD window: limited too.
+                Limit::Kod => {
+                    self.local.add(Counter::KodRate, 1);
+                    (&self.kod_rate, Outcome::KodRate)
+                }
+            },
+        };
+        let (template, outcome) = template;
+        self.local.add(Counter::Answered, 1);
+        (write_reply(d.buf, template, self.state.ntp_time(rx)), outcome)
+    }
 }
 
 impl Handler for NtpHandler {
@@ -92,56 +151,18 @@ impl Handler for NtpHandler {
 
     #[inline]
     fn handle(&mut self, d: Datagram<'_>) -> usize {
-        if !self.local.received(d.truncated) {
-            return 0;
+        // `gnomon clients`: a countdown and one branch per request, the rest on 1 in 64 on average.
+        self.sample_left -= 1;
+        if self.sample_left != 0 {
+            return self.answer(d).0;
         }
-        if let Err(e) = check_request(&d.buf[..d.len]) {
-            self.local.add(Counter::from_request_error(e), 1);
-            return 0;
-        }
-        // Before any policy: a reply that cannot reach the client is never built, and an address
-        // spelled to look like another (::ffff:127.0.0.1) never meets a rule.
-        if let Err(u) = check_addresses(d.peer, d.destination) {
-            self.local.add(Counter::from_unanswerable(u), 1);
-            return 0;
-        }
-        let rx = match d.rx_realtime_ns {
-            Some(t) => t,
-            None => {
-                self.local.add(Counter::NoTimestamp, 1);
-                self.batch_realtime_ns
-            }
-        };
-        let ip = peer_ip(&d.peer);
-        let action = self.policy.access.action(ip);
-        self.local.add(Counter::from_action(action), 1);
-        let template = match action {
-            Action::Serve | Action::Exempt => &self.template,
-            Action::Ignore => {
-                self.local.add(Counter::Ignored, 1);
-                return 0;
-            }
-            // A refused client's answer is limited like any other, or a spoofed flood would
-            // turn the server into a 1:1 reflector of DENYs at line rate.
-            Action::Deny => match self.rate_limit(ip, rx) {
-                Limit::Drop => return 0,
-                Limit::Allow | Limit::Leak | Limit::Kod => {
-                    self.local.add(Counter::KodDeny, 1);
-                    &self.kod_deny
-                }
-            },
-            Action::Limited => match self.rate_limit(ip, rx) {
-                Limit::Allow | Limit::Leak => &self.template,
-                Limit::Drop => return 0,
-                // The limiter sends at most one per client per KoD window: limited too.
-                Limit::Kod => {
-                    self.local.add(Counter::KodRate, 1);
-                    &self.kod_rate
-                }
-            },
-        };
-        self.local.add(Counter::Answered, 1);
-        write_reply(d.buf, template, self.state.ntp_time(rx))
+        // A random gap (1 to 2K-1, mean K), so a periodic mix of clients cannot stay in step
+        // with the countdown and hide from it.
+        self.sample_left = 1 + self.random() % (2 * SAMPLE_EVERY - 1);
+        let peer = d.peer;
+        let (n, outcome) = self.answer(d);
+        self.shared.samples.push(peer_ip(&peer), outcome);
+        n
     }
 
     #[inline]
@@ -204,6 +225,7 @@ mod tests {
                 .collect(),
             default,
             rate_limit,
+            lines: Default::default(),
         };
         let policy = Arc::new(SharedPolicy::new(PolicySet::build(config, None)));
         let stats = Arc::new(WorkerStats::new(0, None, "test"));

@@ -183,6 +183,8 @@ pub struct WorkerStats {
     /// Publications so far: the worker's heartbeat (it publishes at least every 200 ms while its
     /// loop runs, idle or busy), for the readiness and watchdog checks of the daemon.
     flushes: AtomicU64,
+    /// 1 in [`SAMPLE_EVERY`] requests, for `gnomon clients`.
+    pub samples: SampleRing,
 }
 
 impl WorkerStats {
@@ -195,6 +197,7 @@ impl WorkerStats {
             latency: Mutex::new(new_latency_histogram()),
             batch_sizes: Mutex::new(new_batch_histogram()),
             flushes: AtomicU64::new(0),
+            samples: SampleRing::default(),
         }
     }
 
@@ -235,6 +238,120 @@ impl WorkerStats {
             .map(|h| h.clone())
             .unwrap_or_else(|_| new_batch_histogram());
         (lat, bat)
+    }
+}
+
+/// One request in [`SAMPLE_EVERY`] on average goes into its worker's [`SampleRing`]: a countdown
+/// per packet, and a random next gap only when it runs out, so no random number per packet.
+pub const SAMPLE_EVERY: u32 = 64;
+/// Samples a ring holds: the control thread drains it several times a second, so at 64 per
+/// sample this covers 16 k requests per drain and worker before the oldest are overwritten.
+pub const SAMPLE_SLOTS: usize = 256;
+
+/// What became of a sampled request.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum Outcome {
+    Answered = 0,
+    KodDeny = 1,
+    KodRate = 2,
+    /// Dropped by an `ignore` rule.
+    Ignored = 3,
+    /// Dropped by the rate limiter.
+    RateLimited = 4,
+    /// Not a request we answer (length, version, mode) or from an address no reply can reach.
+    Invalid = 5,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 6] = [
+        Outcome::Answered,
+        Outcome::KodDeny,
+        Outcome::KodRate,
+        Outcome::Ignored,
+        Outcome::RateLimited,
+        Outcome::Invalid,
+    ];
+
+    pub fn is_drop(self) -> bool {
+        matches!(self, Outcome::Ignored | Outcome::RateLimited | Outcome::Invalid)
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::KodDeny => "kod_deny",
+            Outcome::KodRate => "kod_rate",
+            Outcome::Ignored => "ignored",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::Invalid => "invalid",
+        }
+    }
+}
+
+/// A per-worker ring of sampled (client, outcome) pairs: one writer (the worker, on one request
+/// in [`SAMPLE_EVERY`]), one reader (the control thread). No lock: each slot is a seqlock, so
+/// the reader skips a slot being overwritten rather than read a torn address.
+pub struct SampleRing {
+    /// Samples written so far; slot `n % SAMPLE_SLOTS` holds sample `n`.
+    head: AtomicU64,
+    /// Per slot: `(sample number + 1) << 8 | outcome` once written, 0 while being written, then
+    /// the address as 128 bits (IPv4 as mapped IPv6).
+    slots: Box<[[AtomicU64; 3]]>,
+}
+
+impl Default for SampleRing {
+    fn default() -> Self {
+        SampleRing {
+            head: AtomicU64::new(0),
+            slots: (0..SAMPLE_SLOTS).map(|_| Default::default()).collect(),
+        }
+    }
+}
+
+impl SampleRing {
+    /// The worker's side (only the worker calls it).
+    pub fn push(&self, ip: std::net::IpAddr, outcome: Outcome) {
+        let n = self.head.load(Ordering::Relaxed);
+        let slot = &self.slots[n as usize % SAMPLE_SLOTS];
+        let bits = u128::from(match ip {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            std::net::IpAddr::V6(v6) => v6,
+        });
+        slot[0].store(0, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        slot[1].store((bits >> 64) as u64, Ordering::Relaxed);
+        slot[2].store(bits as u64, Ordering::Relaxed);
+        slot[0].store(((n + 1) << 8) | outcome as u64, Ordering::Release);
+        self.head.store(n + 1, Ordering::Release);
+    }
+
+    /// The reader's side: the samples after number `*next` (those still in the ring), and
+    /// `*next` moved past them; returns how many were lost to overwriting.
+    pub fn drain(&self, next: &mut u64, mut f: impl FnMut(std::net::IpAddr, Outcome)) -> u64 {
+        let head = self.head.load(Ordering::Acquire);
+        let from = (*next).max(head.saturating_sub(SAMPLE_SLOTS as u64));
+        let lost = from - (*next).min(from);
+        for n in from..head {
+            let slot = &self.slots[n as usize % SAMPLE_SLOTS];
+            let seq = slot[0].load(Ordering::Acquire);
+            let bits =
+                (u128::from(slot[1].load(Ordering::Relaxed)) << 64) | u128::from(slot[2].load(Ordering::Relaxed));
+            std::sync::atomic::fence(Ordering::Acquire);
+            if seq >> 8 != n + 1 || slot[0].load(Ordering::Relaxed) != seq {
+                continue;
+            }
+            let Some(&outcome) = Outcome::ALL.get((seq & 0xff) as usize) else {
+                continue;
+            };
+            let v6 = std::net::Ipv6Addr::from(bits);
+            let ip = v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4);
+            f(ip, outcome);
+        }
+        *next = head;
+        lost
     }
 }
 
@@ -339,5 +456,29 @@ mod tests {
         assert_eq!(l.counts[Counter::SendFailed as usize], 3);
         assert_eq!(l.counts[Counter::SendEinval as usize], 2);
         assert_eq!(l.counts[Counter::SendUnreachable as usize], 1);
+    }
+
+    #[test]
+    fn sample_ring_hands_each_sample_over_once_and_counts_what_it_lost() {
+        let r = SampleRing::default();
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap());
+        r.push(a, Outcome::Answered);
+        r.push(b, Outcome::RateLimited);
+        let mut next = 0;
+        let mut got = Vec::new();
+        assert_eq!(r.drain(&mut next, |ip, o| got.push((ip, o))), 0);
+        assert_eq!(got, [(a, Outcome::Answered), (b, Outcome::RateLimited)]);
+        assert_eq!(r.drain(&mut next, |_, _| panic!("drained twice")), 0);
+        for _ in 0..SAMPLE_SLOTS + 10 {
+            r.push(a, Outcome::Ignored);
+        }
+        let mut n = 0;
+        assert_eq!(
+            r.drain(&mut next, |_, _| n += 1),
+            10,
+            "overwritten before the reader came"
+        );
+        assert_eq!(n, SAMPLE_SLOTS);
     }
 }

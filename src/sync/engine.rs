@@ -30,6 +30,9 @@ const DEAD_MEMORY_NS: i64 = 3_600_000_000_000;
 /// How many dropped addresses are remembered (a fixed bound, whatever DNS does).
 const DEAD_MEMORY_LEN: usize = 64;
 
+/// Polls a source that never answered counts as still starting up (one reach register).
+const FIRST_POLLS: u32 = 8;
+
 /// Where the last selection ended, for "why not synchronised".
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub enum SelectState {
@@ -440,9 +443,14 @@ impl SyncCore {
             self.entries[idx[k]].verdict = Some(*v);
         }
         let Some(out) = sel.outcome else {
-            self.select_state = SelectState::NoMajority {
-                agreeing: sel.agreeing,
-                candidates: cands.len(),
+            self.select_state = match self.first_samples(&ests) {
+                // At start-up the first samples' intervals often miss each other: that is not
+                // yet a disagreement worth the words "no majority".
+                Some(samples) => SelectState::Waiting { samples },
+                None => SelectState::NoMajority {
+                    agreeing: sel.agreeing,
+                    candidates: cands.len(),
+                },
             };
             return None;
         };
@@ -472,6 +480,21 @@ impl SyncCore {
         Some(self.discipline.update(now_ns, &est))
     }
 
+    /// Before the first synchronisation, while some source is still polled for its first
+    /// samples (a candidate with fewer than the first step needs, or one that has not answered
+    /// yet but has not missed many polls either): the fewest samples any source has.
+    fn first_samples(&self, candidates: &[Estimate]) -> Option<usize> {
+        if self.discipline.has_synced() {
+            return None;
+        }
+        let fewest = candidates.iter().map(|e| e.samples).min().unwrap_or(0);
+        let silent = self
+            .entries
+            .iter()
+            .any(|e| e.source.filter.is_empty() && e.source.denied.is_none() && e.source.missed < FIRST_POLLS);
+        (fewest < MIN_SAMPLES_TO_SYNC || silent).then_some(if silent { 0 } else { fewest })
+    }
+
     /// Everything `gnomon sources` and `gnomon status` show, as of `now_ns`.
     pub fn report(&self, now_ns: i64) -> SyncReport {
         let state = self.discipline.state();
@@ -487,7 +510,7 @@ impl SyncCore {
                     name: s.name.clone(),
                     addr: Some(s.addr),
                     tally: e.verdict.map_or(' ', Verdict::tally),
-                    refid: last.map_or_else(String::new, |l| refid_text(l.reference_id, l.stratum)),
+                    refid: last.map_or_else(String::new, |l| l.reference_id.display(l.stratum)),
                     stratum: last.map_or(0, |l| l.stratum),
                     kind: if s.pool { 'p' } else { 'u' },
                     when_s: s.last_reply_ns.map(|t| ((now_ns - t).max(0) / 1_000_000_000) as u64),
@@ -548,7 +571,9 @@ impl SyncCore {
                 why_unsynced: (!synced).then(|| self.why_unsynced(now_ns)),
                 holdover: synced && !has_local && self.select_state != SelectState::Selected,
                 stratum: state.stratum,
-                refid: state.reference_id.display(if has_local { 1 } else { state.stratum }),
+                // The same text `gnomon query` shows for this server's replies (stratum 0 on the
+                // wire when unsynchronised).
+                refid: state.reference_id.display(if synced { state.stratum } else { 0 }),
                 system_peer: peer,
                 offset_s: self.discipline.last_phase,
                 correction_s: correction,
@@ -682,11 +707,15 @@ impl SyncCore {
             Some(Verdict::Outlier) => parts.push("not selected (outlier, cluster pruning)".to_string()),
             Some(Verdict::Distant) => parts.push("not combined (root distance over 3x the system peer's)".to_string()),
             Some(Verdict::Falseticker) => parts.push("falseticker (its interval misses the majority's)".to_string()),
-            Some(Verdict::NoMajority) => {
-                if let SelectState::NoMajority { agreeing, candidates } = self.select_state {
+            Some(Verdict::NoMajority) => match self.select_state {
+                SelectState::NoMajority { agreeing, candidates } => {
                     parts.push(format!("no majority (at most {agreeing} of {candidates} agree)"));
                 }
-            }
+                SelectState::Waiting { samples } => {
+                    parts.push(format!("waiting for samples ({samples} of {MIN_SAMPLES_TO_SYNC})"));
+                }
+                _ => {}
+            },
             None if parts.is_empty() && s.filter.is_empty() => parts.push("no valid reply yet".to_string()),
             None if parts.is_empty() => parts.push("not a candidate".to_string()),
             None => {}
@@ -695,16 +724,6 @@ impl SyncCore {
             parts.push(format!("{} spoofed/mismatched replies", s.mismatched));
         }
         (!parts.is_empty()).then(|| parts.join("; "))
-    }
-}
-
-/// A refid as text: the ASCII code of a stratum-1 server when it is one (chrony's local clock
-/// sends 127.127.1.1 instead), else a dotted quad.
-fn refid_text(refid: RefId, stratum: u8) -> String {
-    if stratum <= 1 && refid.is_ascii_code() {
-        refid.display(0)
-    } else {
-        refid.to_ipv4().to_string()
     }
 }
 
@@ -734,6 +753,56 @@ mod tests {
         let mut out = Vec::new();
         core.lookups(now, &mut out);
         out.iter().map(|l| l.id).collect()
+    }
+
+    /// Polls every due source at `now` and answers each from a server `offset_s` off.
+    fn answer_polls(c: &mut SyncCore, now: i64, offsets_s: &[f64]) {
+        use crate::proto::{LeapIndicator, NtpShort, NtpTimestamp, ServerInfo, respond};
+        let mut out = Vec::new();
+        c.poll(now, &mut || now as u64 ^ 0x5555, &mut out);
+        for (addr, req) in out {
+            let i = usize::from(match addr.ip() {
+                std::net::IpAddr::V4(v4) => v4.octets()[3],
+                _ => unreachable!(),
+            }) - 1;
+            let t = |ns: i64| NtpTimestamp::from_unix_nanos((ns + (offsets_s[i] * 1e9) as i64).into());
+            let info = ServerInfo {
+                leap: LeapIndicator::NoWarning,
+                stratum: 1,
+                precision: -20,
+                root_delay: NtpShort::ZERO,
+                root_dispersion: NtpShort::from_seconds_ceil(1e-5),
+                reference_id: RefId(*b"GPS\0"),
+                reference_timestamp: t(now),
+            };
+            let reply = respond(&req, &info, t(now + 100_000), t(now + 120_000)).unwrap();
+            c.handle_reply(addr, &reply, now + 200_000);
+        }
+    }
+
+    #[test]
+    fn first_samples_that_disagree_say_waiting_not_no_majority() {
+        let mut c = core(
+            addrs(&[1, 2])
+                .iter()
+                .map(|a| UpstreamConfig::new(&a.ip().to_string()))
+                .collect(),
+        );
+        let offsets = [1.0, -1.0];
+        answer_polls(&mut c, 1_000_000_000, &offsets);
+        let r = c.report(1_000_000_000);
+        let why = r.system.why_unsynced.unwrap();
+        assert!(why.starts_with("waiting for samples"), "{why}");
+        let src = r.sources[0].why.clone().unwrap();
+        assert!(src.contains("waiting for samples"), "{src}");
+        // Once every source has the samples a first step needs, a disagreement is one.
+        let mut now = 1_000_000_000;
+        for _ in 0..(2 * MIN_SAMPLES_TO_SYNC) {
+            now = c.next_deadline().unwrap().max(now + 1);
+            answer_polls(&mut c, now, &offsets);
+        }
+        let why = c.report(now).system.why_unsynced.unwrap();
+        assert!(why.starts_with("no majority"), "{why}");
     }
 
     #[test]

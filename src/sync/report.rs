@@ -2,6 +2,7 @@
 //! `gnomon sources` (like `ntpq -p`, plus why a source is not in use) and `gnomon status`
 //! (like `chronyc tracking`). Pure data and formatting.
 
+use crate::logging::Event;
 use std::fmt::Write;
 use std::net::SocketAddr;
 
@@ -231,6 +232,90 @@ fn utc(unix_s: f64) -> String {
     )
 }
 
+/// The state changes between two reports, one [`Event`] each, for the log: a pure function, so
+/// the shell only compares the report it just built with the one before.
+pub fn changes(old: &SyncReport, new: &SyncReport) -> Vec<Event> {
+    let mut out = Vec::new();
+    let in_use = |t: char| t == '*' || t == '+';
+    for n in &new.sources {
+        let Some(addr) = n.addr else { continue };
+        let Some(o) = old.sources.iter().find(|o| o.addr == Some(addr) && o.name == n.name) else {
+            continue;
+        };
+        let who = remote(n);
+        let why = n.why.as_deref().unwrap_or("in use");
+        match (o.reach != 0, n.reach != 0) {
+            (false, true) if o.when_s.is_some() => {
+                out.push(Event::info("reach", &who, format!("source {who} reachable again")));
+            }
+            (false, true) => out.push(Event::info("reach", &who, format!("source {who} reachable"))),
+            (true, false) => out.push(Event::warn("reach", &who, format!("source {who} unreachable: {why}"))),
+            _ => {}
+        }
+        match (in_use(o.tally), in_use(n.tally)) {
+            (false, true) => {
+                let how = if n.tally == '*' { "system peer" } else { "combined" };
+                out.push(Event::info("select", &who, format!("source {who} selected ({how})")));
+            }
+            (true, false) => out.push(Event::warn("select", &who, format!("source {who} deselected: {why}"))),
+            _ => {}
+        }
+    }
+    let (o, n) = (&old.system, &new.system);
+    if o.system_peer != n.system_peer {
+        match (&o.system_peer, &n.system_peer) {
+            (Some(was), Some(now)) => out.push(Event::info("peer", "", format!("system peer {now} (was {was})"))),
+            (None, Some(now)) => out.push(Event::info("peer", "", format!("system peer {now}"))),
+            (Some(was), None) => out.push(Event::warn("peer", "", format!("no system peer (was {was})"))),
+            (None, None) => {}
+        }
+    }
+    match (o.holdover, n.holdover) {
+        (false, true) => out.push(Event::warn(
+            "holdover",
+            "",
+            format!(
+                "holdover: no source selected, serving the last estimate (root dispersion {:.6} s, growing)",
+                n.root_dispersion_s
+            ),
+        )),
+        (true, false) if n.synced => out.push(Event::info(
+            "holdover",
+            "",
+            "holdover left: a source is selected".into(),
+        )),
+        _ => {}
+    }
+    match (o.synced, n.synced) {
+        (false, true) => out.push(Event::info(
+            "sync",
+            "",
+            format!("synchronised: stratum {}, refid {}", n.stratum, n.refid),
+        )),
+        (true, false) => out.push(Event::warn(
+            "sync",
+            "",
+            format!(
+                "unsynchronised: {}",
+                n.why_unsynced.as_deref().unwrap_or("no usable time")
+            ),
+        )),
+        _ => {}
+    }
+    let leap = |l: &str| l == "insert second" || l == "delete second";
+    if o.leap != n.leap && (leap(&o.leap) || leap(&n.leap)) {
+        out.push(match leap(&n.leap) {
+            true => Event::warn("leap", "", format!("leap second announced: {}", n.leap)),
+            false => Event::info(
+                "leap",
+                "",
+                format!("leap second announcement withdrawn (leap {})", n.leap),
+            ),
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +397,45 @@ mod tests {
         let w = render_sources(&r, true);
         assert!(w.contains("DNS failure: no address"));
         assert!(w.lines().nth(3).unwrap().starts_with(" pool.example"));
+    }
+
+    #[test]
+    fn a_source_lost_and_back_gives_one_event_per_change() {
+        let up = report();
+        let mut down = report();
+        down.sources[0].reach = 0;
+        down.sources[0].tally = ' ';
+        down.sources[0].why = Some("unreachable (no reply to 8 polls)".into());
+        down.system.system_peer = None;
+        down.system.holdover = true;
+        let lost = changes(&up, &down);
+        let texts: Vec<&str> = lost.iter().map(|e| e.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "source 127.0.0.1:11123 unreachable: unreachable (no reply to 8 polls)",
+                "source 127.0.0.1:11123 deselected: unreachable (no reply to 8 polls)",
+                "no system peer (was 127.0.0.1:11123)",
+                "holdover: no source selected, serving the last estimate (root dispersion 0.000200 s, growing)",
+            ]
+        );
+        assert!(lost.iter().all(|e| e.level == log::Level::Warn));
+        assert!(changes(&down, &down).is_empty(), "no change, no event");
+        let back = changes(&down, &up);
+        assert_eq!(back[0].text, "source 127.0.0.1:11123 reachable again");
+        assert_eq!(back[1].text, "source 127.0.0.1:11123 selected (system peer)");
+        assert!(back.iter().all(|e| e.level == log::Level::Info), "{back:?}");
+        let mut unsynced = down.clone();
+        unsynced.system.synced = false;
+        unsynced.system.holdover = false;
+        unsynced.system.why_unsynced = Some("holdover limit reached".into());
+        unsynced.system.leap = "not synchronised".into();
+        let e = changes(&down, &unsynced);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].text, "unsynchronised: holdover limit reached");
+        let mut leap = up.clone();
+        leap.system.leap = "insert second".into();
+        assert_eq!(changes(&up, &leap)[0].text, "leap second announced: insert second");
     }
 
     #[test]

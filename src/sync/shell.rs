@@ -13,9 +13,10 @@
 use super::adjtimex::LinuxClock;
 use super::engine::{LookupRequest, SyncCore};
 use super::kernel::{KernelClock, KernelEvent, Timeline};
-use super::report::SyncReport;
+use super::report::{SyncReport, changes};
 use super::{ClockMode, SyncConfig, check_system_mode};
 use crate::clock::{ClockPublisher, realtime_ns};
+use crate::logging::{Event, flush_suppressed, state_change};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs, UdpSocket};
@@ -232,12 +233,22 @@ impl Resolver {
             match (&result, last) {
                 (Err(e), Some(i)) if self.logged[i].1 == *e => {}
                 (Err(e), _) => {
-                    log::warn!("DNS lookup of {} failed: {e} (retried every minute)", core.name_of(id));
+                    let name = core.name_of(id);
+                    state_change(Event::warn(
+                        "dns",
+                        name,
+                        format!("DNS lookup of {name} failed: {e} (retried every minute)"),
+                    ));
                     self.logged.retain(|l| l.0 != id);
                     self.logged.push((id, e.clone()));
                 }
                 (Ok(_), Some(i)) => {
-                    log::info!("DNS lookup of {} succeeded again", core.name_of(id));
+                    let name = core.name_of(id);
+                    state_change(Event::info(
+                        "dns",
+                        name,
+                        format!("DNS lookup of {name} succeeded again"),
+                    ));
                     self.logged.swap_remove(i);
                 }
                 (Ok(_), None) => {}
@@ -299,6 +310,11 @@ fn run(
     let mut lookups = Vec::new();
     let mut last_report = 0i64;
     let mut logged = EventLog::default();
+    // What the log last saw: every difference to the next report is a state change.
+    let mut last = match report.lock() {
+        Ok(g) => g.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
     while !stop.load(Ordering::Relaxed) {
         let (now, stepped) = timeline.observe(kernel.read());
         // A new state, a step by someone else, or a change of the kernel's steering all move
@@ -339,6 +355,11 @@ fn run(
         if changed || now - last_report >= REPORT_EVERY_NS {
             last_report = now;
             let r = make_report(&core, &timeline, now);
+            for e in changes(&last, &r) {
+                state_change(e);
+            }
+            flush_suppressed();
+            last = r.clone();
             match report.lock() {
                 Ok(mut g) => *g = r,
                 Err(poisoned) => *poisoned.into_inner() = r,
