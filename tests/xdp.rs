@@ -1,0 +1,341 @@
+//! The XDP program in the kernel: the verifier accepts it, it decides every frame as
+//! `xdp::frame::classify` does (BPF_PROG_TEST_RUN), and attached to a veth end in a network
+//! namespace it counts requests and passes everything to the kernel when no AF_XDP socket is bound.
+//! Needs root (CAP_BPF, CAP_NET_ADMIN); skips with a SKIPPED line otherwise.
+
+mod common;
+
+use common::{is_root, run_bounded, skip};
+use gnomon::xdp::frame::{COUNT_NO_SOCKET, Pass, Target, classify};
+use gnomon::xdp::program::XDP_PASS;
+use gnomon::xdp::sys::{Mode, Program};
+use proptest::prelude::*;
+use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const SERVER4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0x2, 0, 0, 0, 0, 0, 1);
+
+fn target(port: u16) -> Target {
+    Target {
+        v4: Some(SERVER4),
+        v6: Some(SERVER6),
+        port,
+    }
+}
+
+/// The program for `t`, or None (with a SKIPPED line) where this process may not load BPF.
+fn load(t: &Target) -> Option<Program> {
+    if !is_root() {
+        skip("loading an XDP program needs root (CAP_BPF)");
+        return None;
+    }
+    match Program::load(t, 4) {
+        Ok(p) => Some(p),
+        Err(e) if e.error.raw_os_error() == Some(libc::EPERM) => {
+            skip(&format!("bpf() refused here: {e}"));
+            None
+        }
+        Err(e) => panic!("{e}\n{}", e.log),
+    }
+}
+
+/// Headers for a frame classify takes (checksums left zero: neither side looks at them).
+fn request_frame(ipv6: bool, vlan: bool, port: u16) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+    if vlan {
+        f.extend_from_slice(&[0x81, 0, 0, 5]);
+    }
+    let udp_len: u16 = 8 + 48;
+    if ipv6 {
+        f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+        f.extend_from_slice(&udp_len.to_be_bytes());
+        f.extend_from_slice(&[17, 64]);
+        f.extend_from_slice(&Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2).octets());
+        f.extend_from_slice(&SERVER6.octets());
+    } else {
+        f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+        f.extend_from_slice(&(20 + udp_len).to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+        f.extend_from_slice(&CLIENT4.octets());
+        f.extend_from_slice(&SERVER4.octets());
+    }
+    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&udp_len.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&[0x23; 48]);
+    f
+}
+
+/// The counter a verdict of classify lands in when no socket is bound.
+fn slot(v: Result<gnomon::xdp::frame::Request, Pass>) -> usize {
+    match v {
+        Ok(_) => COUNT_NO_SOCKET as usize,
+        Err(p) => p as usize,
+    }
+}
+
+/// Runs `f` through the program and returns the counter it incremented and the verdict.
+fn kernel_verdict(p: &Program, f: &[u8]) -> (usize, u32) {
+    let before = p.counters().unwrap();
+    let verdict = p.test_run(f).unwrap();
+    let after = p.counters().unwrap();
+    let moved: Vec<usize> = (0..before.len()).filter(|&i| after[i] != before[i]).collect();
+    assert_eq!(moved.len(), 1, "counters moved: {moved:?} for {f:02x?}");
+    (moved[0], verdict)
+}
+
+#[test]
+fn verifier_accepts_the_program_and_it_decides_as_classify() {
+    let t = target(123);
+    let Some(p) = load(&t) else { return };
+    for ipv6 in [false, true] {
+        for vlan in [false, true] {
+            let f = request_frame(ipv6, vlan, 123);
+            assert!(classify(&f, &t).is_ok());
+            assert_eq!(kernel_verdict(&p, &f), (COUNT_NO_SOCKET as usize, XDP_PASS));
+        }
+    }
+    // A family without an address is never taken.
+    let only_v4 = Target { v6: None, ..t };
+    let p4 = load(&only_v4).unwrap();
+    let f = request_frame(true, false, 123);
+    assert_eq!(kernel_verdict(&p4, &f).0, Pass::Address as usize);
+    // Other ports, including one whose bytes differ only in order.
+    let other = target(123u16.swap_bytes());
+    let po = load(&other).unwrap();
+    assert_eq!(
+        kernel_verdict(&po, &request_frame(false, false, 123)).0,
+        Pass::Port as usize
+    );
+}
+
+/// Every single-bit change of every header bit of the four request shapes: the kernel and
+/// classify agree on each.
+#[test]
+fn the_program_agrees_with_classify_on_every_header_bit() {
+    let t = target(123);
+    let Some(p) = load(&t) else { return };
+    for ipv6 in [false, true] {
+        for vlan in [false, true] {
+            let base = request_frame(ipv6, vlan, 123);
+            let headers = base.len() - 48;
+            for at in 0..headers {
+                for bit in 0..8 {
+                    let mut f = base.clone();
+                    f[at] ^= 1 << bit;
+                    let (counted, _) = kernel_verdict(&p, &f);
+                    assert_eq!(counted, slot(classify(&f, &t)), "bit {bit} of byte {at}: {f:02x?}");
+                }
+            }
+        }
+    }
+}
+
+fn mutated() -> impl Strategy<Value = Vec<u8>> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        proptest::collection::vec((0usize..70, any::<u8>(), any::<bool>()), 0..4),
+        prop_oneof![Just(usize::MAX), 14usize..130],
+    )
+        .prop_map(|(v6, vlan, edits, cut)| {
+            let mut f = request_frame(v6, vlan, 123);
+            for (at, b, flip) in edits {
+                if at < f.len() {
+                    f[at] = if flip { f[at] ^ (1 << (b % 8)) } else { b };
+                }
+            }
+            f.truncate(cut);
+            f
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(600))]
+    /// The kernel program and classify agree reason for reason on frames near a request and on
+    /// arbitrary bytes (test runs need at least an Ethernet header).
+    #[test]
+    fn the_program_agrees_with_classify(
+        f in prop_oneof![mutated(), proptest::collection::vec(any::<u8>(), 14..120)]
+    ) {
+        let t = target(123);
+        thread_local!(static PROG: Option<Program> = load(&target(123)));
+        PROG.with(|p| {
+            let Some(p) = p else { return Ok(()) };
+            let (counted, verdict) = kernel_verdict(p, &f);
+            prop_assert_eq!(counted, slot(classify(&f, &t)), "{:02x?}", f);
+            prop_assert_eq!(verdict, XDP_PASS);
+            Ok(())
+        })?;
+    }
+}
+
+/// Two namespaces joined by a veth pair, deleted when dropped (also on a failed assertion).
+struct Netns {
+    names: [String; 2],
+}
+
+impl Netns {
+    fn create() -> Option<Netns> {
+        if !is_root() {
+            skip("network namespaces need root");
+            return None;
+        }
+        let id = std::process::id();
+        let ns = Netns {
+            names: [format!("gnomon-xdp-s{id}"), format!("gnomon-xdp-c{id}")],
+        };
+        let [s, c] = &ns.names;
+        let script = format!(
+            "set -e
+            ip netns add {s}
+            ip netns add {c}
+            ip -n {s} link add xs type veth peer name xc netns {c}
+            ip -n {s} addr add {SERVER4}/24 dev xs
+            ip -n {c} addr add {CLIENT4}/24 dev xc
+            ip -n {s} link set lo up
+            ip -n {c} link set lo up
+            ip -n {s} link set xs up
+            ip -n {c} link set xc up"
+        );
+        let (ok, out) = run_bounded(Command::new("sh").args(["-c", &script]), Duration::from_secs(20));
+        if !ok {
+            if std::env::var_os("CI").is_some() {
+                panic!("creating the namespaces: {out}");
+            }
+            skip(&format!("cannot create network namespaces here: {out}"));
+            return None;
+        }
+        Some(ns)
+    }
+
+    /// Moves the calling thread (only) into namespace `i`.
+    fn enter(&self, i: usize) {
+        let f = std::fs::File::open(format!("/run/netns/{}", self.names[i])).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on an open namespace fd changes only this thread's network namespace.
+        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+
+    fn exec(&self, i: usize, args: &[&str]) -> (bool, String) {
+        run_bounded(
+            Command::new("ip").args(["netns", "exec", &self.names[i]]).args(args),
+            Duration::from_secs(10),
+        )
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = run_bounded(Command::new("ip").args(["netns", "del", n]), Duration::from_secs(10));
+        }
+    }
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: `c` is a NUL-terminated string that outlives the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
+}
+
+/// One ICMP echo to `to` from a raw socket of this thread's namespace: whether a reply came
+/// within a bounded time (no ping binary needed).
+fn ping(to: Ipv4Addr) -> bool {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).unwrap();
+    // 64 bytes like ping's: long enough that the program judges it by protocol, not length.
+    let mut echo = [0u8; 64];
+    echo[..8].copy_from_slice(&[8, 0, 0, 0, 0x12, 0x34, 0, 1]);
+    let sum = !gnomon::xdp::frame::checksum(0, &echo);
+    echo[2..4].copy_from_slice(&sum.to_be_bytes());
+    let dst = std::net::SocketAddr::from((to, 0));
+    s.send_to(&echo, &dst.into()).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 256];
+    while Instant::now() < deadline {
+        if let Ok(n) = s.recv(&mut b) {
+            // SAFETY: recv initialised the first n bytes.
+            let got: Vec<u8> = b[..n].iter().map(|x| unsafe { x.assume_init() }).collect();
+            // IPv4 header (20 bytes: the kernel sends no options), then ICMP type 0 with our id.
+            if n >= 28 && got[20] == 0 && got[24..26] == [0x12, 0x34] {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Receives one datagram on `s` within a bounded time.
+fn got_one(s: &UdpSocket) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    let mut b = [0u8; 128];
+    s.recv_from(&mut b).is_ok()
+}
+
+#[test]
+fn attached_on_veth_it_counts_and_passes_everything_without_a_socket() {
+    let t = Target {
+        v4: Some(SERVER4),
+        v6: None,
+        port: 123,
+    };
+    let Some(p) = load(&t) else { return };
+    let Some(ns) = Netns::create() else { return };
+    ns.enter(0);
+    let link = match p.attach(ifindex("xs"), Mode::Native) {
+        Ok(l) => l,
+        Err(e) => panic!("attaching in native mode to veth: {e}"),
+    };
+    let (ok, out) = ns.exec(0, &["ip", "link", "show", "xs"]);
+    assert!(ok && out.contains("prog/xdp"), "not attached: {out}");
+
+    // ARP and ICMP go on to the kernel (an echo is answered); an NTP request and a datagram to
+    // another port both reach kernel sockets.
+    let ntp = UdpSocket::bind((SERVER4, 123)).unwrap();
+    let other = UdpSocket::bind((SERVER4, 124)).unwrap();
+    let ns_ref = &ns;
+    let echoed = std::thread::scope(|sc| {
+        sc.spawn(move || {
+            ns_ref.enter(1);
+            let echoed = ping(SERVER4);
+            let c = UdpSocket::bind((CLIENT4, 0)).unwrap();
+            c.send_to(&[0x23; 48], (SERVER4, 123)).unwrap();
+            c.send_to(&[0x23; 48], (SERVER4, 124)).unwrap();
+            echoed
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(echoed, "no ICMP echo reply through the XDP program");
+    assert!(got_one(&ntp), "the request did not reach the kernel socket");
+    assert!(got_one(&other), "the other port's datagram did not reach the kernel");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let c = loop {
+        let c = p.counters().unwrap();
+        if c[COUNT_NO_SOCKET as usize] >= 1 || Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    common::say(&format!("xdp counters on veth: {c:?}"));
+    assert_eq!(c[COUNT_NO_SOCKET as usize], 1, "{c:?}");
+    assert!(c[Pass::Port as usize] >= 1, "{c:?}");
+    // The ARP request is broadcast; the echo is ICMP.
+    assert!(c[Pass::GroupMac as usize] >= 1, "ARP not counted: {c:?}");
+    assert!(c[Pass::NotUdp as usize] >= 1, "ICMP not counted: {c:?}");
+
+    // Dropping the link detaches the program.
+    drop(link);
+    let (_, out) = ns.exec(0, &["ip", "link", "show", "xs"]);
+    assert!(!out.contains("prog/xdp"), "still attached after the link closed: {out}");
+}
