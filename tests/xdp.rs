@@ -185,7 +185,13 @@ impl Netns {
             skip("network namespaces need root");
             return None;
         }
-        let id = std::process::id();
+        // Unique per test of this process too: the tests run in parallel.
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let ns = Netns {
             names: [format!("gnomon-xdp-s{id}"), format!("gnomon-xdp-c{id}")],
         };
@@ -194,7 +200,7 @@ impl Netns {
             "set -e
             ip netns add {s}
             ip netns add {c}
-            ip -n {s} link add xs type veth peer name xc netns {c}
+            ip -n {s} link add xs numtxqueues 1 numrxqueues 1 type veth peer name xc numtxqueues 1 numrxqueues 1 netns {c}
             ip -n {s} addr add {SERVER4}/24 dev xs
             ip -n {c} addr add {CLIENT4}/24 dev xc
             ip -n {s} link set lo up
@@ -236,6 +242,40 @@ impl Drop for Netns {
             let _ = run_bounded(Command::new("ip").args(["netns", "del", n]), Duration::from_secs(10));
         }
     }
+}
+
+/// Turns off TX checksum offload on `dev` of this thread's namespace (what `ethtool -K dev tx
+/// off` does; ethtool is not installed here). A veth peer with offload sends UDP checksums that
+/// hold only the pseudo-header sum (CHECKSUM_PARTIAL): the XDP side sees them as wrong.
+fn tx_checksum_off(dev: &str) {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct Ifreq {
+        name: [u8; 16],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    let mut v = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: 0,
+    };
+    let mut r = Ifreq {
+        name: [0; 16],
+        data: &mut v,
+        _pad: [0; 16],
+    };
+    r.name[..dev.len()].copy_from_slice(dev.as_bytes());
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_value it points at, both live here.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), SIOCETHTOOL, &mut r) };
+    assert_eq!(rc, 0, "ETHTOOL_STXCSUM on {dev}: {}", std::io::Error::last_os_error());
 }
 
 fn ifindex(name: &str) -> u32 {
@@ -338,4 +378,82 @@ fn attached_on_veth_it_counts_and_passes_everything_without_a_socket() {
     drop(link);
     let (_, out) = ns.exec(0, &["ip", "link", "show", "xs"]);
     assert!(!out.contains("prog/xdp"), "still attached after the link closed: {out}");
+}
+
+/// One real client (ntpdig, in the other namespace) gets its answer from the AF_XDP socket: no
+/// kernel socket listens on port 123 in the server's namespace, so only that path can answer.
+#[test]
+fn ntpdig_is_answered_through_the_af_xdp_socket() {
+    use gnomon::clock::{self, ClockState};
+    use gnomon::policy::{PolicyConfig, PolicySet, SharedPolicy};
+    use gnomon::server::ntp::NtpHandler;
+    use gnomon::server::stats::WorkerStats;
+    use gnomon::xdp::frame::COUNT_REDIRECTED;
+    use gnomon::xdp::xsk::Xsk;
+    use std::sync::Arc;
+
+    const NTPDIG: &str = "/usr/bin/ntpdig";
+    if !common::have_tool(NTPDIG) {
+        return;
+    }
+    let t = Target {
+        v4: Some(SERVER4),
+        v6: None,
+        port: 123,
+    };
+    let Some(p) = load(&t) else { return };
+    let Some(ns) = Netns::create() else { return };
+    ns.enter(0);
+    let xs = ifindex("xs");
+    let _link = p.attach(xs, Mode::Native).expect("attach");
+    let mut xsk = match Xsk::bind(xs, 0, t) {
+        Ok(x) => x,
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            skip(&format!("AF_XDP is not available here: {e}"));
+            return;
+        }
+        Err(e) => panic!("AF_XDP bind: {e}"),
+    };
+    p.bind_queue(0, xsk.raw_fd()).unwrap();
+
+    let (mut publisher, reader) = clock::snapshot(ClockState::unsynchronized(-24));
+    publisher.publish(ClockState::local(3, -24, clock::realtime_ns()));
+    let policy = Arc::new(SharedPolicy::new(PolicySet::build(PolicyConfig::default(), None)));
+    let mut h = NtpHandler::new(reader, policy, Arc::new(WorkerStats::new(0, None, "xdp")));
+
+    let ns_ref = &ns;
+    std::thread::scope(|sc| {
+        sc.spawn(move || {
+            ns_ref.enter(1);
+            tx_checksum_off("xc");
+        });
+    });
+    let client_ns = ns.names[1].clone();
+    let client = std::thread::spawn(move || {
+        run_bounded(
+            Command::new("ip")
+                .args(["netns", "exec", &client_ns, NTPDIG, "-j", "-t", "2"])
+                .arg(SERVER4.to_string()),
+            Duration::from_secs(10),
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut replied, mut received, mut malformed) = (0, 0, 0);
+    while !client.is_finished() && Instant::now() < deadline {
+        let r = xsk.serve_batch(&mut h, 100).unwrap();
+        replied += r.replied;
+        received += r.received;
+        malformed += r.malformed;
+    }
+    let (ok, out) = client.join().unwrap();
+    let c = p.counters().unwrap();
+    common::say(&format!(
+        "xdp counters: {c:?}; AF_XDP received {received}, malformed {malformed}, replied {replied}"
+    ));
+    assert!(ok, "ntpdig failed:\n{out}");
+    assert!(replied >= 1 && c[COUNT_REDIRECTED as usize] >= 1, "{c:?}");
+    let v: serde_json::Value =
+        serde_json::from_str(out.lines().find(|l| l.starts_with('{')).expect("json line")).unwrap();
+    assert_eq!(v["stratum"], 3, "{out}");
+    assert!(v["offset"].as_f64().unwrap().abs() < 0.01, "{out}");
 }

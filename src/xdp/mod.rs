@@ -3,8 +3,10 @@
 //!
 //! `frame` is the sans-IO part (no `unsafe`): which frames are ours, and the reply. `program`
 //! assembles the XDP program applying the same rules in the kernel (no compiler on the server).
-//! `sys` is the I/O layer (raw `bpf()` calls) and the only place here with `unsafe`.
+//! `sys` (raw `bpf()` calls) and `xsk` (the AF_XDP socket and its rings) are the I/O layer and
+//! the only places here with `unsafe`.
 
 pub mod frame;
 pub mod program;
 pub mod sys;
+pub mod xsk;
