@@ -14,6 +14,29 @@ use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// Counts allocations made on a thread while its flag is set: the serving loop must make none.
+struct Counting;
+static ALLOCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+thread_local!(static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+
+// SAFETY: forwards to the system allocator unchanged; only counts calls.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        if COUNTING.with(|c| c.get()) {
+            ALLOCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
 const SERVER4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 // 2001:2::/48 is IPv6's benchmarking range (RFC 5180), as 198.18.0.0/15 is IPv4's (RFC 2544).
@@ -443,7 +466,9 @@ fn ntpdig_is_answered_through_the_af_xdp_socket() {
         let deadline = Instant::now() + Duration::from_secs(15);
         let (mut replied, mut received, mut malformed) = (0, 0, 0);
         while !client.is_finished() && Instant::now() < deadline {
+            COUNTING.with(|c| c.set(true));
             let r = xsk.serve_batch(&mut h, 100).unwrap();
+            COUNTING.with(|c| c.set(false));
             replied += r.replied;
             received += r.received;
             malformed += r.malformed;
@@ -454,6 +479,8 @@ fn ntpdig_is_answered_through_the_af_xdp_socket() {
             "xdp counters: {c:?}; AF_XDP received {received}, malformed {malformed}, replied {replied}"
         ));
         assert!(ok, "ntpdig failed:\n{out}");
+        let allocs = ALLOCS.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(allocs, 0, "the AF_XDP serving loop allocated");
         assert!(replied >= 1 && c[COUNT_REDIRECTED as usize] > before, "{c:?}");
         let v: serde_json::Value =
             serde_json::from_str(out.lines().find(|l| l.starts_with('{')).expect("json line")).unwrap();
