@@ -488,3 +488,68 @@ fn ntpdig_is_answered_through_the_af_xdp_socket() {
         assert!(v["offset"].as_f64().unwrap().abs() < 0.01, "{out}");
     }
 }
+
+/// The child of [`a_killed_owner_leaves_no_program_and_the_next_attach_works`]: attaches the
+/// program in the namespace it is given and waits to be killed. Not a test of its own.
+#[test]
+#[ignore = "run only as the child of a_killed_owner_leaves_no_program_and_the_next_attach_works"]
+fn child_attaches_and_waits() {
+    let Ok(name) = std::env::var("GNOMON_XDP_CHILD_NS") else {
+        return;
+    };
+    let p = Program::load(&target(123), 1).unwrap();
+    let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on an open namespace fd changes only this thread's network namespace.
+    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    let _link = p.attach(ifindex("xs"), Mode::Native).unwrap();
+    println!("ATTACHED");
+    std::thread::sleep(Duration::from_secs(30));
+}
+
+/// A bpf_link belongs to its process: SIGKILL detaches the program, the next start attaches
+/// afresh, and a second attach while one is attached is refused rather than stacked.
+#[test]
+fn a_killed_owner_leaves_no_program_and_the_next_attach_works() {
+    use std::io::BufRead;
+    let Some(p) = load(&target(123)) else { return };
+    let Some(ns) = Netns::create() else { return };
+    let attached = || ns.exec(0, &["ip", "link", "show", "xs"]).1.contains("prog/xdp");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["child_attaches_and_waits", "--exact", "--ignored", "--nocapture"])
+        .env("GNOMON_XDP_CHILD_NS", &ns.names[0])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if l.contains("ATTACHED") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(20)).is_ok();
+    let was_attached = attached();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(ready && was_attached, "the child did not attach");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while attached() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!attached(), "the program stayed attached after its owner was killed");
+
+    ns.enter(0);
+    let xs = ifindex("xs");
+    let _link = p.attach(xs, Mode::Native).expect("attach after the crash");
+    assert!(attached());
+    let second = load(&target(123)).unwrap();
+    let e = second
+        .attach(xs, Mode::Native)
+        .err()
+        .expect("a second program was stacked");
+    common::say(&format!("second attach refused: {e}"));
+}
