@@ -464,7 +464,7 @@ fn ntpdig_is_answered_through_the_af_xdp_socket() {
             )
         });
         let deadline = Instant::now() + Duration::from_secs(15);
-        let (mut replied, mut received, mut malformed) = (0, 0, 0);
+        let (mut replied, mut received, mut malformed, mut stamped) = (0, 0, 0, 0);
         while !client.is_finished() && Instant::now() < deadline {
             COUNTING.with(|c| c.set(true));
             let r = xsk.serve_batch(&mut h, 100).unwrap();
@@ -472,16 +472,19 @@ fn ntpdig_is_answered_through_the_af_xdp_socket() {
             replied += r.replied;
             received += r.received;
             malformed += r.malformed;
+            stamped += r.stamped;
         }
         let (ok, out) = client.join().unwrap();
         let c = p.counters().unwrap();
         common::say(&format!(
-            "xdp counters: {c:?}; AF_XDP received {received}, malformed {malformed}, replied {replied}"
+            "xdp counters: {c:?}; AF_XDP received {received}, malformed {malformed}, replied \
+             {replied}, T2 from the program {stamped}"
         ));
         assert!(ok, "ntpdig failed:\n{out}");
         let allocs = ALLOCS.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(allocs, 0, "the AF_XDP serving loop allocated");
         assert!(replied >= 1 && c[COUNT_REDIRECTED as usize] > before, "{c:?}");
+        assert_eq!(stamped, received, "T2 missing from the metadata");
         let v: serde_json::Value =
             serde_json::from_str(out.lines().find(|l| l.starts_with('{')).expect("json line")).unwrap();
         assert_eq!(v["stratum"], 3, "{out}");

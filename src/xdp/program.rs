@@ -57,6 +57,12 @@ const EXIT: u8 = 0x90;
 const PSEUDO_MAP_FD: u8 = 1;
 const FN_MAP_LOOKUP_ELEM: i32 = 1;
 const FN_REDIRECT_MAP: i32 = 51;
+const FN_XDP_ADJUST_META: i32 = 54;
+/// Kernel 6.1+.
+const FN_KTIME_GET_TAI_NS: i32 = 208;
+
+/// Bytes of metadata the program puts before a redirected frame: its CLOCK_TAI receive time.
+pub const META_LEN: usize = 8;
 
 /// XDP verdicts (enum xdp_action).
 pub const XDP_PASS: u32 = 2;
@@ -65,6 +71,7 @@ pub const XDP_REDIRECT: u32 = 4;
 // struct xdp_md offsets.
 const MD_DATA: i16 = 0;
 const MD_DATA_END: i16 = 4;
+const MD_DATA_META: i16 = 8;
 const MD_RX_QUEUE_INDEX: i16 = 16;
 
 #[derive(Clone, Copy)]
@@ -280,8 +287,24 @@ pub fn assemble(t: &Target, xsks_map: i32, counters_map: i32) -> Vec<Insn> {
     a.emit(ALU64 | SUB | K, R9, 0, 0, IPV4_HLEN as i32);
     a.jump(JMP | JNE | X, R5, R9, 0, pass);
 
-    // A request: to the socket of this RX queue, or to the kernel if none is bound there.
+    // A request: its receive time (CLOCK_TAI) in the 8 bytes of metadata before the frame,
+    // where the AF_XDP socket finds it as T2; then to the socket of this RX queue, or to the
+    // kernel if none is bound there.
     a.bind(redirect);
+    let send = a.label();
+    a.emit(JMP | CALL, 0, 0, 0, FN_KTIME_GET_TAI_NS);
+    a.mov(R8, R0);
+    a.mov(R1, R6);
+    a.mov_imm(R2, -(META_LEN as i32));
+    a.emit(JMP | CALL, 0, 0, 0, FN_XDP_ADJUST_META);
+    a.jump(JMP | JNE | K, R0, 0, 0, send);
+    a.load(W, R2, R6, MD_DATA);
+    a.load(W, R3, R6, MD_DATA_META);
+    a.mov(R4, R3);
+    a.add_imm(R4, META_LEN as i32);
+    a.jump(JMP | JGT | X, R4, R2, 0, send);
+    a.emit(STX | MEM | DW, R3, R8, 0, 0);
+    a.bind(send);
     a.load(W, R2, R6, MD_RX_QUEUE_INDEX);
     a.ld_map_fd(R1, xsks_map);
     a.mov_imm(R3, XDP_PASS as i32);

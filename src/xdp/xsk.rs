@@ -2,10 +2,15 @@
 //! the frames the XDP program redirects are answered through the same [`Handler`] as the kernel
 //! path, the reply built in the frame it arrived in and sent from the same UMEM chunk.
 //!
+//! T2 is the XDP program's `bpf_ktime_get_tai_ns` stamp from the frame's metadata (copy mode copies
+//! it into the UMEM), converted to CLOCK_REALTIME with one TAI-realtime offset per batch; a
+//! frame without a plausible stamp gets the time its batch was taken.
+//!
 //! Memory is fixed at creation (UMEM, rings, the per-batch table): nothing is allocated per
 //! frame. Each batch costs one `poll` when idle and one `sendto` kick for its replies.
 
 use super::frame::{self, Request, Target};
+use super::program::META_LEN;
 use crate::proto::Destination;
 use crate::server::{Datagram, Handler};
 use std::io;
@@ -186,6 +191,13 @@ impl<T: Copy> Ring<T> {
     }
 }
 
+fn clock_ns(clock: libc::clockid_t) -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a live timespec; clock_gettime only writes it.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
 fn setsockopt<T>(fd: libc::c_int, opt: libc::c_int, v: &T) -> io::Result<()> {
     // SAFETY: `v` is a live value of the size passed.
     let r = unsafe {
@@ -206,6 +218,7 @@ struct Pending {
     addr: u64,
     req: Request,
     reply_len: usize,
+    rx_realtime_ns: i64,
 }
 
 /// What happened to one batch.
@@ -215,6 +228,8 @@ pub struct BatchResult {
     pub replied: usize,
     /// Redirected frames `frame::parse` refused (bad checksums): dropped, as the kernel would.
     pub malformed: usize,
+    /// Requests whose T2 came from the XDP program's timestamp (the rest got the batch's time).
+    pub stamped: usize,
 }
 
 /// An AF_XDP socket bound to one queue, with its UMEM.
@@ -326,6 +341,20 @@ impl Xsk {
         unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(start), len) }
     }
 
+    /// The program's receive stamp before the frame at `addr`, if there is a plausible one (at
+    /// most a second old); cleared, so a later frame in this chunk never reuses it.
+    fn take_stamp(&mut self, addr: u64, now_tai: i64) -> Option<i64> {
+        let meta = META_LEN as u64;
+        if addr % u64::from(FRAME_SIZE) < meta {
+            return None;
+        }
+        let m = self.frame(addr - meta, META_LEN);
+        let stamp = i64::from_ne_bytes(m[..8].try_into().unwrap());
+        m.fill(0);
+        let age = now_tai - stamp;
+        (0..1_000_000_000).contains(&age).then_some(stamp)
+    }
+
     fn give_back(&mut self, addr: u64) {
         self.recycle[self.recycled] = addr & !(FRAME_SIZE as u64 - 1);
         self.recycled += 1;
@@ -353,8 +382,11 @@ impl Xsk {
                 return Ok(BatchResult::default());
             }
         }
-        // T2 for the whole batch, read when it is taken (no per-frame timestamp yet).
-        let t2 = crate::clock::realtime_ns();
+        // T2: the XDP program's CLOCK_TAI stamp in the frame's metadata, moved to the realtime
+        // scale with one offset per batch; the time the batch is taken where there is none.
+        let batch_ns = crate::clock::realtime_ns();
+        let batch_tai = clock_ns(libc::CLOCK_TAI);
+        let tai_minus_real = batch_tai - batch_ns;
         handler.begin_batch();
         let mut res = BatchResult {
             received: n as usize,
@@ -364,6 +396,13 @@ impl Xsk {
         for i in 0..n {
             let d = self.rx.read(idx.wrapping_add(i));
             self.pending[i as usize] = None;
+            let t2 = match self.take_stamp(d.addr, batch_tai) {
+                Some(tai) => {
+                    res.stamped += 1;
+                    tai - tai_minus_real
+                }
+                None => batch_ns,
+            };
             let f = self.frame(d.addr, d.len as usize);
             let req = match frame::parse(f, &target) {
                 Ok(r) => r,
@@ -392,6 +431,7 @@ impl Xsk {
                 addr: d.addr,
                 req,
                 reply_len,
+                rx_realtime_ns: t2,
             });
         }
         self.rx.release(n);
@@ -404,7 +444,7 @@ impl Xsk {
                 let Some(p) = self.pending[i] else { continue };
                 let f = self.frame(p.addr, p.req.payload + p.req.payload_len);
                 let payload = p.req.payload;
-                handler.stamp(&mut f[payload..payload + p.reply_len], t2, &tx);
+                handler.stamp(&mut f[payload..payload + p.reply_len], p.rx_realtime_ns, &tx);
                 let flen = frame::build_reply(f, &p.req, p.reply_len, TTL);
                 if sent < free {
                     self.tx.write(
