@@ -407,18 +407,103 @@ fn attached_on_veth_it_counts_and_passes_everything_without_a_socket() {
     assert!(!out.contains("prog/xdp"), "still attached after the link closed: {out}");
 }
 
+/// The handler the kernel path uses, serving everyone, its clock synchronised at stratum 3
+/// (the publisher is returned to keep the clock state alive).
+fn ntp_handler() -> (gnomon::clock::ClockPublisher, gnomon::server::ntp::NtpHandler) {
+    use gnomon::clock::{self, ClockState};
+    use gnomon::policy::{PolicyConfig, PolicySet, SharedPolicy};
+    use gnomon::server::stats::WorkerStats;
+    use std::sync::Arc;
+    let (mut publisher, reader) = clock::snapshot(ClockState::unsynchronized(-24));
+    publisher.publish(ClockState::local(3, -24, clock::realtime_ns()));
+    let policy = Arc::new(SharedPolicy::new(PolicySet::build(PolicyConfig::default(), None)));
+    let h = gnomon::server::ntp::NtpHandler::new(reader, policy, Arc::new(WorkerStats::new(0, None, "xdp")));
+    (publisher, h)
+}
+
+/// With a kernel socket bound beside the AF_XDP one, a request with IP options is passed on by
+/// the program and reaches the kernel socket, while a plain request is answered by AF_XDP and
+/// never reaches the kernel socket.
+#[test]
+fn a_request_with_ip_options_goes_to_the_kernel_socket() {
+    use gnomon::xdp::xsk::Xsk;
+    use std::os::fd::AsRawFd;
+    let t = target(123);
+    let Some(p) = load(&t) else { return };
+    let Some(ns) = Netns::create() else { return };
+    ns.enter(0);
+    let xs = ifindex("xs");
+    let _link = p.attach(xs, Mode::Native).expect("attach");
+    let mut xsk = Xsk::bind(xs, 0, t).expect("AF_XDP bind");
+    p.bind_queue(0, xsk.raw_fd()).unwrap();
+    let kernel = UdpSocket::bind((SERVER4, 123)).unwrap();
+    kernel.set_nonblocking(true).unwrap();
+    let (_clock, mut h) = ntp_handler();
+
+    let ns_ref = &ns;
+    let client = std::thread::scope(|sc| {
+        let c = sc.spawn(move || {
+            ns_ref.enter(1);
+            tx_checksum_off("xc");
+            let with_options = UdpSocket::bind((CLIENT4, 0)).unwrap();
+            // Four bytes of options (NOP, NOP, NOP, end of list): IHL 6.
+            let opts = [1u8, 1, 1, 0];
+            // SAFETY: `opts` is a live buffer of the length passed.
+            let rc = unsafe {
+                libc::setsockopt(
+                    with_options.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_OPTIONS,
+                    opts.as_ptr().cast(),
+                    opts.len() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "IP_OPTIONS: {}", std::io::Error::last_os_error());
+            let plain = UdpSocket::bind((CLIENT4, 0)).unwrap();
+            let req = common::request(4, 3, 0x1122_3344_5566_7788);
+            with_options.send_to(&req, (SERVER4, 123)).unwrap();
+            plain.send_to(&req, (SERVER4, 123)).unwrap();
+            (
+                with_options.local_addr().unwrap(),
+                plain.local_addr().unwrap(),
+                got_one(&plain),
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (mut replied, mut to_kernel) = (0, Vec::new());
+        while !c.is_finished() && Instant::now() < deadline {
+            replied += xsk.serve_batch(&mut h, 50).unwrap().replied;
+            let mut b = [0u8; 128];
+            while let Ok((_, from)) = kernel.recv_from(&mut b) {
+                to_kernel.push(from);
+            }
+        }
+        let mut b = [0u8; 128];
+        kernel.set_nonblocking(false).unwrap();
+        kernel.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        while let Ok((_, from)) = kernel.recv_from(&mut b) {
+            to_kernel.push(from);
+        }
+        (c.join().unwrap(), replied, to_kernel)
+    });
+    let ((with_options, plain, plain_answered), replied, to_kernel) = client;
+    let c = p.counters().unwrap();
+    common::say(&format!("xdp counters: {c:?}; kernel socket got {to_kernel:?}"));
+    assert_eq!(to_kernel, vec![with_options], "what reached the kernel socket");
+    assert!(
+        plain_answered && replied == 1,
+        "the plain request {plain} was not answered by AF_XDP"
+    );
+    assert_eq!(c[Pass::IpHeader as usize], 1, "{c:?}");
+}
+
 /// One real client (ntpdig, in the other namespace) gets its answer from the AF_XDP socket over
 /// IPv4 and IPv6: no kernel socket listens on port 123 in the server's namespace, so only that
 /// path can answer; the client's kernel checks our checksums. ARP and ND pass to the kernel.
 #[test]
 fn ntpdig_is_answered_through_the_af_xdp_socket() {
-    use gnomon::clock::{self, ClockState};
-    use gnomon::policy::{PolicyConfig, PolicySet, SharedPolicy};
-    use gnomon::server::ntp::NtpHandler;
-    use gnomon::server::stats::WorkerStats;
     use gnomon::xdp::frame::COUNT_REDIRECTED;
     use gnomon::xdp::xsk::Xsk;
-    use std::sync::Arc;
 
     const NTPDIG: &str = "/usr/bin/ntpdig";
     if !common::have_tool(NTPDIG) {
@@ -440,10 +525,7 @@ fn ntpdig_is_answered_through_the_af_xdp_socket() {
     };
     p.bind_queue(0, xsk.raw_fd()).unwrap();
 
-    let (mut publisher, reader) = clock::snapshot(ClockState::unsynchronized(-24));
-    publisher.publish(ClockState::local(3, -24, clock::realtime_ns()));
-    let policy = Arc::new(SharedPolicy::new(PolicySet::build(PolicyConfig::default(), None)));
-    let mut h = NtpHandler::new(reader, policy, Arc::new(WorkerStats::new(0, None, "xdp")));
+    let (_clock, mut h) = ntp_handler();
 
     let ns_ref = &ns;
     std::thread::scope(|sc| {
