@@ -638,3 +638,50 @@ fn a_killed_owner_leaves_no_program_and_the_next_attach_works() {
         .expect("a second program was stacked");
     common::say(&format!("second attach refused: {e}"));
 }
+
+/// `chronyd -Q -x` in the client namespace accepts the AF_XDP path's replies on both families.
+#[test]
+fn chronyd_accepts_replies_from_the_af_xdp_path() {
+    use gnomon::xdp::xsk::Xsk;
+    if !common::have_tool(common::CHRONYD) {
+        return;
+    }
+    let t = target(123);
+    let Some(p) = load(&t) else { return };
+    let Some(ns) = Netns::create() else { return };
+    ns.enter(0);
+    let xs = ifindex("xs");
+    let _link = p.attach(xs, Mode::Native).expect("attach");
+    let mut xsk = Xsk::bind(xs, 0, t).expect("AF_XDP bind");
+    p.bind_queue(0, xsk.raw_fd()).unwrap();
+    let (_clock, mut h) = ntp_handler();
+    let dir = common::tempdir("xdp-chrony");
+    let ns_ref = &ns;
+    for server in [std::net::IpAddr::V4(SERVER4), std::net::IpAddr::V6(SERVER6)] {
+        let dir = dir.join(if server.is_ipv4() { "v4" } else { "v6" });
+        std::fs::create_dir_all(&dir).unwrap();
+        let (out, replied) = std::thread::scope(|sc| {
+            let c = sc.spawn(|| {
+                ns_ref.enter(1);
+                tx_checksum_off("xc");
+                common::chrony_client((server, 123).into(), &dir, 8)
+            });
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut replied = 0;
+            while !c.is_finished() && Instant::now() < deadline {
+                replied += xsk.serve_batch(&mut h, 50).unwrap().replied;
+            }
+            (c.join().unwrap(), replied)
+        });
+        let offset = common::chrony_offset(&out);
+        common::say(&format!(
+            "chronyd via AF_XDP ({server}): {replied} replies, offset {offset:?}"
+        ));
+        assert!(replied >= 1, "{out}");
+        assert!(
+            offset.is_some_and(|o| o.abs() < 0.01),
+            "chronyd did not accept the replies:\n{out}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
