@@ -567,6 +567,8 @@ fn ntpdig_is_answered_through_the_af_xdp_socket() {
         assert_eq!(allocs, 0, "the AF_XDP serving loop allocated");
         assert!(replied >= 1 && c[COUNT_REDIRECTED as usize] > before, "{c:?}");
         assert_eq!(stamped, received, "T2 missing from the metadata");
+        let st = xsk.stats().unwrap();
+        assert_eq!((st.rx_dropped, st.rx_ring_full), (0, 0), "{st:?}");
         let v: serde_json::Value =
             serde_json::from_str(out.lines().find(|l| l.starts_with('{')).expect("json line")).unwrap();
         assert_eq!(v["stratum"], 3, "{out}");

@@ -346,6 +346,8 @@ mod tests {
         };
         let p = assemble(&t, 3, 4);
         assert_eq!(p.last().unwrap().code, JMP | EXIT);
+        // Far below the verifier's limits; a jump offset is 16 bits.
+        assert!(p.len() < 1000, "{} instructions", p.len());
         for (i, insn) in p.iter().enumerate() {
             let class = insn.code & 7;
             let op = insn.code & 0xf0;

@@ -25,6 +25,7 @@ const XDP_TX_RING: libc::c_int = 3;
 const XDP_UMEM_REG: libc::c_int = 4;
 const XDP_UMEM_FILL_RING: libc::c_int = 5;
 const XDP_UMEM_COMPLETION_RING: libc::c_int = 6;
+const XDP_STATISTICS: libc::c_int = 7;
 const XDP_PGOFF_RX_RING: libc::off_t = 0;
 const XDP_PGOFF_TX_RING: libc::off_t = 0x8000_0000;
 const XDP_UMEM_PGOFF_FILL_RING: libc::off_t = 0x1_0000_0000;
@@ -232,6 +233,21 @@ pub struct BatchResult {
     pub stamped: usize,
 }
 
+/// The kernel's counters of one AF_XDP socket (`struct xdp_statistics`), since it was bound.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct XskStats {
+    /// Frames dropped for reasons other than a full RX ring or an empty fill ring.
+    pub rx_dropped: u64,
+    pub rx_invalid_descs: u64,
+    pub tx_invalid_descs: u64,
+    /// Frames dropped because the RX ring was full (the worker fell behind).
+    pub rx_ring_full: u64,
+    /// Times the kernel found the fill ring empty.
+    pub rx_fill_ring_empty_descs: u64,
+    pub tx_ring_empty_descs: u64,
+}
+
 /// An AF_XDP socket bound to one queue, with its UMEM.
 pub struct Xsk {
     fd: OwnedFd,
@@ -326,6 +342,24 @@ impl Xsk {
             recycle: vec![0u64; FRAMES as usize].into_boxed_slice(),
             recycled: 0,
         })
+    }
+
+    /// The kernel's ring-full / fill-empty / drop counters for this socket (one syscall: for
+    /// the stats thread, not per batch).
+    pub fn stats(&self) -> io::Result<XskStats> {
+        let mut st = XskStats::default();
+        let mut len = size_of::<XskStats>() as libc::socklen_t;
+        // SAFETY: `st` is a live buffer of `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                SOL_XDP,
+                XDP_STATISTICS,
+                (&mut st as *mut XskStats).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(st) }
     }
 
     /// The socket's fd, for the program's XSKMAP.
