@@ -12,3 +12,4 @@ pub mod proto;
 pub mod query;
 pub mod server;
 pub mod sync;
+pub mod xdp;

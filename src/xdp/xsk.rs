@@ -1,0 +1,546 @@
+//! One AF_XDP socket with its own UMEM, bound to one RX queue of an interface in copy mode:
+//! the frames the XDP program redirects are answered through the same [`Handler`] as the kernel
+//! path, the reply built in the frame it arrived in and sent from the same UMEM chunk.
+//!
+//! T2 is the XDP program's `bpf_ktime_get_tai_ns` stamp from the frame's metadata (copy mode copies
+//! it into the UMEM), converted to CLOCK_REALTIME with one TAI-realtime offset per batch; a
+//! frame without a plausible stamp gets the time its batch was taken.
+//!
+//! Memory is fixed at creation (UMEM, rings, the per-batch table): nothing is allocated per
+//! frame. Each batch costs one `poll` when idle and one `sendto` kick for its replies.
+
+use super::frame::{self, Request, Target};
+use super::program::META_LEN;
+use crate::proto::Destination;
+use crate::server::{Datagram, Handler};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const AF_XDP: libc::c_int = 44;
+const SOL_XDP: libc::c_int = 283;
+const XDP_MMAP_OFFSETS: libc::c_int = 1;
+const XDP_RX_RING: libc::c_int = 2;
+const XDP_TX_RING: libc::c_int = 3;
+const XDP_UMEM_REG: libc::c_int = 4;
+const XDP_UMEM_FILL_RING: libc::c_int = 5;
+const XDP_UMEM_COMPLETION_RING: libc::c_int = 6;
+const XDP_STATISTICS: libc::c_int = 7;
+const XDP_PGOFF_RX_RING: libc::off_t = 0;
+const XDP_PGOFF_TX_RING: libc::off_t = 0x8000_0000;
+const XDP_UMEM_PGOFF_FILL_RING: libc::off_t = 0x1_0000_0000;
+const XDP_UMEM_PGOFF_COMPLETION_RING: libc::off_t = 0x1_8000_0000;
+const XDP_COPY: u16 = 1 << 1;
+
+/// UMEM chunk size: one frame per chunk (aligned mode needs a power of two of at least 2048).
+pub const FRAME_SIZE: u32 = 2048;
+/// Chunks in the UMEM, and the size of each ring (a power of two).
+pub const FRAMES: u32 = 1024;
+/// Frames taken from the RX ring at once.
+pub const BATCH: usize = 64;
+/// TTL / hop limit of the replies (Linux's default).
+pub const TTL: u8 = 64;
+
+#[repr(C)]
+struct UmemReg {
+    addr: u64,
+    len: u64,
+    chunk_size: u32,
+    headroom: u32,
+    flags: u32,
+    tx_metadata_len: u32,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct RingOffset {
+    producer: u64,
+    consumer: u64,
+    desc: u64,
+    flags: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MmapOffsets {
+    rx: RingOffset,
+    tx: RingOffset,
+    fr: RingOffset,
+    cr: RingOffset,
+}
+
+#[repr(C)]
+struct SockaddrXdp {
+    family: u16,
+    flags: u16,
+    ifindex: u32,
+    queue_id: u32,
+    shared_umem_fd: u32,
+}
+
+/// A descriptor of the RX and TX rings (`struct xdp_desc`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Desc {
+    addr: u64,
+    len: u32,
+    options: u32,
+}
+
+/// A mapping of ours, unmapped on drop.
+struct Mmap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mmap {
+    fn new(len: usize, fd: Option<(libc::c_int, libc::off_t)>) -> io::Result<Mmap> {
+        let (flags, fd, off) = match fd {
+            Some((fd, off)) => (libc::MAP_SHARED | libc::MAP_POPULATE, fd, off),
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE, -1, 0),
+        };
+        // SAFETY: a fresh mapping at an address the kernel picks; nothing aliases it yet.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                off,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mmap { ptr: ptr.cast(), len })
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping this value owns; no reference into it outlives it.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// One single-producer/single-consumer ring shared with the kernel.
+struct Ring<T> {
+    _map: Mmap,
+    producer: *const AtomicU32,
+    consumer: *const AtomicU32,
+    desc: *mut T,
+    mask: u32,
+}
+
+impl<T: Copy> Ring<T> {
+    fn map(fd: libc::c_int, off: &RingOffset, pgoff: libc::off_t) -> io::Result<Ring<T>> {
+        let len = off.desc as usize + FRAMES as usize * size_of::<T>();
+        let map = Mmap::new(len, Some((fd, pgoff)))?;
+        // SAFETY: the kernel's offsets lie inside the mapping it just sized for this ring.
+        let (producer, consumer, desc) = unsafe {
+            (
+                map.ptr.add(off.producer as usize) as *const AtomicU32,
+                map.ptr.add(off.consumer as usize) as *const AtomicU32,
+                map.ptr.add(off.desc as usize) as *mut T,
+            )
+        };
+        Ok(Ring {
+            _map: map,
+            producer,
+            consumer,
+            desc,
+            mask: FRAMES - 1,
+        })
+    }
+    fn producer(&self) -> &AtomicU32 {
+        // SAFETY: points into our live mapping; the kernel updates it only atomically.
+        unsafe { &*self.producer }
+    }
+    fn consumer(&self) -> &AtomicU32 {
+        // SAFETY: as for `producer`.
+        unsafe { &*self.consumer }
+    }
+    fn read(&self, idx: u32) -> T {
+        // SAFETY: idx is masked into the ring; the entry was published by the producer's
+        // release store that our acquire load saw.
+        unsafe { self.desc.add((idx & self.mask) as usize).read() }
+    }
+    fn write(&self, idx: u32, v: T) {
+        // SAFETY: idx is masked into the ring, in a slot the consumer has released.
+        unsafe { self.desc.add((idx & self.mask) as usize).write(v) }
+    }
+    /// As consumer: entries ready to take, up to `max`, starting at the returned index.
+    fn peek(&self, max: u32) -> (u32, u32) {
+        let cons = self.consumer().load(Ordering::Relaxed);
+        let prod = self.producer().load(Ordering::Acquire);
+        (cons, prod.wrapping_sub(cons).min(max))
+    }
+    fn release(&self, n: u32) {
+        let cons = self.consumer().load(Ordering::Relaxed);
+        self.consumer().store(cons.wrapping_add(n), Ordering::Release);
+    }
+    /// As producer: free slots.
+    fn free(&self) -> (u32, u32) {
+        let prod = self.producer().load(Ordering::Relaxed);
+        let cons = self.consumer().load(Ordering::Acquire);
+        (prod, FRAMES - prod.wrapping_sub(cons))
+    }
+    fn submit(&self, n: u32) {
+        let prod = self.producer().load(Ordering::Relaxed);
+        self.producer().store(prod.wrapping_add(n), Ordering::Release);
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a live timespec; clock_gettime only writes it.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+fn setsockopt<T>(fd: libc::c_int, opt: libc::c_int, v: &T) -> io::Result<()> {
+    // SAFETY: `v` is a live value of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            SOL_XDP,
+            opt,
+            (v as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// A reply of the batch waiting for its T3.
+#[derive(Clone, Copy)]
+struct Pending {
+    addr: u64,
+    req: Request,
+    reply_len: usize,
+    rx_realtime_ns: i64,
+}
+
+/// What happened to one batch.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct BatchResult {
+    pub received: usize,
+    pub replied: usize,
+    /// Redirected frames `frame::parse` refused (bad checksums): dropped, as the kernel would.
+    pub malformed: usize,
+    /// Requests whose T2 came from the XDP program's timestamp (the rest got the batch's time).
+    pub stamped: usize,
+}
+
+/// The kernel's counters of one AF_XDP socket (`struct xdp_statistics`), since it was bound.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct XskStats {
+    /// Frames dropped for reasons other than a full RX ring or an empty fill ring.
+    pub rx_dropped: u64,
+    pub rx_invalid_descs: u64,
+    pub tx_invalid_descs: u64,
+    /// Frames dropped because the RX ring was full (the worker fell behind).
+    pub rx_ring_full: u64,
+    /// Times the kernel found the fill ring empty.
+    pub rx_fill_ring_empty_descs: u64,
+    pub tx_ring_empty_descs: u64,
+}
+
+/// An AF_XDP socket bound to one queue, with its UMEM.
+pub struct Xsk {
+    fd: OwnedFd,
+    umem: Mmap,
+    fill: Ring<u64>,
+    comp: Ring<u64>,
+    rx: Ring<Desc>,
+    tx: Ring<Desc>,
+    target: Target,
+    pending: [Option<Pending>; BATCH],
+    /// Chunks to give back to the fill ring (dropped requests, completed replies).
+    recycle: Box<[u64]>,
+    recycled: usize,
+}
+
+impl Xsk {
+    /// Creates the socket and its UMEM and binds it in copy mode to queue `queue` of interface
+    /// `ifindex` (of the calling thread's network namespace).
+    pub fn bind(ifindex: u32, queue: u32, target: Target) -> io::Result<Xsk> {
+        // SAFETY: plain socket creation; the fd is owned right after.
+        let raw = unsafe { libc::socket(AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new fd nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let umem = Mmap::new((FRAMES * FRAME_SIZE) as usize, None)?;
+        let reg = UmemReg {
+            addr: umem.ptr as u64,
+            len: umem.len as u64,
+            chunk_size: FRAME_SIZE,
+            headroom: 0,
+            flags: 0,
+            tx_metadata_len: 0,
+        };
+        setsockopt(raw, XDP_UMEM_REG, &reg)?;
+        for opt in [XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_RX_RING, XDP_TX_RING] {
+            setsockopt(raw, opt, &FRAMES)?;
+        }
+        let mut off = MmapOffsets::default();
+        let mut len = size_of::<MmapOffsets>() as libc::socklen_t;
+        // SAFETY: `off` is a live buffer of `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                raw,
+                SOL_XDP,
+                XDP_MMAP_OFFSETS,
+                (&mut off as *mut MmapOffsets).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fill = Ring::map(raw, &off.fr, XDP_UMEM_PGOFF_FILL_RING)?;
+        let comp = Ring::map(raw, &off.cr, XDP_UMEM_PGOFF_COMPLETION_RING)?;
+        let rx = Ring::map(raw, &off.rx, XDP_PGOFF_RX_RING)?;
+        let tx = Ring::map(raw, &off.tx, XDP_PGOFF_TX_RING)?;
+        let sa = SockaddrXdp {
+            family: AF_XDP as u16,
+            flags: XDP_COPY,
+            ifindex,
+            queue_id: queue,
+            shared_umem_fd: 0,
+        };
+        // SAFETY: `sa` is a live sockaddr_xdp of the size passed.
+        let r = unsafe {
+            libc::bind(
+                raw,
+                (&sa as *const SockaddrXdp).cast(),
+                size_of::<SockaddrXdp>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Every chunk starts in the fill ring: the kernel may write any of them.
+        let (idx, free) = fill.free();
+        for i in 0..free.min(FRAMES) {
+            fill.write(idx.wrapping_add(i), (i * FRAME_SIZE) as u64);
+        }
+        fill.submit(free.min(FRAMES));
+        Ok(Xsk {
+            fd,
+            umem,
+            fill,
+            comp,
+            rx,
+            tx,
+            target,
+            pending: [None; BATCH],
+            recycle: vec![0u64; FRAMES as usize].into_boxed_slice(),
+            recycled: 0,
+        })
+    }
+
+    /// The kernel's ring-full / fill-empty / drop counters for this socket (one syscall: for
+    /// the stats thread, not per batch).
+    pub fn stats(&self) -> io::Result<XskStats> {
+        let mut st = XskStats::default();
+        let mut len = size_of::<XskStats>() as libc::socklen_t;
+        // SAFETY: `st` is a live buffer of `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                SOL_XDP,
+                XDP_STATISTICS,
+                (&mut st as *mut XskStats).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(st) }
+    }
+
+    /// The socket's fd, for the program's XSKMAP.
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    fn frame(&mut self, addr: u64, len: usize) -> &mut [u8] {
+        let start = addr as usize;
+        assert!(start + len <= self.umem.len);
+        // SAFETY: inside our UMEM; the kernel handed this chunk to us through the RX ring and
+        // does not touch it until we give it back through the fill or TX ring.
+        unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(start), len) }
+    }
+
+    /// The program's receive stamp before the frame at `addr`, if there is a plausible one (at
+    /// most a second old); cleared, so a later frame in this chunk never reuses it.
+    fn take_stamp(&mut self, addr: u64, now_tai: i64) -> Option<i64> {
+        let meta = META_LEN as u64;
+        if addr % u64::from(FRAME_SIZE) < meta {
+            return None;
+        }
+        let m = self.frame(addr - meta, META_LEN);
+        let stamp = i64::from_ne_bytes(m[..8].try_into().unwrap());
+        m.fill(0);
+        let age = now_tai - stamp;
+        (0..1_000_000_000).contains(&age).then_some(stamp)
+    }
+
+    fn give_back(&mut self, addr: u64) {
+        self.recycle[self.recycled] = addr & !(FRAME_SIZE as u64 - 1);
+        self.recycled += 1;
+    }
+
+    /// Waits up to `timeout_ms` for frames, answers one batch through `handler` and sends the
+    /// replies with one kick.
+    pub fn serve_batch<H: Handler>(&mut self, handler: &mut H, timeout_ms: i32) -> io::Result<BatchResult> {
+        self.reclaim();
+        let (mut idx, mut n) = self.rx.peek(BATCH as u32);
+        if n == 0 {
+            let mut p = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one live pollfd.
+            let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            (idx, n) = self.rx.peek(BATCH as u32);
+            if n == 0 {
+                handler.idle();
+                return Ok(BatchResult::default());
+            }
+        }
+        // T2: the XDP program's CLOCK_TAI stamp in the frame's metadata, moved to the realtime
+        // scale with one offset per batch; the time the batch is taken where there is none.
+        let batch_ns = crate::clock::realtime_ns();
+        let batch_tai = clock_ns(libc::CLOCK_TAI);
+        let tai_minus_real = batch_tai - batch_ns;
+        handler.begin_batch();
+        let mut res = BatchResult {
+            received: n as usize,
+            ..Default::default()
+        };
+        let target = self.target;
+        for i in 0..n {
+            let d = self.rx.read(idx.wrapping_add(i));
+            self.pending[i as usize] = None;
+            let t2 = match self.take_stamp(d.addr, batch_tai) {
+                Some(tai) => {
+                    res.stamped += 1;
+                    tai - tai_minus_real
+                }
+                None => batch_ns,
+            };
+            let f = self.frame(d.addr, d.len as usize);
+            let req = match frame::parse(f, &target) {
+                Ok(r) => r,
+                Err(_) => {
+                    res.malformed += 1;
+                    self.give_back(d.addr);
+                    continue;
+                }
+            };
+            let reply_len = handler.handle(Datagram {
+                buf: &mut f[req.payload..req.payload + req.payload_len],
+                len: req.payload_len,
+                truncated: false,
+                peer: req.peer,
+                rx_realtime_ns: Some(t2),
+                destination: Some(Destination {
+                    addr: req.destination,
+                    spec_dst: None,
+                }),
+            });
+            if reply_len == 0 {
+                self.give_back(d.addr);
+                continue;
+            }
+            self.pending[i as usize] = Some(Pending {
+                addr: d.addr,
+                req,
+                reply_len,
+                rx_realtime_ns: t2,
+            });
+        }
+        self.rx.release(n);
+        let replies = self.pending[..n as usize].iter().filter(|p| p.is_some()).count();
+        if replies > 0 {
+            let tx = handler.transmit_stamp();
+            let (tidx, free) = self.tx.free();
+            let mut sent = 0u32;
+            for i in 0..n as usize {
+                let Some(p) = self.pending[i] else { continue };
+                let f = self.frame(p.addr, p.req.payload + p.req.payload_len);
+                let payload = p.req.payload;
+                handler.stamp(&mut f[payload..payload + p.reply_len], p.rx_realtime_ns, &tx);
+                let flen = frame::build_reply(f, &p.req, p.reply_len, TTL);
+                if sent < free {
+                    self.tx.write(
+                        tidx.wrapping_add(sent),
+                        Desc {
+                            addr: p.addr,
+                            len: flen as u32,
+                            options: 0,
+                        },
+                    );
+                    sent += 1;
+                } else {
+                    self.give_back(p.addr);
+                }
+            }
+            self.tx.submit(sent);
+            res.replied = sent as usize;
+            // Copy mode sends in the syscall: one kick for the batch.
+            // SAFETY: a zero-length sendto on our socket only triggers the TX ring's processing.
+            let r = unsafe {
+                libc::sendto(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null(),
+                    0,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::ENOBUFS)
+                ) {
+                    return Err(e);
+                }
+            }
+        }
+        handler.end_batch(res.received, res.replied);
+        self.reclaim();
+        Ok(res)
+    }
+
+    /// Completed TX chunks and dropped requests go back to the fill ring.
+    fn reclaim(&mut self) {
+        let (cidx, done) = self.comp.peek(FRAMES);
+        for i in 0..done {
+            let a = self.comp.read(cidx.wrapping_add(i));
+            self.give_back(a);
+        }
+        self.comp.release(done);
+        if self.recycled == 0 {
+            return;
+        }
+        let (fidx, free) = self.fill.free();
+        let k = (self.recycled as u32).min(free);
+        for i in 0..k {
+            self.fill
+                .write(fidx.wrapping_add(i), self.recycle[self.recycled - 1 - i as usize]);
+        }
+        self.fill.submit(k);
+        self.recycled -= k as usize;
+    }
+}
