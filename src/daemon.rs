@@ -46,6 +46,8 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     // Everything privileged happens before this point, on this single thread; every thread
     // starts after it, with the reduced credentials (see server::privileges).
     let bound = server::bind(&cfg.serve)?;
+    // The certificate, key and fleet secret may be readable by root only.
+    let nts = cfg.nts.as_ref().map(crate::nts::server::prepare).transpose()?;
     drop_privileges(&cfg, &lock.path, new_control_dir.then_some(control_dir).flatten())?;
 
     let precision = clock::measure_precision();
@@ -54,9 +56,17 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     // from a state older than the configuration.
     let sync = crate::sync::spawn(cfg.sync.clone(), publisher, precision, stop.clone())?;
     let policy = Arc::new(SharedPolicy::new(PolicySet::build(cfg.policy.clone(), None)));
+    let ke = nts.map(|p| crate::nts::server::spawn(p, stop.clone())).transpose()?;
+    let nts_keys = ke.as_ref().map(|k| k.keys.clone());
     let srv = server::spawn(
         bound,
-        |_, st| NtpHandler::new(reader.clone(), policy.clone(), st),
+        |_, st| {
+            let h = NtpHandler::new(reader.clone(), policy.clone(), st);
+            match &nts_keys {
+                Some(k) => h.with_nts(k.clone()),
+                None => h,
+            }
+        },
         stop.clone(),
     )?;
     for a in &srv.local_addrs {
@@ -65,6 +75,10 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             srv.stats.len(),
             srv.backend
         );
+    }
+    if let Some(k) = &ke {
+        // Not "listening on": that wording names the NTP sockets.
+        log::info!("NTS-KE on TCP {} (TLS 1.3, ALPN ntske/1)", k.local_addr);
     }
     match (cfg.sync.upstreams.len(), cfg.sync.local_stratum) {
         (0, Some(s)) => log::info!("time source: system clock as LOCAL stratum {s}"),
@@ -128,6 +142,9 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         if sync.is_finished() {
             return Some(io::Error::other("the sync thread ended"));
         }
+        if ke.as_ref().is_some_and(|k| k.is_finished()) {
+            return Some(io::Error::other("an NTS-KE thread ended"));
+        }
         control
             .is_finished()
             .then(|| io::Error::other("the control socket thread ended"))
@@ -136,6 +153,9 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     log::info!("stopping");
     let _ = sync.join();
     let _ = control.join();
+    if let Some(k) = ke {
+        k.join();
+    }
     drop(lock);
     log::info!("stopped");
     r

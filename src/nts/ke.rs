@@ -115,7 +115,9 @@ pub enum Outcome {
 }
 
 fn u16_list(body: &[u8]) -> Option<impl Iterator<Item = u16> + '_> {
-    body.len().is_multiple_of(2).then(|| body.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])))
+    body.len()
+        .is_multiple_of(2)
+        .then(|| body.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])))
 }
 
 fn error_response(code: ErrorCode) -> (Vec<u8>, Outcome) {
