@@ -1,0 +1,287 @@
+//! NTS end to end on loopback: NTS-KE over TLS with a rustls client and with Debian's chronyd,
+//! then authenticated NTP through gnomon's workers; fleet servers sharing a secret file.
+
+mod common;
+
+use common::{CHRONYD, Gnomon, have_tool, run_bounded, say, tempdir};
+use gnomon::nts::client::{self, ReplyError};
+use gnomon::nts::ke::{self, record};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+const OPENSSL: &str = "/usr/bin/openssl";
+
+/// A self-signed P-256 certificate for localhost and 127.0.0.1: (certificate, key).
+fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let (ok, out) = run_bounded(
+        Command::new(OPENSSL)
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .args(["-days", "30", "-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            // webpki refuses a CA certificate as the server's own (openssl's default is CA:TRUE).
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"]),
+        Duration::from_secs(30),
+    );
+    assert!(ok, "openssl failed: {out}");
+    (cert, key)
+}
+
+/// `[nts]` lines for a KE server on `ke_ip`, port chosen by the kernel.
+fn nts_table(cert: &Path, key: &Path, ke_ip: &str, extra: &str) -> String {
+    format!(
+        "[nts]\ncertificate = \"{}\"\nprivate_key = \"{}\"\nlisten = \"{ke_ip}:0\"\n{extra}",
+        cert.display(),
+        key.display()
+    )
+}
+
+/// Where the server's NTS-KE listens, from its startup log.
+fn ke_addr(g: &Gnomon) -> SocketAddr {
+    let line = g
+        .startup_log
+        .iter()
+        .find_map(|l| l.split("NTS-KE on TCP ").nth(1))
+        .expect("NTS-KE address in the log");
+    line.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+struct Session {
+    cookies: Vec<Vec<u8>>,
+    c2s: [u8; 32],
+    s2c: [u8; 32],
+    /// The whole response's records, (type, body).
+    records: Vec<(u16, Vec<u8>)>,
+}
+
+/// One NTS-KE exchange with rustls as the client, trusting only `cert`.
+fn key_exchange(ke: SocketAddr, cert: &Path) -> Session {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(cert).unwrap()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"ntske/1".to_vec()];
+    let conn = rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap()).unwrap();
+    let sock = TcpStream::connect_timeout(&ke, Duration::from_secs(3)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let mut req = Vec::new();
+    ke::encode(&mut req, true, record::NEXT_PROTOCOL, &[0, 0]);
+    ke::encode(&mut req, true, record::AEAD_ALGORITHM, &[0, 15]);
+    ke::encode(&mut req, true, record::END_OF_MESSAGE, &[]);
+    tls.write_all(&req).unwrap();
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until End of Message; the server closes after it.
+    while ke::decode(&resp).is_err() {
+        match tls.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => resp.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("KE read: {e} after {} bytes", resp.len()),
+        }
+    }
+    assert_eq!(tls.conn.alpn_protocol(), Some(&b"ntske/1"[..]));
+    let mut s = Session {
+        cookies: Vec::new(),
+        c2s: [0; 32],
+        s2c: [0; 32],
+        records: Vec::new(),
+    };
+    for r in ke::decode(&resp).expect("a complete KE response") {
+        if r.record_type == record::NEW_COOKIE {
+            s.cookies.push(r.body.to_vec());
+        }
+        s.records.push((r.record_type, r.body.to_vec()));
+    }
+    let label = ke::EXPORTER_LABEL;
+    tls.conn
+        .export_keying_material(&mut s.c2s, label, Some(&ke::exporter_context(15, false)))
+        .unwrap();
+    tls.conn
+        .export_keying_material(&mut s.s2c, label, Some(&ke::exporter_context(15, true)))
+        .unwrap();
+    s
+}
+
+/// One authenticated exchange: the reply's verdict and its length against the request's.
+fn nts_exchange(
+    server: SocketAddr,
+    s: &Session,
+    cookie: &[u8],
+    placeholders: usize,
+) -> (Result<Vec<Vec<u8>>, ReplyError>, usize, usize) {
+    let mut header = [0u8; 48];
+    header[0] = 0x23;
+    let mut uid = [0u8; 32];
+    getrandom::fill(&mut uid).unwrap();
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).unwrap();
+    header[40..48].copy_from_slice(&nonce[..8]);
+    let req = client::request(&header, &uid, cookie, placeholders, &s.c2s, &nonce);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    sock.send_to(&req, server).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = match sock.recv_from(&mut buf) {
+        Ok((n, _)) => n,
+        Err(_) => return (Err(ReplyError::Malformed), 0, req.len()),
+    };
+    (client::verify_reply(&buf[..n], &uid, &s.s2c), n, req.len())
+}
+
+#[test]
+fn rustls_client_gets_cookies_and_authenticated_replies() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts");
+    let (cert, key) = certificate(&dir);
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "")
+    ));
+    let s = key_exchange(ke_addr(&g), &cert);
+    assert_eq!(s.records[0], (record::NEXT_PROTOCOL, vec![0, 0]));
+    assert_eq!(s.records[1], (record::AEAD_ALGORITHM, vec![0, 15]));
+    assert_eq!(s.cookies.len(), 8);
+    assert_eq!(s.records.last().unwrap().0, record::END_OF_MESSAGE);
+    // One cookie and one placeholder: two new cookies, and a reply exactly as long.
+    let (verdict, reply_len, req_len) = nts_exchange(g.addr(), &s, &s.cookies[0], 1);
+    assert_eq!(verdict.expect("authenticated reply").len(), 2);
+    assert_eq!(reply_len, req_len);
+    // A cookie from the reply works too.
+    let (verdict, _, _) = nts_exchange(g.addr(), &s, &s.cookies[1], 0);
+    let fresh = verdict.unwrap();
+    assert!(nts_exchange(g.addr(), &s, &fresh[0], 0).0.is_ok());
+    // A forged cookie gets an NTS NAK.
+    let mut forged = s.cookies[2].clone();
+    forged[40] ^= 1;
+    assert_eq!(nts_exchange(g.addr(), &s, &forged, 0).0, Err(ReplyError::Nak));
+    assert_eq!(g.wait_counter("nts_answered", 3), 3);
+    assert_eq!(g.wait_counter("nts_nak", 1), 1);
+}
+
+#[test]
+fn fleet_servers_accept_each_others_cookies() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-fleet");
+    let (cert, key) = certificate(&dir);
+    let secret = dir.join("secret");
+    std::fs::write(&secret, [0x5a; 48]).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let fleet = format!("secret_file = \"{}\"\n", secret.display());
+    let a = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", &fleet)
+    ));
+    let b = Gnomon::start(&format!(
+        "listen = [\"127.0.0.2:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.2", &fleet)
+    ));
+    let loner = Gnomon::start(&format!(
+        "listen = [\"127.0.0.3:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.3", "")
+    ));
+    let s = key_exchange(ke_addr(&a), &cert);
+    assert!(
+        nts_exchange(b.addr(), &s, &s.cookies[0], 0).0.is_ok(),
+        "B refused A's cookie"
+    );
+    // A server with its own random secret does not know the fleet's keys.
+    assert_eq!(nts_exchange(loner.addr(), &s, &s.cookies[1], 0).0, Err(ReplyError::Nak));
+    // A secret others may read is refused at start.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\ncontrol_socket = \"{}\"\n{}",
+            dir.join("bad.sock").display(),
+            nts_table(&cert, &key, "127.0.0.1", &fleet)
+        ),
+    )
+    .unwrap();
+    let (ok, out) = run_bounded(
+        Command::new(common::GNOMON).arg("serve").arg("--config").arg(&cfg),
+        Duration::from_secs(10),
+    );
+    assert!(!ok && out.contains("must not be readable"), "{out}");
+}
+
+#[test]
+fn chronyd_measures_through_gnomon_with_nts() {
+    if !have_tool(OPENSSL) || !have_tool(CHRONYD) {
+        return;
+    }
+    let (_, version) = run_bounded(Command::new(CHRONYD).arg("-v"), Duration::from_secs(5));
+    if !version.contains("+NTS") {
+        common::skip(&format!("this chronyd has no NTS: {}", version.trim()));
+        return;
+    }
+    let dir = tempdir("nts-chrony");
+    let (cert, key) = certificate(&dir);
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "")
+    ));
+    let ke = ke_addr(&g);
+    let dump = dir.join("dump");
+    std::fs::create_dir_all(&dump).unwrap();
+    let conf = dir.join("client.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server 127.0.0.1 port {} nts ntsport {} iburst\nntstrustedcerts {}\nnocerttimecheck 1\n\
+             ntsdumpdir {}\npidfile {}/client.pid\ncmdport 0\nbindcmdaddress /\n",
+            g.addr().port(),
+            ke.port(),
+            cert.display(),
+            dump.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    // -u root: as _chrony it could not read the certificate in this private temp dir.
+    let (_, out) = run_bounded(
+        Command::new(CHRONYD)
+            .args(["-Q", "-x", "-u", "root", "-L", "0", "-t", "20", "-f"])
+            .arg(&conf),
+        Duration::from_secs(30),
+    );
+    say(&format!("chronyd: {}", out.trim().replace('\n', " | ")));
+    assert!(!out.contains("NTS-KE") || !out.contains("failed"), "{out}");
+    let offset = common::chrony_offset(&out).unwrap_or_else(|| panic!("no offset measured: {out}"));
+    assert!(offset.abs() < 0.1, "offset {offset}");
+    // Every NTP request chronyd sent was NTS and answered as such; none got a NAK.
+    assert!(g.wait_counter("nts_answered", 1) >= 1, "no NTS reply counted");
+    // Each worker publishes every 200 ms: read the totals once all have.
+    std::thread::sleep(Duration::from_millis(600));
+    let answered = g.counter("nts_answered");
+    assert_eq!(g.counter("nts_nak") + g.counter("nts_dropped"), 0);
+    assert_eq!(g.counter("answered"), answered, "a plain reply went to chronyd");
+}
