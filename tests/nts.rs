@@ -285,3 +285,54 @@ fn chronyd_measures_through_gnomon_with_nts() {
     assert_eq!(g.counter("nts_nak") + g.counter("nts_dropped"), 0);
     assert_eq!(g.counter("answered"), answered, "a plain reply went to chronyd");
 }
+
+fn threads(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_ke_flood_is_bounded_and_ntp_goes_on() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-flood");
+    let (cert, key) = certificate(&dir);
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "max_connections = 4\ntimeout = 1.0\n")
+    ));
+    let ke = ke_addr(&g);
+    let baseline = threads(g.child.id());
+    // Clients that send garbage instead of a ClientHello, then slow clients that never speak:
+    // these take every slot, so the real client below gets one only through the deadline.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let mut s = TcpStream::connect_timeout(&ke, Duration::from_secs(2)).unwrap();
+        let _ = s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3, 4, 5]);
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..40 {
+        held.push(TcpStream::connect_timeout(&ke, Duration::from_secs(2)).unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let during = threads(g.child.id());
+    // One thread per connection in service, never more than the cap.
+    assert!(
+        during <= baseline + 4,
+        "{during} threads during the flood, {baseline} before"
+    );
+    // The NTP workers answer as before.
+    let sock = common::client(g.addr());
+    let answered = (0..10u64)
+        .filter(|&i| common::exchange(&sock, g.addr(), &common::request(4, 3, i)).is_some())
+        .count();
+    assert_eq!(answered, 10);
+    // Once the deadline has closed the slow ones, a real client gets its cookies.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(key_exchange(ke, &cert).cookies.len(), 8);
+    drop(held);
+    assert!(threads(g.child.id()) <= baseline + 4);
+}
