@@ -13,7 +13,11 @@ use std::time::Instant;
 
 /// Re-reads the config file and swaps in its access rules and rate limits. Everything else
 /// (listen addresses, workers, time sources) needs a restart, and the answer says so.
-fn reload(source: &str, policy: &SharedPolicy) -> Result<String, String> {
+fn reload(
+    source: &str,
+    policy: &SharedPolicy,
+    certificate: Option<&crate::nts::server::Certificate>,
+) -> Result<String, String> {
     let cfg = if source == crate::config::EMBEDDED_NAME {
         Config::embedded()
     } else {
@@ -22,8 +26,18 @@ fn reload(source: &str, policy: &SharedPolicy) -> Result<String, String> {
     let rules = cfg.policy.rules.len();
     let default = cfg.policy.default;
     let generation = policy.replace(cfg.policy);
+    // The certificate and key are re-read from the paths the server started with.
+    let nts = match certificate.map(|c| c.reload()) {
+        None => "",
+        Some(Ok(())) => ", NTS certificate re-read",
+        Some(Err(e)) => {
+            return Err(format!(
+                "policy reloaded, but the NTS certificate was not (old one kept): {e}"
+            ));
+        }
+    };
     Ok(format!(
-        "reloaded {source}: {rules} restrict rules, default {default}, policy generation {generation} (listen, workers and time sources need a restart)"
+        "reloaded {source}: {rules} restrict rules, default {default}, policy generation {generation}{nts} (listen, workers and time sources need a restart)"
     ))
 }
 
@@ -56,7 +70,9 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     // from a state older than the configuration.
     let sync = crate::sync::spawn(cfg.sync.clone(), publisher, precision, stop.clone())?;
     let policy = Arc::new(SharedPolicy::new(PolicySet::build(cfg.policy.clone(), None)));
-    let ke = nts.map(|p| crate::nts::server::spawn(p, stop.clone())).transpose()?;
+    let ke = nts
+        .map(|p| crate::nts::server::spawn(p, policy.clone(), stop.clone()))
+        .transpose()?;
     let nts_keys = ke.as_ref().map(|k| k.keys.clone());
     let srv = server::spawn(
         bound,
@@ -94,13 +110,15 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     );
     let source = cfg.source.clone();
     let control_policy = policy.clone();
+    let certificate = ke.as_ref().map(|k| k.certificate.clone());
+    let control_certificate = certificate.clone();
     let sync_report = sync.reporter();
     let extra: control::Extra = Box::new(move |line: &str| match line {
         "sources" => Some(crate::sync::render_sources(&sync_report.report(), false)),
         "sources why" => Some(crate::sync::render_sources(&sync_report.report(), true)),
         "status" => Some(crate::sync::render_status(&sync_report.report())),
         "sync json" => Some(serde_json::to_string_pretty(&sync_report.report()).unwrap_or_default() + "\n"),
-        "reload" => Some(match reload(&source, &control_policy) {
+        "reload" => Some(match reload(&source, &control_policy, control_certificate.as_deref()) {
             Ok(m) => {
                 log::info!("{m}");
                 m + "\n"
@@ -134,7 +152,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             );
         }
         if reload_requested.swap(false, Ordering::Relaxed) {
-            match reload(&cfg.source, &policy) {
+            match reload(&cfg.source, &policy, certificate.as_deref()) {
                 Ok(m) => log::info!("SIGHUP: {m}"),
                 Err(m) => log::error!("SIGHUP: {m}"),
             }

@@ -336,3 +336,71 @@ fn a_ke_flood_is_bounded_and_ntp_goes_on() {
     drop(held);
     assert!(threads(g.child.id()) <= baseline + 4);
 }
+
+#[test]
+fn a_renewed_certificate_is_served_after_reload() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-renew");
+    let (cert, key) = certificate(&dir);
+    let renewed_dir = dir.join("renewed");
+    std::fs::create_dir_all(&renewed_dir).unwrap();
+    let (new_cert, new_key) = certificate(&renewed_dir);
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "")
+    ));
+    let ke = ke_addr(&g);
+    // The files are replaced (as a renewal does); until the reload the old certificate is served.
+    let old_cert = dir.join("old.pem");
+    std::fs::copy(&cert, &old_cert).unwrap();
+    std::fs::copy(&new_cert, &cert).unwrap();
+    std::fs::copy(&new_key, &key).unwrap();
+    assert_eq!(key_exchange(ke, &old_cert).cookies.len(), 8);
+    let out = g.ctl(&["reload"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("NTS certificate re-read"), "{text}");
+    assert_eq!(key_exchange(ke, &new_cert).cookies.len(), 8);
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    s.connect_timeout(&to.into(), Duration::from_secs(2)).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s
+}
+
+#[test]
+fn the_access_table_applies_to_key_exchange() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-access");
+    let (cert, key) = certificate(&dir);
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n\
+         [[restrict]]\naddress = \"127.0.6.0/24\"\naction = \"ignore\"\n\
+         [[restrict]]\naddress = \"127.0.5.0/24\"\naction = \"deny\"\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "")
+    ));
+    let ke = ke_addr(&g);
+    for from in ["127.0.6.1", "127.0.5.1"] {
+        let mut s = connect_from(from, ke);
+        // A ClientHello's first bytes; the server closes without a word.
+        let _ = s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x10]);
+        let mut buf = [0u8; 16];
+        let started = std::time::Instant::now();
+        let n = s.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "{from} got an answer");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{from}: the connection was held"
+        );
+    }
+    assert_eq!(key_exchange(ke, &cert).cookies.len(), 8);
+}

@@ -4,6 +4,7 @@
 use super::NtsConfig;
 use super::cookie::{COOKIE_LEN, CookieJar, KEY_LEN, KeySet, SessionKeys, epoch_at};
 use super::ke::{self, EXPORTER_LABEL, Negotiation, Outcome};
+use crate::policy::{Action, Limit, SharedPolicy};
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -97,6 +98,27 @@ pub fn tls_config(certificate: &Path, private_key: &Path) -> io::Result<Arc<rust
     Ok(Arc::new(config))
 }
 
+/// The TLS config in force, swapped in whole when the certificate is re-read (certificates are
+/// renewed every few months; a connection in progress keeps the config it started with).
+pub struct Certificate {
+    current: ArcSwap<rustls::ServerConfig>,
+    certificate: std::path::PathBuf,
+    private_key: std::path::PathBuf,
+}
+
+impl Certificate {
+    /// Re-reads the PEM files of the running config; on any error the old certificate stays.
+    pub fn reload(&self) -> io::Result<()> {
+        let fresh = tls_config(&self.certificate, &self.private_key)?;
+        self.current.store(fresh);
+        Ok(())
+    }
+
+    fn load(&self) -> Arc<rustls::ServerConfig> {
+        self.current.load_full()
+    }
+}
+
 /// Counts of the KE server, for logs and the control socket.
 #[derive(Default)]
 pub struct KeStats {
@@ -104,6 +126,8 @@ pub struct KeStats {
     pub served: AtomicU64,
     /// Refused at the connection cap.
     pub refused_busy: AtomicU64,
+    /// Refused by the access table (ignore, deny) or the rate limiter (limited).
+    pub refused_policy: AtomicU64,
     /// TLS failures, timeouts, bad requests.
     pub failed: AtomicU64,
 }
@@ -146,6 +170,7 @@ pub fn prepare(config: &NtsConfig) -> io::Result<Prepared> {
 /// The running KE server: its accept thread and the key rotation thread.
 pub struct KeServer {
     pub keys: Arc<SharedKeys>,
+    pub certificate: Arc<Certificate>,
     pub stats: Arc<KeStats>,
     pub local_addr: SocketAddr,
     threads: Vec<JoinHandle<()>>,
@@ -163,14 +188,20 @@ impl KeServer {
     }
 }
 
-/// Starts the accept and key rotation threads; both end when `stop` is set.
-pub fn spawn(p: Prepared, stop: Arc<AtomicBool>) -> io::Result<KeServer> {
+/// Starts the accept and key rotation threads; both end when `stop` is set. Each connection
+/// meets the access table and rate limiter of `policy` first, as an NTP request would.
+pub fn spawn(p: Prepared, policy: Arc<SharedPolicy>, stop: Arc<AtomicBool>) -> io::Result<KeServer> {
     let period = p.config.key_rotation.as_secs().max(1);
     let kept = p.config.keys_kept;
     let mut epoch = epoch_at(unix_now(), period);
     let keys = Arc::new(SharedKeys::new(KeySet::derive(&p.secret, epoch, kept)));
     let stats = Arc::new(KeStats::default());
     let local_addr = p.listener.local_addr()?;
+    let certificate = Arc::new(Certificate {
+        current: ArcSwap::new(p.tls),
+        certificate: p.config.certificate.clone(),
+        private_key: p.config.private_key.clone(),
+    });
     // Accept with a timeout so the thread notices `stop`.
     p.listener.set_nonblocking(true)?;
     let mut threads = Vec::new();
@@ -191,15 +222,16 @@ pub fn spawn(p: Prepared, stop: Arc<AtomicBool>) -> io::Result<KeServer> {
     }
     {
         let (keys, stats, stop) = (keys.clone(), stats.clone(), stop);
-        let (listener, tls, config) = (p.listener, p.tls, p.config);
+        let (listener, tls, config) = (p.listener, certificate.clone(), p.config);
         threads.push(
             std::thread::Builder::new()
                 .name("nts-ke".into())
-                .spawn(move || accept_loop(listener, tls, config, keys, stats, stop))?,
+                .spawn(move || accept_loop(listener, tls, config, keys, policy, stats, stop))?,
         );
     }
     Ok(KeServer {
         keys,
+        certificate,
         stats,
         local_addr,
         threads,
@@ -208,9 +240,10 @@ pub fn spawn(p: Prepared, stop: Arc<AtomicBool>) -> io::Result<KeServer> {
 
 fn accept_loop(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<Certificate>,
     config: NtsConfig,
     keys: Arc<SharedKeys>,
+    policy: Arc<SharedPolicy>,
     stats: Arc<KeStats>,
     stop: Arc<AtomicBool>,
 ) {
@@ -221,7 +254,7 @@ fn accept_loop(
     });
     let mut last_error_log: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
-        let (stream, _peer) = match listener.accept() {
+        let (stream, peer) = match listener.accept() {
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(20));
@@ -238,6 +271,11 @@ fn accept_loop(
             }
         };
         stats.accepted.fetch_add(1, Ordering::Relaxed);
+        if !admitted(&policy, peer.ip()) {
+            stats.refused_policy.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
         if active.load(Ordering::Acquire) >= config.max_connections {
             stats.refused_busy.fetch_add(1, Ordering::Relaxed);
             drop(stream);
@@ -245,7 +283,7 @@ fn accept_loop(
         }
         active.fetch_add(1, Ordering::AcqRel);
         let (c_tls, c_keys, c_stats, c_active, c_negotiation) = (
-            tls.clone(),
+            tls.load(),
             keys.clone(),
             stats.clone(),
             active.clone(),
@@ -260,6 +298,25 @@ fn accept_loop(
         if spawned.is_err() {
             active.fetch_sub(1, Ordering::AcqRel);
             stats.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether the access table and the rate limiter let `ip` run a key exchange. A refused client
+/// gets its connection closed: a KoD has no meaning on TCP.
+fn admitted(policy: &SharedPolicy, ip: std::net::IpAddr) -> bool {
+    let set = policy.load();
+    match set.access.action(ip) {
+        Action::Serve | Action::Exempt => true,
+        Action::Ignore | Action::Deny => false,
+        Action::Limited => {
+            let now = crate::clock::realtime_ns() as u64;
+            let mut random = [0u8; 4];
+            let _ = getrandom::fill(&mut random);
+            matches!(
+                set.limiter.check_detail(ip, now, u32::from_le_bytes(random)).limit,
+                Limit::Allow | Limit::Leak
+            )
         }
     }
 }
