@@ -5,13 +5,12 @@ mod common;
 
 use common::{CHRONYD, Gnomon, have_tool, run_bounded, say, tempdir};
 use gnomon::nts::client::{self, ReplyError};
-use gnomon::nts::ke::{self, record};
+use gnomon::nts::ke_client::{self, KeSession};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 const OPENSSL: &str = "/usr/bin/openssl";
@@ -63,73 +62,16 @@ fn ke_addr(g: &Gnomon) -> SocketAddr {
     line.split_whitespace().next().unwrap().parse().unwrap()
 }
 
-struct Session {
-    cookies: Vec<Vec<u8>>,
-    c2s: [u8; 32],
-    s2c: [u8; 32],
-    /// The whole response's records, (type, body).
-    records: Vec<(u16, Vec<u8>)>,
-}
-
-/// One NTS-KE exchange with rustls as the client, trusting only `cert`.
-fn key_exchange(ke: SocketAddr, cert: &Path) -> Session {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(cert).unwrap()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"ntske/1".to_vec()];
-    let conn = rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap()).unwrap();
-    let sock = TcpStream::connect_timeout(&ke, Duration::from_secs(3)).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, sock);
-    let mut req = Vec::new();
-    ke::encode(&mut req, true, record::NEXT_PROTOCOL, &[0, 0]);
-    ke::encode(&mut req, true, record::AEAD_ALGORITHM, &[0, 15]);
-    ke::encode(&mut req, true, record::END_OF_MESSAGE, &[]);
-    tls.write_all(&req).unwrap();
-    let mut resp = Vec::new();
-    let mut buf = [0u8; 4096];
-    // Until End of Message; the server closes after it.
-    while ke::decode(&resp).is_err() {
-        match tls.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => resp.extend_from_slice(&buf[..n]),
-            Err(e) => panic!("KE read: {e} after {} bytes", resp.len()),
-        }
-    }
-    assert_eq!(tls.conn.alpn_protocol(), Some(&b"ntske/1"[..]));
-    let mut s = Session {
-        cookies: Vec::new(),
-        c2s: [0; 32],
-        s2c: [0; 32],
-        records: Vec::new(),
-    };
-    for r in ke::decode(&resp).expect("a complete KE response") {
-        if r.record_type == record::NEW_COOKIE {
-            s.cookies.push(r.body.to_vec());
-        }
-        s.records.push((r.record_type, r.body.to_vec()));
-    }
-    let label = ke::EXPORTER_LABEL;
-    tls.conn
-        .export_keying_material(&mut s.c2s, label, Some(&ke::exporter_context(15, false)))
-        .unwrap();
-    tls.conn
-        .export_keying_material(&mut s.s2c, label, Some(&ke::exporter_context(15, true)))
-        .unwrap();
-    s
+/// One NTS-KE exchange through the library's client, trusting only `cert`.
+fn key_exchange(ke: SocketAddr, cert: &Path) -> KeSession {
+    let roots = ke_client::roots(cert).unwrap();
+    ke_client::key_exchange(ke, "localhost", roots, Duration::from_secs(5)).unwrap()
 }
 
 /// One authenticated exchange: the reply's verdict and its length against the request's.
 fn nts_exchange(
     server: SocketAddr,
-    s: &Session,
+    s: &KeSession,
     cookie: &[u8],
     placeholders: usize,
 ) -> (Result<Vec<Vec<u8>>, ReplyError>, usize, usize) {
@@ -164,10 +106,8 @@ fn rustls_client_gets_cookies_and_authenticated_replies() {
         nts_table(&cert, &key, "127.0.0.1", "")
     ));
     let s = key_exchange(ke_addr(&g), &cert);
-    assert_eq!(s.records[0], (record::NEXT_PROTOCOL, vec![0, 0]));
-    assert_eq!(s.records[1], (record::AEAD_ALGORITHM, vec![0, 15]));
-    assert_eq!(s.cookies.len(), 8);
-    assert_eq!(s.records.last().unwrap().0, record::END_OF_MESSAGE);
+    assert_eq!((s.aead, s.cookies.len()), (15, 8));
+    assert_eq!((s.ntp_server.as_deref(), s.ntp_port), (None, None));
     // One cookie and one placeholder: two new cookies, and a reply exactly as long.
     let (verdict, reply_len, req_len) = nts_exchange(g.addr(), &s, &s.cookies[0], 1);
     assert_eq!(verdict.expect("authenticated reply").len(), 2);

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod cookie;
 pub mod ke;
+pub mod ke_client;
 pub mod ntp;
 pub mod server;
 
