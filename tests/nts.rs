@@ -344,3 +344,54 @@ fn the_access_table_applies_to_key_exchange() {
     }
     assert_eq!(key_exchange(ke, &cert).cookies.len(), 8);
 }
+
+fn unix_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Sleeps until the wall clock reaches `t` (Unix seconds).
+fn sleep_until(t: f64) {
+    let d = t - unix_secs();
+    if d > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(d));
+    }
+}
+
+#[test]
+fn old_cookies_work_for_the_window_after_a_rotation_then_get_ntsn() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-rotate");
+    let (cert, key) = certificate(&dir);
+    // A 2 s key period, one old key kept: a cookie lives through the next period, not the one
+    // after. Key epochs are aligned to the wall clock (every server of a fleet agrees).
+    let period = 2.0;
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "key_rotation = 2\nkeys_kept = 1\n")
+    ));
+    // Start early in a period, so the server's epoch at the exchange is the one computed here.
+    let now = unix_secs();
+    if now % period > 1.0 {
+        sleep_until((now / period).ceil() * period + 0.1);
+    }
+    let epoch = (unix_secs() / period).floor();
+    let s = key_exchange(ke_addr(&g), &cert);
+    assert!(nts_exchange(g.addr(), &s, &s.cookies[0], 0).0.is_ok());
+    // One rotation later (the server checks every 200 ms): still good.
+    sleep_until((epoch + 1.0) * period + 0.5);
+    assert!(
+        nts_exchange(g.addr(), &s, &s.cookies[1], 0).0.is_ok(),
+        "refused after one rotation"
+    );
+    // Two rotations later its key is gone: NTS NAK.
+    sleep_until((epoch + 2.0) * period + 0.5);
+    assert_eq!(nts_exchange(g.addr(), &s, &s.cookies[2], 0).0, Err(ReplyError::Nak));
+    // A fresh exchange works again.
+    let fresh = key_exchange(ke_addr(&g), &cert);
+    assert!(nts_exchange(g.addr(), &fresh, &fresh.cookies[0], 0).0.is_ok());
+}

@@ -493,7 +493,8 @@ fn parse_nts(loc: &Locator, n: &RawNts) -> Result<crate::nts::NtsConfig, ConfigE
         c.secret_file = Some(path(f)?);
     }
     if let Some(r) = &n.key_rotation {
-        c.key_rotation = std::time::Duration::from_secs(int_in(loc, r, 60, 366 * 86_400, "key_rotation (seconds)")?);
+        // Periods of seconds are for tests of rotation; fleets rotate daily or so.
+        c.key_rotation = std::time::Duration::from_secs(int_in(loc, r, 1, 366 * 86_400, "key_rotation (seconds)")?);
     }
     if let Some(k) = &n.keys_kept {
         c.keys_kept = int_in(loc, k, 0, (crate::nts::cookie::MAX_KEYS - 1) as i64, "keys_kept")?;
