@@ -13,7 +13,11 @@ use std::time::Instant;
 
 /// Re-reads the config file and swaps in its access rules and rate limits. Everything else
 /// (listen addresses, workers, time sources) needs a restart, and the answer says so.
-fn reload(source: &str, policy: &SharedPolicy) -> Result<String, String> {
+fn reload(
+    source: &str,
+    policy: &SharedPolicy,
+    certificate: Option<&crate::nts::server::Certificate>,
+) -> Result<String, String> {
     let cfg = if source == crate::config::EMBEDDED_NAME {
         Config::embedded()
     } else {
@@ -22,8 +26,18 @@ fn reload(source: &str, policy: &SharedPolicy) -> Result<String, String> {
     let rules = cfg.policy.rules.len();
     let default = cfg.policy.default;
     let generation = policy.replace(cfg.policy);
+    // The certificate and key are re-read from the paths the server started with.
+    let nts = match certificate.map(|c| c.reload()) {
+        None => "",
+        Some(Ok(())) => ", NTS certificate re-read",
+        Some(Err(e)) => {
+            return Err(format!(
+                "policy reloaded, but the NTS certificate was not (old one kept): {e}"
+            ));
+        }
+    };
     Ok(format!(
-        "reloaded {source}: {rules} restrict rules, default {default}, policy generation {generation} (listen, workers and time sources need a restart)"
+        "reloaded {source}: {rules} restrict rules, default {default}, policy generation {generation}{nts} (listen, workers and time sources need a restart)"
     ))
 }
 
@@ -57,6 +71,8 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     // Everything privileged happens before this point, on this single thread; every thread
     // starts after it, with the reduced credentials (see server::privileges).
     let bound = server::bind(&cfg.serve)?;
+    // The certificate, key and fleet secret may be readable by root only.
+    let nts = cfg.nts.as_ref().map(crate::nts::server::prepare).transpose()?;
     drop_privileges(
         &cfg,
         control_listener.is_some(),
@@ -70,9 +86,19 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     // from a state older than the configuration.
     let sync = crate::sync::spawn(cfg.sync.clone(), publisher, precision, stop.clone())?;
     let policy = Arc::new(SharedPolicy::new(PolicySet::build(cfg.policy.clone(), None)));
+    let ke = nts
+        .map(|p| crate::nts::server::spawn(p, policy.clone(), stop.clone()))
+        .transpose()?;
+    let nts_keys = ke.as_ref().map(|k| k.keys.clone());
     let srv = server::spawn(
         bound,
-        |_, st| NtpHandler::new(reader.clone(), policy.clone(), st),
+        |_, st| {
+            let h = NtpHandler::new(reader.clone(), policy.clone(), st);
+            match &nts_keys {
+                Some(k) => h.with_nts(k.clone()),
+                None => h,
+            }
+        },
         stop.clone(),
     )?;
     for a in &srv.local_addrs {
@@ -81,6 +107,10 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             srv.stats.len(),
             srv.backend
         );
+    }
+    if let Some(k) = &ke {
+        // Not "listening on": that wording names the NTP sockets.
+        log::info!("NTS-KE on TCP {} (TLS 1.3, ALPN ntske/1)", k.local_addr);
     }
     match (cfg.sync.upstreams.len(), cfg.sync.local_stratum) {
         (0, Some(s)) => log::info!("time source: system clock as LOCAL stratum {s}"),
@@ -96,6 +126,8 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     );
     let source = cfg.source.clone();
     let control_policy = policy.clone();
+    let certificate = ke.as_ref().map(|k| k.certificate.clone());
+    let control_certificate = certificate.clone();
     let sync_report = sync.reporter();
     let extra: control::Extra = Box::new(move |line: &str| match line {
         "sources" => Some(crate::sync::render_sources(&sync_report.report(), false)),
@@ -108,7 +140,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             &l["explain ".len()..],
             crate::clock::realtime_ns(),
         )),
-        "reload" => Some(match reload(&source, &control_policy) {
+        "reload" => Some(match reload(&source, &control_policy, control_certificate.as_deref()) {
             Ok(m) => {
                 log::info!("{m}");
                 m + "\n"
@@ -164,13 +196,16 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             );
         }
         if reload_requested.swap(false, Ordering::Relaxed) {
-            match reload(&cfg.source, &policy) {
+            match reload(&cfg.source, &policy, certificate.as_deref()) {
                 Ok(m) => log::info!("SIGHUP: {m}"),
                 Err(m) => log::error!("SIGHUP: {m}"),
             }
         }
         if sync.is_finished() {
             return Some(io::Error::other("the sync thread ended"));
+        }
+        if ke.as_ref().is_some_and(|k| k.is_finished()) {
+            return Some(io::Error::other("an NTS-KE thread ended"));
         }
         control
             .as_ref()
@@ -185,6 +220,9 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     }
     if let Some(h) = metrics {
         let _ = h.join();
+    }
+    if let Some(k) = ke {
+        k.join();
     }
     drop(lock);
     log::info!("stopped");

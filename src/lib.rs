@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod logging;
 pub mod notify;
+pub mod nts;
 pub mod policy;
 pub mod proto;
 pub mod query;

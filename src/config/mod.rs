@@ -60,6 +60,8 @@ pub struct Config {
     pub run_as: Option<crate::server::privileges::Account>,
     /// Where the Prometheus metrics endpoint listens (`[metrics] listen`); None: no endpoint.
     pub metrics: Option<SocketAddr>,
+    /// `[nts]`: NTS-KE and authenticated NTP, off unless the table is there.
+    pub nts: Option<crate::nts::NtsConfig>,
 }
 
 #[derive(Deserialize)]
@@ -132,6 +134,22 @@ struct RawConfig {
     group: Option<Spanned<String>>,
     makestep: Option<RawMakeStep>,
     metrics: Option<RawMetrics>,
+    nts: Option<RawNts>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNts {
+    certificate: Spanned<String>,
+    private_key: Spanned<String>,
+    listen: Option<Spanned<String>>,
+    secret_file: Option<Spanned<String>>,
+    key_rotation: Option<Spanned<i64>>,
+    keys_kept: Option<Spanned<i64>>,
+    ntp_server: Option<Spanned<String>>,
+    ntp_port: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+    timeout: Option<Spanned<f64>>,
 }
 
 /// Turns a byte offset into a 1-based line number and the key written on that line.
@@ -382,7 +400,9 @@ impl Config {
                 Some(parse_metrics_listen(l.get_ref()).map_err(|m| loc.value(l, m))?)
             }
         };
+        let nts = raw.nts.as_ref().map(|n| parse_nts(&loc, n)).transpose()?;
         Ok(Config {
+            nts,
             run_as,
             sync,
             policy,
@@ -488,6 +508,61 @@ impl Config {
         let _ = writeln!(out, "  control      : {}", self.control_socket.display());
         out
     }
+}
+
+fn parse_nts(loc: &Locator, n: &RawNts) -> Result<crate::nts::NtsConfig, ConfigError> {
+    let path = |v: &Spanned<String>| {
+        if v.get_ref().is_empty() {
+            Err(loc.value(v, "an empty path"))
+        } else {
+            Ok(PathBuf::from(v.get_ref()))
+        }
+    };
+    let mut c = crate::nts::NtsConfig::new(path(&n.certificate)?, path(&n.private_key)?);
+    if let Some(l) = &n.listen {
+        c.listen = match l.get_ref().parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => match l
+                .get_ref()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+            {
+                Ok(ip) => SocketAddr::new(ip, crate::nts::DEFAULT_KE_PORT),
+                Err(_) => return Err(loc.value(l, "not an address (expected e.g. [::]:4460 or 192.0.2.1)")),
+            },
+        };
+    }
+    if let Some(f) = &n.secret_file {
+        c.secret_file = Some(path(f)?);
+    }
+    if let Some(r) = &n.key_rotation {
+        // Periods of seconds are for tests of rotation; fleets rotate daily or so.
+        c.key_rotation = std::time::Duration::from_secs(int_in(loc, r, 1, 366 * 86_400, "key_rotation (seconds)")?);
+    }
+    if let Some(k) = &n.keys_kept {
+        c.keys_kept = int_in(loc, k, 0, (crate::nts::cookie::MAX_KEYS - 1) as i64, "keys_kept")?;
+    }
+    if let Some(s) = &n.ntp_server {
+        if s.get_ref().is_empty() || s.get_ref().len() > 255 || !s.get_ref().is_ascii() {
+            return Err(loc.value(s, "ntp_server must be 1 to 255 ASCII characters"));
+        }
+        c.ntp_server = Some(s.get_ref().clone());
+    }
+    if let Some(p) = &n.ntp_port {
+        c.ntp_port = Some(int_in(loc, p, 1, 65535, "ntp_port")?);
+    }
+    if let Some(m) = &n.max_connections {
+        c.max_connections = int_in(loc, m, 1, 100_000, "max_connections")?;
+    }
+    if let Some(t) = &n.timeout {
+        let v = *t.get_ref();
+        if !(v.is_finite() && (0.1..=60.0).contains(&v)) {
+            return Err(loc.value(t, format!("timeout must be between 0.1 and 60 seconds, got {v}")));
+        }
+        c.timeout = std::time::Duration::from_secs_f64(v);
+    }
+    Ok(c)
 }
 
 fn parse_upstream(loc: &Locator, u: &RawUpstream, pool: bool) -> Result<UpstreamConfig, ConfigError> {
@@ -877,6 +952,24 @@ mod tests {
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("listen")), "{e}");
         let e = Config::parse("[metrics]\nlisen = \"127.0.0.1:9975\"\n", "f").unwrap_err();
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("lisen")), "{e}");
+    }
+
+    #[test]
+    fn nts_table() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert!(c.nts.is_none());
+        let text = "[nts]\ncertificate = \"/c.pem\"\nprivate_key = \"/k.pem\"\nlisten = \"127.0.0.1\"\nkeys_kept = 3\n";
+        let n = Config::parse(text, "t.toml").unwrap().nts.unwrap();
+        assert_eq!(n.listen, "127.0.0.1:4460".parse().unwrap());
+        assert_eq!((n.keys_kept, n.certificate), (3, PathBuf::from("/c.pem")));
+        let e = Config::parse(
+            "[nts]\ncertificate = \"/c\"\nprivate_key = \"/k\"\nkeys_kept = 99\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("keys_kept")));
+        let e = Config::parse("[nts]\ncertificate = \"/c\"\n", "t.toml").unwrap_err();
+        assert!(e.message.contains("private_key"), "{e}");
     }
 
     #[test]

@@ -116,6 +116,17 @@ family!(
     "Rate-limit table entries taken over by another client (rate_table_evictions)."
 );
 
+family!(
+    NTS_ACCEPTED,
+    "ntp_server_nts_accepted_packets_total",
+    "NTS-authenticated requests answered with an authenticated reply (nts_answered)."
+);
+family!(
+    NTS_NACK,
+    "ntp_server_nts_nack_packets_total",
+    "NTS requests with an unusable cookie, answered with an NTS NAK, kiss code NTSN (nts_nak)."
+);
+
 /// Where a worker counter goes: its family and, for a family split by a label, that label. No
 /// wildcard arm: a new counter does not build until it has a metric.
 pub fn counter_metric(c: Counter) -> (&'static Family, Option<(&'static str, &'static str)>) {
@@ -154,6 +165,9 @@ pub fn counter_metric(c: Counter) -> (&'static Family, Option<(&'static str, &'s
         Counter::SendUnreachable => send("unreachable"),
         Counter::SendBufferFull => send("buffer_full"),
         Counter::SendOther => send("other"),
+        Counter::NtsAnswered => (&NTS_ACCEPTED, None),
+        Counter::NtsNak => (&NTS_NACK, None),
+        Counter::NtsDropped => drop("nts_invalid"),
     }
 }
 

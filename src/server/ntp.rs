@@ -4,6 +4,8 @@ use super::socket::{SendError, peer_ip};
 use super::stats::{Counter, LocalStats, Outcome, SAMPLE_EVERY, WorkerStats};
 use super::{Datagram, Handler, TxStamp};
 use crate::clock::{ClockReader, ClockState, realtime_ns};
+use crate::nts::ntp::{NtsServer, ReplyHeader, Verdict};
+use crate::nts::server::SharedKeys;
 use crate::policy::{Action, Limit, PolicySet, SharedPolicy};
 use crate::proto::{RefId, ReplyTemplate, check_addresses, check_request, stamp_transmit, write_reply};
 use std::net::IpAddr;
@@ -26,6 +28,8 @@ pub struct NtpHandler {
     sample_left: u32,
     local: LocalStats,
     shared: Arc<WorkerStats>,
+    /// With `[nts]`: this worker's NTS state and the published master keys.
+    nts: Option<(NtsServer, Arc<SharedKeys>, u64)>,
 }
 
 impl NtpHandler {
@@ -47,7 +51,16 @@ impl NtpHandler {
             sample_left: SAMPLE_EVERY,
             local: LocalStats::default(),
             shared,
+            nts: None,
         }
+    }
+
+    /// Serves NTS requests too, with the master keys `keys` publishes.
+    pub fn with_nts(mut self, keys: Arc<SharedKeys>) -> NtpHandler {
+        let mut seed = [0u8; 32];
+        let _ = getrandom::fill(&mut seed);
+        self.nts = Some((NtsServer::new(&keys.load(), seed), keys.clone(), keys.generation()));
+        self
     }
 
     #[inline]
@@ -126,6 +139,34 @@ impl NtpHandler {
             },
         };
         let (template, outcome) = template;
+        // Only a request being served normally (not one getting a KoD) is worth the crypto.
+        if d.len > crate::proto::HEADER_LEN
+            && core::ptr::eq(template, &self.template)
+            && let Some((nts, _, _)) = &mut self.nts
+        {
+            let header = ReplyHeader {
+                template,
+                receive: self.state.ntp_time(rx),
+                transmit: self.state.ntp_time(realtime_ns()),
+            };
+            match nts.handle(d.buf, d.len, &header) {
+                Verdict::NotNts => {}
+                Verdict::Reply(n) => {
+                    self.local.add(Counter::Answered, 1);
+                    self.local.add(Counter::NtsAnswered, 1);
+                    return (n, outcome);
+                }
+                // An unusable cookie: the client is told so (NTSN), like a refusal.
+                Verdict::Nak(n, _) => {
+                    self.local.add(Counter::NtsNak, 1);
+                    return (n, Outcome::Invalid);
+                }
+                Verdict::Drop(_) => {
+                    self.local.add(Counter::NtsDropped, 1);
+                    return (0, Outcome::Invalid);
+                }
+            }
+        }
         self.local.add(Counter::Answered, 1);
         (write_reply(d.buf, template, self.state.ntp_time(rx)), outcome)
     }
@@ -146,6 +187,12 @@ impl Handler for NtpHandler {
         if generation != self.policy_generation {
             self.policy = self.shared_policy.load();
             self.policy_generation = generation;
+        }
+        if let Some((server, keys, generation)) = &mut self.nts
+            && keys.generation() != *generation
+        {
+            *generation = keys.generation();
+            server.set_keys(&keys.load());
         }
     }
 
@@ -176,7 +223,10 @@ impl Handler for NtpHandler {
 
     #[inline]
     fn stamp(&mut self, reply: &mut [u8], rx_realtime_ns: i64, tx: &TxStamp) {
-        stamp_transmit(reply, tx.ntp);
+        // Only plain replies are 48 bytes; an NTS reply's T3 is under its authenticator already.
+        if reply.len() == crate::proto::HEADER_LEN {
+            stamp_transmit(reply, tx.ntp);
+        }
         if rx_realtime_ns != 0 {
             self.local.record_latency(tx.realtime_ns - rx_realtime_ns);
         }

@@ -40,10 +40,13 @@ pub enum Counter {
     SendUnreachable,
     SendBufferFull,
     SendOther,
+    NtsAnswered,
+    NtsNak,
+    NtsDropped,
 }
 
 impl Counter {
-    pub const COUNT: usize = 31;
+    pub const COUNT: usize = 34;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::Received,
         Counter::Answered,
@@ -76,6 +79,9 @@ impl Counter {
         Counter::SendUnreachable,
         Counter::SendBufferFull,
         Counter::SendOther,
+        Counter::NtsAnswered,
+        Counter::NtsNak,
+        Counter::NtsDropped,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -114,6 +120,11 @@ impl Counter {
             Counter::SendUnreachable => "send_error_unreachable",
             Counter::SendBufferFull => "send_error_buffer_full",
             Counter::SendOther => "send_error_other",
+            // NTS requests (part of `received`): authenticated replies, NTSN NAKs (unusable
+            // cookie or failed authenticator) and drops (broken extension fields).
+            Counter::NtsAnswered => "nts_answered",
+            Counter::NtsNak => "nts_nak",
+            Counter::NtsDropped => "nts_dropped",
         }
     }
 
@@ -193,7 +204,7 @@ impl WorkerStats {
             worker,
             cpu,
             backend,
-            counters: Default::default(),
+            counters: std::array::from_fn(|_| AtomicU64::new(0)),
             latency: Mutex::new(new_latency_histogram()),
             batch_sizes: Mutex::new(new_batch_histogram()),
             flushes: AtomicU64::new(0),

@@ -1,0 +1,130 @@
+//! The client's half of NTS on NTP, sans-IO: builds an authenticated request and checks a reply.
+//! Used by the tests now, and meant for `gnomon query --nts`, the sync thread and the load
+//! generator.
+
+use super::ntp::{NTSN, field};
+use crate::proto::{HEADER_LEN, RefId};
+use aes_siv::KeyInit;
+use aes_siv::siv::Aes128Siv;
+
+const TAG_LEN: usize = 16;
+
+fn put_field(out: &mut Vec<u8>, ty: u16, body: &[u8]) {
+    let len = (4 + body.len()).next_multiple_of(4).max(16);
+    out.extend_from_slice(&ty.to_be_bytes());
+    out.extend_from_slice(&(len as u16).to_be_bytes());
+    out.extend_from_slice(body);
+    out.resize(out.len() + len - 4 - body.len(), 0);
+}
+
+/// An NTS request: `header` (48 bytes, mode 3), the Unique Identifier, the cookie, `placeholders`
+/// placeholders of the cookie's length and an authenticator sealed with `c2s` under `nonce`.
+pub fn request(
+    header: &[u8; HEADER_LEN],
+    unique_id: &[u8],
+    cookie: &[u8],
+    placeholders: usize,
+    c2s: &[u8; 32],
+    nonce: &[u8],
+) -> Vec<u8> {
+    let mut out = header.to_vec();
+    put_field(&mut out, field::UNIQUE_IDENTIFIER, unique_id);
+    put_field(&mut out, field::NTS_COOKIE, cookie);
+    for _ in 0..placeholders {
+        put_field(&mut out, field::COOKIE_PLACEHOLDER, &vec![0; cookie.len()]);
+    }
+    let mut siv = Aes128Siv::new(c2s.into());
+    let mut empty = [0u8; 0];
+    let tag = siv
+        .encrypt_in_place_detached([&out[..], nonce], &mut empty)
+        .expect("empty plaintext");
+    let mut body = Vec::new();
+    body.extend_from_slice(&(nonce.len() as u16).to_be_bytes());
+    body.extend_from_slice(&(TAG_LEN as u16).to_be_bytes());
+    body.extend_from_slice(nonce);
+    body.resize(4 + nonce.len().next_multiple_of(4), 0);
+    body.extend_from_slice(&tag);
+    put_field(&mut out, field::AUTHENTICATOR, &body);
+    out
+}
+
+/// Why a reply is not accepted.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ReplyError {
+    /// A KoD NTSN: the cookie was refused; run NTS-KE again.
+    Nak,
+    Malformed,
+    /// No Unique Identifier, or not ours: not an answer to our request.
+    WrongUniqueId,
+    /// The authenticator does not verify under the S2C key.
+    Unauthenticated,
+}
+
+/// Checks a reply to a request with `unique_id`; returns the new cookies it carries.
+pub fn verify_reply(reply: &[u8], unique_id: &[u8], s2c: &[u8; 32]) -> Result<Vec<Vec<u8>>, ReplyError> {
+    if reply.len() < HEADER_LEN {
+        return Err(ReplyError::Malformed);
+    }
+    let mut pos = HEADER_LEN;
+    let mut uid_ok = false;
+    while pos + 4 <= reply.len() {
+        let ty = u16::from_be_bytes([reply[pos], reply[pos + 1]]);
+        let len = u16::from_be_bytes([reply[pos + 2], reply[pos + 3]]) as usize;
+        if len < 16 || !len.is_multiple_of(4) || pos + len > reply.len() {
+            return Err(ReplyError::Malformed);
+        }
+        let body = &reply[pos + 4..pos + len];
+        match ty {
+            field::UNIQUE_IDENTIFIER => {
+                uid_ok = body.starts_with(unique_id) && body[unique_id.len()..].iter().all(|&b| b == 0)
+            }
+            field::AUTHENTICATOR => {
+                if !uid_ok {
+                    return Err(ReplyError::WrongUniqueId);
+                }
+                if body.len() < 4 {
+                    return Err(ReplyError::Malformed);
+                }
+                let nl = u16::from_be_bytes([body[0], body[1]]) as usize;
+                let cl = u16::from_be_bytes([body[2], body[3]]) as usize;
+                let cs = 4 + nl.next_multiple_of(4);
+                if cl < TAG_LEN || cs + cl > body.len() {
+                    return Err(ReplyError::Malformed);
+                }
+                let mut data = body[cs + TAG_LEN..cs + cl].to_vec();
+                let tag = aes_siv::Tag::clone_from_slice(&body[cs..cs + TAG_LEN]);
+                let mut siv = Aes128Siv::new(s2c.into());
+                siv.decrypt_in_place_detached([&reply[..pos], &body[4..4 + nl]], &mut data, &tag)
+                    .map_err(|_| ReplyError::Unauthenticated)?;
+                let mut cookies = Vec::new();
+                let mut p = 0;
+                while p + 4 <= data.len() {
+                    let t = u16::from_be_bytes([data[p], data[p + 1]]);
+                    let l = u16::from_be_bytes([data[p + 2], data[p + 3]]) as usize;
+                    if l < 4 || p + l > data.len() {
+                        return Err(ReplyError::Malformed);
+                    }
+                    if t == field::NTS_COOKIE {
+                        cookies.push(data[p + 4..p + l].to_vec());
+                    }
+                    p += l;
+                }
+                return Ok(cookies);
+            }
+            _ => {}
+        }
+        pos += len;
+    }
+    if reply[1] == 0 && RefId([reply[12], reply[13], reply[14], reply[15]]) == NTSN {
+        return Err(if uid_ok {
+            ReplyError::Nak
+        } else {
+            ReplyError::WrongUniqueId
+        });
+    }
+    Err(if uid_ok {
+        ReplyError::Unauthenticated
+    } else {
+        ReplyError::WrongUniqueId
+    })
+}

@@ -1,0 +1,58 @@
+//! Network Time Security (RFC 8915): NTS-KE records, cookies and master keys, and the NTP-side
+//! request handling, all sans-IO; `server` runs NTS-KE over TLS on its own threads.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod cookie;
+pub mod ke;
+pub mod ke_client;
+pub mod ntp;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The `[nts]` table, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NtsConfig {
+    /// Where NTS-KE listens (TCP).
+    pub listen: SocketAddr,
+    /// PEM certificate chain, leaf first.
+    pub certificate: PathBuf,
+    /// PEM private key of the leaf.
+    pub private_key: PathBuf,
+    /// The fleet's shared secret; without it each start makes its own random one, and cookies
+    /// work on this process only.
+    pub secret_file: Option<PathBuf>,
+    /// How often the master key changes.
+    pub key_rotation: Duration,
+    /// Old master keys still accepted after a rotation.
+    pub keys_kept: usize,
+    /// Announced in the KE response (Server and Port records) when NTP is served elsewhere.
+    pub ntp_server: Option<String>,
+    pub ntp_port: Option<u16>,
+    /// KE connections served at once; more wait in the kernel's backlog, then are refused.
+    pub max_connections: usize,
+    /// A whole KE exchange (handshake, request, response) must end within this.
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_KE_PORT: u16 = 4460;
+
+impl NtsConfig {
+    pub fn new(certificate: PathBuf, private_key: PathBuf) -> NtsConfig {
+        NtsConfig {
+            listen: SocketAddr::from(([0u16; 8], DEFAULT_KE_PORT)),
+            certificate,
+            private_key,
+            secret_file: None,
+            key_rotation: Duration::from_secs(86_400),
+            keys_kept: 2,
+            ntp_server: None,
+            ntp_port: None,
+            max_connections: 64,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! NTS end to end on loopback: NTS-KE over TLS with a rustls client and with Debian's chronyd,
+//! then authenticated NTP through gnomon's workers; fleet servers sharing a secret file.
+
+mod common;
+
+use common::{CHRONYD, Gnomon, have_tool, run_bounded, say, tempdir};
+use gnomon::nts::client::{self, ReplyError};
+use gnomon::nts::ke_client::{self, KeSession};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const OPENSSL: &str = "/usr/bin/openssl";
+
+/// A self-signed P-256 certificate for localhost and 127.0.0.1: (certificate, key).
+fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let (ok, out) = run_bounded(
+        Command::new(OPENSSL)
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .args(["-days", "30", "-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            // webpki refuses a CA certificate as the server's own (openssl's default is CA:TRUE).
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"]),
+        Duration::from_secs(30),
+    );
+    assert!(ok, "openssl failed: {out}");
+    (cert, key)
+}
+
+/// `[nts]` lines for a KE server on `ke_ip`, port chosen by the kernel.
+fn nts_table(cert: &Path, key: &Path, ke_ip: &str, extra: &str) -> String {
+    format!(
+        "[nts]\ncertificate = \"{}\"\nprivate_key = \"{}\"\nlisten = \"{ke_ip}:0\"\n{extra}",
+        cert.display(),
+        key.display()
+    )
+}
+
+/// Where the server's NTS-KE listens, from its startup log.
+fn ke_addr(g: &Gnomon) -> SocketAddr {
+    let line = g
+        .startup_log
+        .iter()
+        .find_map(|l| l.split("NTS-KE on TCP ").nth(1))
+        .expect("NTS-KE address in the log");
+    line.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// One NTS-KE exchange through the library's client, trusting only `cert`.
+fn key_exchange(ke: SocketAddr, cert: &Path) -> KeSession {
+    let roots = ke_client::roots(cert).unwrap();
+    ke_client::key_exchange(ke, "localhost", roots, Duration::from_secs(5)).unwrap()
+}
+
+/// One authenticated exchange: the reply's verdict and its length against the request's.
+fn nts_exchange(
+    server: SocketAddr,
+    s: &KeSession,
+    cookie: &[u8],
+    placeholders: usize,
+) -> (Result<Vec<Vec<u8>>, ReplyError>, usize, usize) {
+    let mut header = [0u8; 48];
+    header[0] = 0x23;
+    let mut uid = [0u8; 32];
+    getrandom::fill(&mut uid).unwrap();
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).unwrap();
+    header[40..48].copy_from_slice(&nonce[..8]);
+    let req = client::request(&header, &uid, cookie, placeholders, &s.c2s, &nonce);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    sock.send_to(&req, server).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = match sock.recv_from(&mut buf) {
+        Ok((n, _)) => n,
+        Err(_) => return (Err(ReplyError::Malformed), 0, req.len()),
+    };
+    (client::verify_reply(&buf[..n], &uid, &s.s2c), n, req.len())
+}
+
+#[test]
+fn rustls_client_gets_cookies_and_authenticated_replies() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts");
+    let (cert, key) = certificate(&dir);
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "")
+    ));
+    let s = key_exchange(ke_addr(&g), &cert);
+    assert_eq!((s.aead, s.cookies.len()), (15, 8));
+    assert_eq!((s.ntp_server.as_deref(), s.ntp_port), (None, None));
+    // One cookie and one placeholder: two new cookies, and a reply exactly as long.
+    let (verdict, reply_len, req_len) = nts_exchange(g.addr(), &s, &s.cookies[0], 1);
+    assert_eq!(verdict.expect("authenticated reply").len(), 2);
+    assert_eq!(reply_len, req_len);
+    // A cookie from the reply works too.
+    let (verdict, _, _) = nts_exchange(g.addr(), &s, &s.cookies[1], 0);
+    let fresh = verdict.unwrap();
+    assert!(nts_exchange(g.addr(), &s, &fresh[0], 0).0.is_ok());
+    // A forged cookie gets an NTS NAK.
+    let mut forged = s.cookies[2].clone();
+    forged[40] ^= 1;
+    assert_eq!(nts_exchange(g.addr(), &s, &forged, 0).0, Err(ReplyError::Nak));
+    assert_eq!(g.wait_counter("nts_answered", 3), 3);
+    assert_eq!(g.wait_counter("nts_nak", 1), 1);
+}
+
+#[test]
+fn fleet_servers_accept_each_others_cookies() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-fleet");
+    let (cert, key) = certificate(&dir);
+    let secret = dir.join("secret");
+    std::fs::write(&secret, [0x5a; 48]).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let fleet = format!("secret_file = \"{}\"\n", secret.display());
+    let a = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", &fleet)
+    ));
+    let b = Gnomon::start(&format!(
+        "listen = [\"127.0.0.2:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.2", &fleet)
+    ));
+    let loner = Gnomon::start(&format!(
+        "listen = [\"127.0.0.3:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.3", "")
+    ));
+    let s = key_exchange(ke_addr(&a), &cert);
+    assert!(
+        nts_exchange(b.addr(), &s, &s.cookies[0], 0).0.is_ok(),
+        "B refused A's cookie"
+    );
+    // A server with its own random secret does not know the fleet's keys.
+    assert_eq!(nts_exchange(loner.addr(), &s, &s.cookies[1], 0).0, Err(ReplyError::Nak));
+    // A secret others may read is refused at start.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\ncontrol_socket = \"{}\"\n{}",
+            dir.join("bad.sock").display(),
+            nts_table(&cert, &key, "127.0.0.1", &fleet)
+        ),
+    )
+    .unwrap();
+    let (ok, out) = run_bounded(
+        Command::new(common::GNOMON).arg("serve").arg("--config").arg(&cfg),
+        Duration::from_secs(10),
+    );
+    assert!(!ok && out.contains("must not be readable"), "{out}");
+}
+
+#[test]
+fn chronyd_measures_through_gnomon_with_nts() {
+    if !have_tool(OPENSSL) || !have_tool(CHRONYD) {
+        return;
+    }
+    let (_, version) = run_bounded(Command::new(CHRONYD).arg("-v"), Duration::from_secs(5));
+    if !version.contains("+NTS") {
+        common::skip(&format!("this chronyd has no NTS: {}", version.trim()));
+        return;
+    }
+    let dir = tempdir("nts-chrony");
+    let (cert, key) = certificate(&dir);
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "")
+    ));
+    let ke = ke_addr(&g);
+    let dump = dir.join("dump");
+    std::fs::create_dir_all(&dump).unwrap();
+    let conf = dir.join("client.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server 127.0.0.1 port {} nts ntsport {} iburst\nntstrustedcerts {}\nnocerttimecheck 1\n\
+             ntsdumpdir {}\npidfile {}/client.pid\ncmdport 0\nbindcmdaddress /\n",
+            g.addr().port(),
+            ke.port(),
+            cert.display(),
+            dump.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    // -u root: as _chrony it could not read the certificate in this private temp dir.
+    let (_, out) = run_bounded(
+        Command::new(CHRONYD)
+            .args(["-Q", "-x", "-u", "root", "-L", "0", "-t", "20", "-f"])
+            .arg(&conf),
+        Duration::from_secs(30),
+    );
+    say(&format!("chronyd: {}", out.trim().replace('\n', " | ")));
+    assert!(!out.contains("NTS-KE") || !out.contains("failed"), "{out}");
+    let offset = common::chrony_offset(&out).unwrap_or_else(|| panic!("no offset measured: {out}"));
+    assert!(offset.abs() < 0.1, "offset {offset}");
+    // Every NTP request chronyd sent was NTS and answered as such; none got a NAK.
+    assert!(g.wait_counter("nts_answered", 1) >= 1, "no NTS reply counted");
+    // Each worker publishes every 200 ms: read the totals once all have.
+    std::thread::sleep(Duration::from_millis(600));
+    let answered = g.counter("nts_answered");
+    assert_eq!(g.counter("nts_nak") + g.counter("nts_dropped"), 0);
+    assert_eq!(g.counter("answered"), answered, "a plain reply went to chronyd");
+}
+
+fn threads(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_ke_flood_is_bounded_and_ntp_goes_on() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-flood");
+    let (cert, key) = certificate(&dir);
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "max_connections = 4\ntimeout = 1.0\n")
+    ));
+    let ke = ke_addr(&g);
+    let baseline = threads(g.child.id());
+    // Clients that send garbage instead of a ClientHello, then slow clients that never speak:
+    // these take every slot, so the real client below gets one only through the deadline.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let mut s = TcpStream::connect_timeout(&ke, Duration::from_secs(2)).unwrap();
+        let _ = s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3, 4, 5]);
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..40 {
+        held.push(TcpStream::connect_timeout(&ke, Duration::from_secs(2)).unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let during = threads(g.child.id());
+    // One thread per connection in service, never more than the cap.
+    assert!(
+        during <= baseline + 4,
+        "{during} threads during the flood, {baseline} before"
+    );
+    // The NTP workers answer as before.
+    let sock = common::client(g.addr());
+    let answered = (0..10u64)
+        .filter(|&i| common::exchange(&sock, g.addr(), &common::request(4, 3, i)).is_some())
+        .count();
+    assert_eq!(answered, 10);
+    // Once the deadline has closed the slow ones, a real client gets its cookies.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(key_exchange(ke, &cert).cookies.len(), 8);
+    drop(held);
+    assert!(threads(g.child.id()) <= baseline + 4);
+}
+
+#[test]
+fn a_renewed_certificate_is_served_after_reload() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-renew");
+    let (cert, key) = certificate(&dir);
+    let renewed_dir = dir.join("renewed");
+    std::fs::create_dir_all(&renewed_dir).unwrap();
+    let (new_cert, new_key) = certificate(&renewed_dir);
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "")
+    ));
+    let ke = ke_addr(&g);
+    // The files are replaced (as a renewal does); until the reload the old certificate is served.
+    let old_cert = dir.join("old.pem");
+    std::fs::copy(&cert, &old_cert).unwrap();
+    std::fs::copy(&new_cert, &cert).unwrap();
+    std::fs::copy(&new_key, &key).unwrap();
+    assert_eq!(key_exchange(ke, &old_cert).cookies.len(), 8);
+    let out = g.ctl(&["reload"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("NTS certificate re-read"), "{text}");
+    assert_eq!(key_exchange(ke, &new_cert).cookies.len(), 8);
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    s.connect_timeout(&to.into(), Duration::from_secs(2)).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s
+}
+
+#[test]
+fn the_access_table_applies_to_key_exchange() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-access");
+    let (cert, key) = certificate(&dir);
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n\
+         [[restrict]]\naddress = \"127.0.6.0/24\"\naction = \"ignore\"\n\
+         [[restrict]]\naddress = \"127.0.5.0/24\"\naction = \"deny\"\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "")
+    ));
+    let ke = ke_addr(&g);
+    for from in ["127.0.6.1", "127.0.5.1"] {
+        let mut s = connect_from(from, ke);
+        // A ClientHello's first bytes; the server closes without a word.
+        let _ = s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x10]);
+        let mut buf = [0u8; 16];
+        let started = std::time::Instant::now();
+        let n = s.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "{from} got an answer");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{from}: the connection was held"
+        );
+    }
+    assert_eq!(key_exchange(ke, &cert).cookies.len(), 8);
+}
+
+fn unix_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Sleeps until the wall clock reaches `t` (Unix seconds).
+fn sleep_until(t: f64) {
+    let d = t - unix_secs();
+    if d > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(d));
+    }
+}
+
+#[test]
+fn old_cookies_work_for_the_window_after_a_rotation_then_get_ntsn() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-rotate");
+    let (cert, key) = certificate(&dir);
+    // A 2 s key period, one old key kept: a cookie lives through the next period, not the one
+    // after. Key epochs are aligned to the wall clock (every server of a fleet agrees).
+    let period = 2.0;
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "key_rotation = 2\nkeys_kept = 1\n")
+    ));
+    // Start early in a period, so the server's epoch at the exchange is the one computed here.
+    let now = unix_secs();
+    if now % period > 1.0 {
+        sleep_until((now / period).ceil() * period + 0.1);
+    }
+    let epoch = (unix_secs() / period).floor();
+    let s = key_exchange(ke_addr(&g), &cert);
+    assert!(nts_exchange(g.addr(), &s, &s.cookies[0], 0).0.is_ok());
+    // One rotation later (the server checks every 200 ms): still good.
+    sleep_until((epoch + 1.0) * period + 0.5);
+    assert!(
+        nts_exchange(g.addr(), &s, &s.cookies[1], 0).0.is_ok(),
+        "refused after one rotation"
+    );
+    // Two rotations later its key is gone: NTS NAK.
+    sleep_until((epoch + 2.0) * period + 0.5);
+    assert_eq!(nts_exchange(g.addr(), &s, &s.cookies[2], 0).0, Err(ReplyError::Nak));
+    // A fresh exchange works again.
+    let fresh = key_exchange(ke_addr(&g), &cert);
+    assert!(nts_exchange(g.addr(), &fresh, &fresh.cookies[0], 0).0.is_ok());
+}
