@@ -880,7 +880,8 @@ fn a_lookup_that_never_ends_delays_nothing() {
 fn stray_datagrams_are_counted_by_reason_and_change_nothing() {
     let server = SimServer::good(1);
     let mut sim = Sim::new(cold_clock(), vec![server.clone()], false, 13);
-    let now = sim.now;
+    // A source's first request leaves INITIAL_DELAY after it is added.
+    let now = sim.now + gnomon::sync::source::INITIAL_DELAY_NS;
     let mut out = Vec::new();
     sim.core.poll(now, &mut || 0x1234_5678_9abc_def0, &mut out);
     let (addr, req) = out[0];
