@@ -79,6 +79,10 @@ build() {
 	gcc -O2 -static -o "$CLK_BUILD/launcher" "$SRC/launcher.c"
 	cp -r "$SRC/chrony-simulation" "$CLK_BUILD/sim"
 	chmod -R u+w "$CLK_BUILD/sim"
+	# clknetsim.bash makes tmp/ when it is missing, and the first run after a fresh build then
+	# ended without a word inside run_one (seen on a clean clone: no RESULT, exit 0); made here,
+	# every run finds it.
+	mkdir -p "$CLK_BUILD/sim/tmp"
 	touch "$stamp"
 }
 
