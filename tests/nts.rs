@@ -367,29 +367,31 @@ fn old_cookies_work_for_the_window_after_a_rotation_then_get_ntsn() {
     }
     let dir = tempdir("nts-rotate");
     let (cert, key) = certificate(&dir);
-    // A 2 s key period, one old key kept: a cookie lives through the next period, not the one
-    // after. Key epochs are aligned to the wall clock (every server of a fleet agrees).
-    let period = 2.0;
+    // A 4 s key period, one old key kept: a cookie lives through the next period, not the one
+    // after. Key epochs are aligned to the wall clock (every server of a fleet agrees), and the
+    // server looks for a new epoch every 200 ms: each step below keeps about a second clear of
+    // the boundaries, since a loaded CI machine can be late by hundreds of milliseconds.
+    let period = 4.0;
     let g = Gnomon::start(&format!(
         "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
-        nts_table(&cert, &key, "127.0.0.1", "key_rotation = 2\nkeys_kept = 1\n")
+        nts_table(&cert, &key, "127.0.0.1", "key_rotation = 4\nkeys_kept = 1\n")
     ));
-    // Start early in a period, so the server's epoch at the exchange is the one computed here.
+    // The key exchange a second into a period, when the server has surely rotated into it.
     let now = unix_secs();
-    if now % period > 1.0 {
-        sleep_until((now / period).ceil() * period + 0.1);
+    if !(1.0..2.0).contains(&(now % period)) {
+        sleep_until((now / period).floor() * period + if now % period < 1.0 { 1.0 } else { period + 1.0 });
     }
     let epoch = (unix_secs() / period).floor();
     let s = key_exchange(ke_addr(&g), &cert);
     assert!(nts_exchange(g.addr(), &s, &s.cookies[0], 0).0.is_ok());
-    // One rotation later (the server checks every 200 ms): still good.
-    sleep_until((epoch + 1.0) * period + 0.5);
+    // One rotation later: still good.
+    sleep_until((epoch + 1.0) * period + 1.5);
     assert!(
         nts_exchange(g.addr(), &s, &s.cookies[1], 0).0.is_ok(),
         "refused after one rotation"
     );
     // Two rotations later its key is gone: NTS NAK.
-    sleep_until((epoch + 2.0) * period + 0.5);
+    sleep_until((epoch + 2.0) * period + 1.5);
     assert_eq!(nts_exchange(g.addr(), &s, &s.cookies[2], 0).0, Err(ReplyError::Nak));
     // A fresh exchange works again.
     let fresh = key_exchange(ke_addr(&g), &cert);
