@@ -7,28 +7,12 @@ use gnomon::proto::Destination;
 use gnomon::server::ntp::NtpHandler;
 use gnomon::server::stats::WorkerStats;
 use gnomon::server::{Datagram, Handler};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-struct Counting;
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(p, l) }
-    }
-}
+mod common;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: common::alloc::Counting = common::alloc::Counting;
 
 /// The client is `limited` with limits it never reaches, so the access table and the rate
 /// limiter are both on the path being counted.
@@ -95,15 +79,7 @@ fn ntp_handler_does_not_allocate_per_request() {
     };
     // Warm up (histogram buckets, first flush), then count.
     run_batches(10, &mut h);
-    let before = ALLOCS.load(Ordering::Relaxed);
-    let answered = run_batches(2_000, &mut h);
-    let after = ALLOCS.load(Ordering::Relaxed);
+    let (answered, allocs) = common::alloc::allocations(|| run_batches(2_000, &mut h));
     assert_eq!(answered, 2_000 * 56);
-    assert_eq!(
-        after - before,
-        0,
-        "{} allocations in {} requests",
-        after - before,
-        2_000 * 64
-    );
+    assert_eq!(allocs, 0, "{} allocations in {} requests", allocs, 2_000 * 64);
 }

@@ -10,28 +10,12 @@ use gnomon::policy::{Action, PolicyConfig, PolicySet, SharedPolicy};
 use gnomon::server::ntp::NtpHandler;
 use gnomon::server::stats::{Counter, WorkerStats};
 use gnomon::server::{Datagram, Handler};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-struct Counting;
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(p, l) }
-    }
-}
+mod common;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: common::alloc::Counting = common::alloc::Counting;
 
 #[test]
 fn nts_requests_do_not_allocate() {
@@ -86,18 +70,10 @@ fn nts_requests_do_not_allocate() {
         }
     };
     run_batches(5, &mut h);
-    let before = ALLOCS.load(Ordering::Relaxed);
-    run_batches(200, &mut h);
-    let after = ALLOCS.load(Ordering::Relaxed);
+    let ((), allocs) = common::alloc::allocations(|| run_batches(200, &mut h));
     // Every request got an authenticated reply with four cookies (the last batch checked).
     let reply = &bufs[0][..request.len()];
     assert_eq!(client::verify_reply(reply, &[7; 32], &session.s2c).unwrap().len(), 4);
     assert_eq!(stats.get(Counter::NtsAnswered), 205 * 16);
-    assert_eq!(
-        after - before,
-        0,
-        "{} allocations in {} NTS requests",
-        after - before,
-        200 * 16
-    );
+    assert_eq!(allocs, 0, "{} allocations in {} NTS requests", allocs, 200 * 16);
 }

@@ -14,28 +14,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Counts allocations made on a thread while its flag is set: the serving loop must make none.
-struct Counting;
-static ALLOCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-thread_local!(static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
-
-// SAFETY: forwards to the system allocator unchanged; only counts calls.
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        if COUNTING.with(|c| c.get()) {
-            ALLOCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        // SAFETY: same contract as the caller's.
-        unsafe { std::alloc::System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { std::alloc::System.dealloc(p, l) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: common::alloc::Counting = common::alloc::Counting;
 
 const SERVER4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -547,10 +527,10 @@ fn ntpdig_is_answered_through_the_af_xdp_socket() {
         });
         let deadline = Instant::now() + Duration::from_secs(15);
         let (mut replied, mut received, mut malformed, mut stamped) = (0, 0, 0, 0);
+        let mut allocs = 0;
         while !client.is_finished() && Instant::now() < deadline {
-            COUNTING.with(|c| c.set(true));
-            let r = xsk.serve_batch(&mut h, 100).unwrap();
-            COUNTING.with(|c| c.set(false));
+            let (r, n) = common::alloc::allocations(|| xsk.serve_batch(&mut h, 100).unwrap());
+            allocs += n;
             replied += r.replied;
             received += r.received;
             malformed += r.malformed;
@@ -563,7 +543,6 @@ fn ntpdig_is_answered_through_the_af_xdp_socket() {
              {replied}, T2 from the program {stamped}"
         ));
         assert!(ok, "ntpdig failed:\n{out}");
-        let allocs = ALLOCS.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(allocs, 0, "the AF_XDP serving loop allocated");
         assert!(replied >= 1 && c[COUNT_REDIRECTED as usize] > before, "{c:?}");
         assert_eq!(stamped, received, "T2 missing from the metadata");

@@ -2,6 +2,8 @@
 //! real client programs, run them with bounded time, and clean up.
 #![allow(dead_code)]
 
+pub mod alloc;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
