@@ -10,7 +10,6 @@
 mod common;
 
 use common::*;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -50,34 +49,26 @@ fn the_readme_tour_runs_verbatim() {
     if !have_tool("/usr/bin/unshare") || !have_tool("/usr/sbin/ip") || !have_tool(NTPDIG) {
         return;
     }
-    // Outside /tmp, which the tour gets fresh.
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tour-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("bin")).unwrap();
-    // `gnomon` on PATH, as `cargo install --path .` leaves it.
-    std::os::unix::fs::symlink(GNOMON, dir.join("bin/gnomon")).unwrap();
-    let script = dir.join("tour.sh");
-    // After the tour: the background server must still be running.
-    std::fs::write(&script, format!("{}\nkill -0 $!\n", tour())).unwrap();
-    let path = format!(
-        "{}:{}",
-        dir.join("bin").display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    // The tour gets a fresh /tmp and /run. The checkout may itself live under /tmp (a CI clone),
+    // so the binary and the files the tour reads (deploy/) are copied into the new /run first,
+    // the script goes in an environment variable, and the tour runs from that copy.
+    let script = format!("{}\nkill -0 $!\n", tour());
     let (ok, out) = run_bounded(
         Command::new("unshare")
             .args(["--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"])
             .args([
                 "sh",
                 "-c",
-                "ip link set lo up && mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /run && exec sh -ex \"$0\"",
+                "ip link set lo up && mount -t tmpfs tmpfs /run && mkdir -p /run/tour/bin /run/tour/repo \
+                 && cp \"$TOUR_GNOMON\" /run/tour/bin/gnomon && cp -r \"$TOUR_REPO/deploy\" /run/tour/repo/ \
+                 && mount -t tmpfs tmpfs /tmp && cd /run/tour/repo && PATH=/run/tour/bin:$PATH exec sh -ex -c \"$TOUR_SCRIPT\"",
             ])
-            .arg(&script)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("PATH", path),
+            .current_dir("/")
+            .env("TOUR_GNOMON", GNOMON)
+            .env("TOUR_REPO", env!("CARGO_MANIFEST_DIR"))
+            .env("TOUR_SCRIPT", script),
         Duration::from_secs(60),
     );
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(ok, "the tour failed:\n{out}");
     // Each step did what the tour says it does: the config with the key, gnomon's own client
     // and ntpdig both see the LOCAL clock at stratum 10, stats in both forms.
