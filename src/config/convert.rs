@@ -1338,6 +1338,15 @@ mod tests {
         (cfg, c)
     }
 
+    /// The converted rules as (prefix, action), in order.
+    fn rules_of(cfg: &Config) -> Vec<(String, Action)> {
+        cfg.policy
+            .rules
+            .iter()
+            .map(|r| (r.prefix.to_string(), r.action))
+            .collect()
+    }
+
     fn noted(c: &Converted, line: usize, what: &str) -> bool {
         c.notes.iter().any(|n| n.line == line && n.why.contains(what))
     }
@@ -1373,12 +1382,7 @@ mod tests {
         let mut once = lines.clone();
         once.dedup();
         assert_eq!(lines, once, "one note per line here: {:?}", c.notes);
-        let rules: Vec<(String, Action)> = cfg
-            .policy
-            .rules
-            .iter()
-            .map(|r| (r.prefix.to_string(), r.action))
-            .collect();
+        let rules = rules_of(&cfg);
         assert_eq!(
             rules,
             [
@@ -1508,12 +1512,7 @@ mod tests {
             Format::Chrony,
         );
         assert_eq!(cfg.policy.default, Action::Ignore);
-        let rules: Vec<(String, Action)> = cfg
-            .policy
-            .rules
-            .iter()
-            .map(|r| (r.prefix.to_string(), r.action))
-            .collect();
+        let rules = rules_of(&cfg);
         assert_eq!(
             rules,
             [
