@@ -140,8 +140,10 @@ fn check_debian_chrony(f: &Path) {
         .find(|u| u.pool)
         .expect("the Debian vendor pool");
     assert!(pool.address.ends_with("debian.pool.ntp.org") && pool.iburst);
+    // Debian's `makestep 1 3` is carried over as it is.
+    let makestep = cfg.sync.makestep.expect("makestep carried over");
+    assert_eq!((makestep.threshold, makestep.limit), (1.0, Some(3)));
     for (word, why) in [
-        ("makestep", "makestep"),
         ("rtcsync", "real-time clock"),
         ("keyfile", "authentication"),
         ("driftfile", "drift"),

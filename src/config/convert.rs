@@ -280,6 +280,8 @@ struct Out {
     rules: Vec<OutRule>,
     /// `[rate_limit]` keys in output order: key, TOML value, origin.
     rate_limit: Vec<(&'static str, String, String)>,
+    /// chrony's `makestep THRESHOLD LIMIT`, and the line it came from.
+    makestep: Option<(f64, i64, usize, String)>,
     notes: Vec<Note>,
 }
 
@@ -377,6 +379,12 @@ impl Out {
                 let _ = writeln!(t, "{k} = {v}   # {origin}");
             }
             t.push('\n');
+        }
+        if let Some((threshold, limit, line, text)) = &self.makestep {
+            let _ = writeln!(
+                t,
+                "[makestep]\n# line {line}: {text}\nthreshold = {threshold:?}\nlimit = {limit}\n"
+            );
         }
         if !self.notes.is_empty() {
             t.push_str("# Not carried over:\n");
@@ -1188,12 +1196,21 @@ fn chrony(text: &str, out: &mut Out) {
                     "not an IP address (an interface name is not carried over)",
                 ),
             },
-            "makestep" => out.note(
-                line,
-                &words,
-                "gnomon has no makestep setting: in clock_mode = \"system\" it steps the kernel clock only at \
-                 the first update, when off by more than 1 s, and slews afterwards",
-            ),
+            "makestep" => {
+                let threshold = words.get(1).and_then(|v| v.parse::<f64>().ok());
+                let limit = words.get(2).and_then(|v| v.parse::<i64>().ok());
+                match (threshold, limit, words.len()) {
+                    // chronyd takes any negative limit as "always"; gnomon spells that -1.
+                    (Some(t), Some(l), 3) if t.is_finite() && t >= 0.0 && l <= 1_000_000 => {
+                        out.makestep = Some((t, l.max(-1), line, words.join(" ")));
+                    }
+                    _ => out.note(
+                        line,
+                        &words,
+                        "expected `makestep THRESHOLD LIMIT` (seconds, clock updates): skipped",
+                    ),
+                }
+            }
             "driftfile" | "pidfile" | "user" | "lock_all" | "sched_priority" | "broadcast" | "refclock" => {
                 out.note(line, &words, common_why(&head).unwrap_or(""));
             }
@@ -1562,10 +1579,25 @@ mod tests {
             (11123, 0, 2, true)
         );
         assert!(
-            noted(&c, 3, "orphan") && noted(&c, 3, "fallback") && noted(&c, 4, "makestep"),
+            noted(&c, 3, "orphan") && noted(&c, 3, "fallback") && !c.notes.iter().any(|n| n.line == 4),
             "{:?}",
             c.notes
         );
+        let m = cfg.sync.makestep.expect("makestep carried over");
+        assert_eq!((m.threshold, m.limit), (1.0, Some(3)));
+        let (always, _) = conv("makestep 0.1 -5\n", Format::Chrony);
+        assert_eq!(
+            always.sync.makestep.map(|m| m.limit),
+            Some(None),
+            "any negative limit: always"
+        );
+        for bad in ["makestep 1\n", "makestep x 3\n", "makestep -1 3\n"] {
+            let (skipped, c) = conv(bad, Format::Chrony);
+            assert!(
+                skipped.sync.makestep.is_none() && noted(&c, 1, "THRESHOLD LIMIT"),
+                "{bad}"
+            );
+        }
         let listen: Vec<String> = cfg.serve.listen.iter().map(|a| a.to_string()).collect();
         assert_eq!(listen, ["127.0.0.1:1123", "[::]:1123"]);
         let (cfg, _) = conv("local stratum 8\n", Format::Chrony);
