@@ -335,7 +335,11 @@ pub fn chronyd_args(conf: &Path) -> Vec<String> {
 
 /// A Debian chronyd serving its own clock as stratum 1 on a loopback port.
 pub fn start_chronyd(dir: &Path, i: usize) -> Chronyd {
-    let port = free_port();
+    start_chronyd_on(dir, i, free_port())
+}
+
+/// [`start_chronyd`] on a given port (to restart one where its clients expect it).
+pub fn start_chronyd_on(dir: &Path, i: usize, port: u16) -> Chronyd {
     let conf = dir.join(format!("server{i}.conf"));
     std::fs::write(
         &conf,
