@@ -108,6 +108,14 @@ pub fn serve(cfg: Config) -> io::Result<()> {
             srv.backend
         );
     }
+    if let Some(x) = &srv.xdp {
+        log::info!(
+            "AF_XDP on {}: RX queues {:?}, {} mode, beside the kernel sockets",
+            x.interface,
+            x.queues(),
+            x.mode
+        );
+    }
     if let Some(k) = &ke {
         // Not "listening on": that wording names the NTP sockets.
         log::info!("NTS-KE on TCP {} (TLS 1.3, ALPN ntske/1)", k.local_addr);
