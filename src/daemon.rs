@@ -104,7 +104,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     for a in &srv.local_addrs {
         log::info!(
             "listening on {a} ({} workers, {} backend)",
-            srv.stats.len(),
+            srv.kernel_workers,
             srv.backend
         );
     }

@@ -748,7 +748,11 @@ mod tests {
 
     #[test]
     fn xdp_table() {
-        let c = Config::parse("io = \"xdp\"\n[xdp]\ninterface = \"eth0\"\nqueues = [0, 2]\nrequired = true\n", "f").unwrap();
+        let c = Config::parse(
+            "io = \"xdp\"\n[xdp]\ninterface = \"eth0\"\nqueues = [0, 2]\nrequired = true\n",
+            "f",
+        )
+        .unwrap();
         assert_eq!(c.serve.io, IoMode::Xdp);
         let x = c.serve.xdp.unwrap();
         assert_eq!((x.interface.as_str(), x.queues, x.required), ("eth0", vec![0, 2], true));
@@ -759,8 +763,16 @@ mod tests {
             ("io = \"xdp\"\n", 1, "io"),
             ("io = \"mmsg\"\n[xdp]\ninterface = \"eth0\"\n", 1, "io"),
             ("io = \"xdp\"\n[xdp]\ninterface = \"a/b\"\n", 3, "interface"),
-            ("io = \"xdp\"\n[xdp]\ninterface = \"eth0\"\nqueues = [1, 1]\n", 4, "queues"),
-            ("io = \"xdp\"\n[xdp]\ninterface = \"eth0\"\nqueues = [-1]\n", 4, "queues"),
+            (
+                "io = \"xdp\"\n[xdp]\ninterface = \"eth0\"\nqueues = [1, 1]\n",
+                4,
+                "queues",
+            ),
+            (
+                "io = \"xdp\"\n[xdp]\ninterface = \"eth0\"\nqueues = [-1]\n",
+                4,
+                "queues",
+            ),
             ("io = \"xdp\"\n[xdp]\ninterface = \"eth0\"\nqueues = []\n", 4, "queues"),
         ] {
             let e = Config::parse(text, "f").unwrap_err();

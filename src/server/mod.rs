@@ -142,6 +142,8 @@ pub struct Server {
     pub local_addrs: Vec<SocketAddr>,
     pub stats: Vec<Arc<WorkerStats>>,
     pub backend: &'static str,
+    /// Workers on the kernel sockets (the first of `stats`).
+    pub kernel_workers: usize,
     /// The AF_XDP path's counters when it runs (its workers are the last of `stats`).
     pub xdp: Option<Arc<xdp::XdpCounters>>,
     /// Keeps the XDP program attached while the server runs.
@@ -456,6 +458,7 @@ where
             })?;
         threads.push(Some(t));
     }
+    let kernel_workers = threads.len();
     let (xdp_counters, xdp_link) = match xdp {
         Some(x) => {
             for (slot, (queue, mut xsk)) in x.sockets.into_iter().enumerate() {
@@ -491,6 +494,7 @@ where
         local_addrs,
         stats,
         backend,
+        kernel_workers,
         xdp: xdp_counters,
         _xdp_link: xdp_link,
         threads,

@@ -254,7 +254,9 @@ pub fn setup(o: &XdpOptions, listen: &[SocketAddr]) -> Result<XdpBound, Unavaila
     for &q in &queues {
         let x = Xsk::bind(index, q, t).map_err(|e| match errno(&e) {
             Some(libc::EAFNOSUPPORT) => fail("this kernel has no AF_XDP sockets".into()),
-            Some(libc::EPERM) => fail(format!("not permitted to open an AF_XDP socket ({e}; needs CAP_NET_RAW)")),
+            Some(libc::EPERM) => fail(format!(
+                "not permitted to open an AF_XDP socket ({e}; needs CAP_NET_RAW)"
+            )),
             _ => fail(format!("binding an AF_XDP socket to queue {q}: {e}")),
         })?;
         program

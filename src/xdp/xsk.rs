@@ -570,14 +570,14 @@ impl Xsk {
                 // SAFETY: a zero-length sendto on our socket only triggers the TX ring's
                 // processing.
                 unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    std::ptr::null(),
-                    0,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null(),
-                    0,
-                )
+                    libc::sendto(
+                        self.fd.as_raw_fd(),
+                        std::ptr::null(),
+                        0,
+                        libc::MSG_DONTWAIT,
+                        std::ptr::null(),
+                        0,
+                    )
                 }
             } else {
                 0
