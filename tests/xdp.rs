@@ -799,7 +799,8 @@ fn gnomon_serves_through_af_xdp_on_every_rx_queue() {
     let cfg = config(
         "xdp",
         "",
-        "[[restrict]]\naddress = \"198.18.0.0/15\"\naction = \"exempt\"\n[[restrict]]\naddress = \"2001:2::/48\"\naction = \"exempt\"\n",
+        "[[restrict]]\naddress = \"198.18.0.0/15\"\naction = \"exempt\"\n[[restrict]]\naddress = \"2001:2::/48\"\naction = \"exempt\"\n\
+         [metrics]\nlisten = \"127.0.0.1:9975\"\n",
     );
     let mut srv = serve_in(&ns, &cfg);
     let warm = wait_answering(&ns);
@@ -857,6 +858,47 @@ fn gnomon_serves_through_af_xdp_on_every_rx_queue() {
     assert!(x.iter().all(|w| w.1 >= 1), "a queue's worker answered nothing: {x:?}");
     assert_eq!(x.iter().map(|w| w.1).sum::<u64>(), 65 + warm);
     assert!(k.iter().all(|w| w.0 == 0), "requests reached a kernel socket: {k:?}");
+    // The program's own verdicts and the sockets' kernel counters, in stats and metrics.
+    let st = srv.stats();
+    let program = &st["xdp"]["program"];
+    assert!(program["redirected"].as_u64().unwrap() >= 65 + warm, "{program}");
+    assert!(
+        program["passed_not_udp"].as_u64().unwrap() >= 1 && program["passed_short"].as_u64().unwrap() >= 1,
+        "ping (not UDP) and TCP (bare segments, shorter than a request): {program}"
+    );
+    assert!(program["passed_group_mac"].as_u64().unwrap() >= 1, "ARP/ND: {program}");
+    let sockets = st["xdp"]["sockets"].as_array().unwrap();
+    assert_eq!(sockets.len(), 2, "{}", st["xdp"]);
+    assert!(
+        sockets.iter().all(|s| s["rx_ring_full"] == 0 && s["bad_checksum"] == 0),
+        "{}",
+        st["xdp"]
+    );
+    let text = String::from_utf8_lossy(&srv.ctl(&["stats"]).stdout).into_owned();
+    assert!(
+        text.contains("AF_XDP on xs (copy mode)") && text.contains("redirected"),
+        "{text}"
+    );
+    let scrape = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            use std::io::Read;
+            ns.enter(0);
+            let mut c = std::net::TcpStream::connect("127.0.0.1:9975").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            out
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(
+        scrape.contains("gnomon_xdp_program_packets_total{interface=\"xs\",verdict=\"redirected\"}")
+            && scrape.contains("gnomon_xdp_rx_ring_full_total{interface=\"xs\",queue=\"1\"} 0")
+            && scrape.contains("backend=\"xdp\""),
+        "{scrape}"
+    );
     let attached = || ns.exec(0, &["ip", "link", "show", "xs"]).1.matches("prog/xdp").count();
     assert_eq!(attached(), 1);
 

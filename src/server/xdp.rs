@@ -100,6 +100,28 @@ impl XdpCounters {
         c.iter().enumerate().map(|(i, v)| (counter_name(i), *v)).collect()
     }
 
+    /// Everything counted so far (one map lookup per counter: for readers, not workers).
+    pub fn view(&self) -> XdpView {
+        XdpView {
+            interface: self.interface.clone(),
+            mode: self.mode,
+            program: self.program().into_iter().filter(|(k, _)| *k != "other").collect(),
+            sockets: self
+                .sockets()
+                .into_iter()
+                .map(|(queue, k, bad_checksum)| SocketView {
+                    queue,
+                    rx_ring_full: k.rx_ring_full,
+                    fill_ring_empty: k.rx_fill_ring_empty_descs,
+                    rx_dropped: k.rx_dropped,
+                    rx_invalid_descs: k.rx_invalid_descs,
+                    tx_invalid_descs: k.tx_invalid_descs,
+                    bad_checksum,
+                })
+                .collect(),
+        }
+    }
+
     /// The RX queues served, one socket and worker each.
     pub fn queues(&self) -> Vec<u32> {
         self.sockets.iter().map(|s| s.queue).collect()
@@ -115,6 +137,104 @@ impl XdpCounters {
                 (s.queue, k, s.malformed.load(Ordering::Relaxed))
             })
             .collect()
+    }
+}
+
+/// One socket's counters as `gnomon stats --json` shows them.
+#[derive(serde::Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct SocketView {
+    pub queue: u32,
+    /// Frames the kernel dropped because the RX ring was full (the worker fell behind).
+    pub rx_ring_full: u64,
+    /// Times the kernel found the fill ring empty (no chunk to receive into).
+    pub fill_ring_empty: u64,
+    /// Other drops by the kernel (e.g. a frame longer than a chunk).
+    pub rx_dropped: u64,
+    pub rx_invalid_descs: u64,
+    pub tx_invalid_descs: u64,
+    /// Redirected frames with a wrong IPv4 header or UDP checksum, dropped by the worker.
+    pub bad_checksum: u64,
+}
+
+/// The AF_XDP section of `gnomon stats`.
+#[derive(serde::Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct XdpView {
+    pub interface: String,
+    pub mode: &'static str,
+    /// The program's verdicts: `redirected`, `passed_<reason>` (left to the kernel).
+    pub program: std::collections::BTreeMap<&'static str, u64>,
+    pub sockets: Vec<SocketView>,
+}
+
+impl XdpView {
+    /// The text lines of `gnomon stats`.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = format!("\nAF_XDP on {} ({} mode)\n", self.interface, self.mode);
+        for (k, v) in self.program.iter().filter(|(k, v)| **v > 0 || **k == "redirected") {
+            let _ = writeln!(out, "{k:<22} {v:>9}");
+        }
+        for s in &self.sockets {
+            let _ = writeln!(
+                out,
+                "queue {:<3} rx_ring_full {} fill_ring_empty {} rx_dropped {} bad_checksum {}",
+                s.queue, s.rx_ring_full, s.fill_ring_empty, s.rx_dropped, s.bad_checksum
+            );
+        }
+        out
+    }
+
+    /// Prometheus text lines (appended to the exporter's).
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP gnomon_xdp_program_packets_total Frames the XDP program saw, by verdict (redirected to AF_XDP, or passed to the kernel and why).\n# TYPE gnomon_xdp_program_packets_total counter"
+        );
+        for (k, v) in &self.program {
+            let _ = writeln!(
+                out,
+                "gnomon_xdp_program_packets_total{{interface=\"{}\",verdict=\"{k}\"}} {v}",
+                self.interface
+            );
+        }
+        type Field = fn(&SocketView) -> u64;
+        let per_socket: [(&str, &str, Field); 4] = [
+            (
+                "gnomon_xdp_rx_ring_full_total",
+                "Frames dropped on a full AF_XDP RX ring.",
+                |s| s.rx_ring_full,
+            ),
+            (
+                "gnomon_xdp_fill_ring_empty_total",
+                "Times the kernel found the AF_XDP fill ring empty.",
+                |s| s.fill_ring_empty,
+            ),
+            (
+                "gnomon_xdp_rx_dropped_total",
+                "Other frames the kernel dropped before the AF_XDP socket.",
+                |s| s.rx_dropped,
+            ),
+            (
+                "gnomon_xdp_bad_checksum_total",
+                "Redirected frames with a wrong checksum, dropped.",
+                |s| s.bad_checksum,
+            ),
+        ];
+        for (name, help, get) in per_socket {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for s in &self.sockets {
+                let _ = writeln!(
+                    out,
+                    "{name}{{interface=\"{}\",queue=\"{}\"}} {}",
+                    self.interface,
+                    s.queue,
+                    get(s)
+                );
+            }
+        }
+        out
     }
 }
 
