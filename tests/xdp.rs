@@ -562,6 +562,10 @@ fn ntpdig_is_answered_through_the_af_xdp_socket() {
             received += r.received;
             malformed += r.malformed;
             stamped += r.stamped;
+            assert!(
+                r.kicks <= 1 && (r.replied > 0 || r.kicks == 0),
+                "kicks per batch: {r:?}"
+            );
         }
         let (ok, out) = client.join().unwrap();
         let c = p.counters().unwrap();
