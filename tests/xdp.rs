@@ -651,6 +651,64 @@ fn a_killed_owner_leaves_no_program_and_the_next_attach_works() {
     common::say(&format!("second attach refused: {e}"));
 }
 
+/// A burst from many source ports is answered in batches of more than one request with no
+/// allocation in the serving loop (as tests/no_alloc.rs checks the kernel backends).
+#[test]
+fn a_burst_is_answered_in_batches_without_allocating() {
+    let Some(Direct {
+        ns,
+        p: _p,
+        _link,
+        mut xsk,
+    }) = Direct::setup(target(123))
+    else {
+        return;
+    };
+    let (_clock, mut h) = ntp_handler();
+    const N: usize = 400;
+    let ns_ref = &ns;
+    let (answered, results, allocs) = std::thread::scope(|sc| {
+        let c = sc.spawn(move || {
+            ns_ref.enter(1);
+            let socks: Vec<UdpSocket> = (0..16).map(|_| UdpSocket::bind((CLIENT4, 0)).unwrap()).collect();
+            for i in 0..N {
+                socks[i % socks.len()]
+                    .send_to(&common::request(4, 3, i as u64 + 1), (SERVER4, 123))
+                    .unwrap();
+            }
+            let mut got = 0;
+            for s in &socks {
+                s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+                let mut b = [0u8; 128];
+                while s.recv_from(&mut b).is_ok() {
+                    got += 1;
+                }
+            }
+            got
+        });
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let (mut results, mut allocs) = (Vec::with_capacity(4 * N), 0);
+        while !c.is_finished() && Instant::now() < deadline {
+            let (r, n) = common::alloc::allocations(|| xsk.serve_batch(&mut h, 20).unwrap());
+            allocs += n;
+            if r.received > 0 && results.len() < results.capacity() {
+                results.push(r);
+            }
+        }
+        (c.join().unwrap(), results, allocs)
+    });
+    let replied: usize = results.iter().map(|r| r.replied).sum();
+    let biggest = results.iter().map(|r| r.received).max().unwrap_or(0);
+    common::say(&format!(
+        "burst of {N}: {replied} replies in {} batches (largest {biggest}), client got {answered}",
+        results.len()
+    ));
+    assert_eq!(allocs, 0, "the AF_XDP serving loop allocated");
+    assert_eq!((replied, answered), (N, N));
+    assert!(biggest > 1, "every batch held one request: no batching");
+    assert!(results.iter().all(|r| r.kicks <= 1), "more than one TX kick in a batch");
+}
+
 /// `chronyd -Q -x` in the client namespace accepts the AF_XDP path's replies on both families.
 #[test]
 fn chronyd_accepts_replies_from_the_af_xdp_path() {
@@ -1081,6 +1139,12 @@ fn without_af_xdp_gnomon_says_why_and_serves_through_the_kernel() {
     let lo = "listen = [\"127.0.0.1:0\"]\nio = \"xdp\"\nlocal_stratum = 3\n[xdp]\ninterface = \"lo\"\n";
     let srv = serve_in(&ns, lo);
     fallback(&srv, "AF_XDP on lo: the driver has no native XDP");
+    drop(srv);
+    // A queue the interface does not have: the program is detached again, not left behind.
+    let srv = serve_in(&ns, &config("xdp", "", "").replace("[xdp]\n", "[xdp]\nqueues = [3]\n"));
+    fallback(&srv, "AF_XDP on xs: binding an AF_XDP socket to queue 3");
+    assert!(!ns.exec(0, &["ip", "link", "show", "xs"]).1.contains("prog/xdp"));
+    wait_answering(&ns);
     drop(srv);
     // Without the capabilities (root, but with CAP_BPF, CAP_SYS_ADMIN and CAP_NET_ADMIN gone).
     let srv = common::Gnomon::start_via(
