@@ -490,6 +490,24 @@ impl Config {
             (true, None) => "none: every reply says unsynchronised (LI 3)".to_string(),
         };
         let _ = writeln!(out, "  sources      : {sources}");
+        if let Some(x) = self
+            .serve
+            .xdp
+            .as_ref()
+            .filter(|_| self.serve.io == crate::server::IoMode::Xdp)
+        {
+            let queues = if x.queues.is_empty() {
+                "all RX queues".to_string()
+            } else {
+                format!("RX queues {:?}", x.queues)
+            };
+            let otherwise = if x.required {
+                "refuses to start without it"
+            } else {
+                "else the kernel sockets alone"
+            };
+            let _ = writeln!(out, "  AF_XDP       : on {}, {queues}; {otherwise}", x.interface);
+        }
         let p = &self.policy;
         let mut counts: Vec<String> = Vec::new();
         for a in Action::ALL {
@@ -757,8 +775,14 @@ mod tests {
         let x = c.serve.xdp.unwrap();
         assert_eq!((x.interface.as_str(), x.queues, x.required), ("eth0", vec![0, 2], true));
         let c = Config::parse("io = \"xdp\"\n[xdp]\ninterface = \"eth0\"\n", "f").unwrap();
-        let x = c.serve.xdp.unwrap();
+        let x = c.serve.xdp.clone().unwrap();
         assert!(x.queues.is_empty() && !x.required, "defaults: all queues, fall back");
+        assert!(
+            c.summary()
+                .contains("AF_XDP       : on eth0, all RX queues; else the kernel sockets alone"),
+            "{}",
+            c.summary()
+        );
         for (text, line, key) in [
             ("io = \"xdp\"\n", 1, "io"),
             ("io = \"mmsg\"\n[xdp]\ninterface = \"eth0\"\n", 1, "io"),
