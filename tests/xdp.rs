@@ -1163,6 +1163,25 @@ fn without_af_xdp_gnomon_says_why_and_serves_through_the_kernel() {
     fallback(&srv, "not permitted to load an XDP program");
     wait_answering(&ns);
     drop(srv);
+    // A kernel without AF_XDP (socket(AF_XDP) refused as such a kernel does, by a seccomp
+    // filter on gnomon alone).
+    let dir = common::tempdir("xdp-noaf");
+    let control = dir.join("control.sock");
+    let path = dir.join("gnomon.toml");
+    std::fs::write(
+        &path,
+        format!("control_socket = \"{}\"\n{}", control.display(), config("xdp", "", "")),
+    )
+    .unwrap();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.names[0], common::GNOMON, "serve", "--config"])
+        .arg(&path);
+    if common::deny_syscall(&mut cmd, libc::SYS_socket, Some(44), libc::EAFNOSUPPORT) {
+        let srv = common::Gnomon::launch(cmd, dir, control);
+        fallback(&srv, "AF_XDP on xs: this kernel has no AF_XDP sockets");
+        assert!(!ns.exec(0, &["ip", "link", "show", "xs"]).1.contains("prog/xdp"));
+        wait_answering(&ns);
+    }
     // Another tool's program on the interface: left alone, never stacked or replaced.
     ns.enter(0);
     let other = load(&target(123)).unwrap();
