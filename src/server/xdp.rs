@@ -105,7 +105,13 @@ impl XdpCounters {
         XdpView {
             interface: self.interface.clone(),
             mode: self.mode,
-            program: self.program().into_iter().filter(|(k, _)| *k != "other").collect(),
+            // The checksum reasons are the workers' (per socket, `bad_checksum`): the program
+            // never counts them.
+            program: self
+                .program()
+                .into_iter()
+                .filter(|(k, _)| *k != "other" && !k.starts_with("dropped_"))
+                .collect(),
             sockets: self
                 .sockets()
                 .into_iter()
