@@ -540,6 +540,9 @@ fn ntpdig_is_answered_through_the_af_xdp_socket() {
     let Some(Direct { ns, p, _link, mut xsk }) = Direct::setup(target(123)) else {
         return;
     };
+    // veth has no zero-copy: the attempt fell back to copy mode, with need-wakeup kept.
+    assert!(!xsk.zero_copy(), "zero-copy on veth?");
+    assert!(xsk.need_wakeup(), "bound without XDP_USE_NEED_WAKEUP");
     let (_clock, mut h) = ntp_handler();
     for server in [SERVER4.to_string(), SERVER6.to_string()] {
         let before = p.counters().unwrap()[COUNT_REDIRECTED as usize];
