@@ -104,8 +104,16 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     for a in &srv.local_addrs {
         log::info!(
             "listening on {a} ({} workers, {} backend)",
-            srv.stats.len(),
+            srv.kernel_workers,
             srv.backend
+        );
+    }
+    if let Some(x) = &srv.xdp {
+        log::info!(
+            "AF_XDP on {}: RX queues {:?}, {} mode, beside the kernel sockets",
+            x.interface,
+            x.queues(),
+            x.mode
         );
     }
     if let Some(k) = &ke {
@@ -152,7 +160,9 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         }),
         _ => None,
     });
-    let ctx = Arc::new(ControlContext::new(srv.stats.clone(), Some(extra)));
+    let mut ctx = ControlContext::new(srv.stats.clone(), Some(extra));
+    ctx.xdp = srv.xdp.clone();
+    let ctx = Arc::new(ctx);
     let control = match control_listener {
         Some(l) => {
             let h = l.spawn(ctx, stop.clone())?;
@@ -170,6 +180,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
                 stats: srv.stats.clone(),
                 sync: Some(Box::new(move || reporter.report())),
                 started: std::time::Instant::now(),
+                xdp: srv.xdp.clone(),
             };
             let h = l.spawn(Arc::new(src), stop.clone())?;
             log::info!("metrics on {addr} (http://{addr}/metrics)");

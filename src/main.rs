@@ -28,7 +28,7 @@ enum Command {
         /// Worker threads (0 = one per CPU).
         #[arg(long)]
         workers: Option<usize>,
-        /// I/O backend: auto, uring or mmsg.
+        /// I/O backend: auto, uring, uring-send, mmsg, or xdp (with an [xdp] table in the config).
         #[arg(long)]
         io: Option<IoMode>,
         /// CPUs to pin workers to, e.g. 1 or 0,1.

@@ -111,45 +111,7 @@ fn bad_input_is_dropped_counted_and_never_answered() {
     let srv = Gnomon::start("local_stratum = 2\n");
     let addr = srv.addr();
     let sock = client(addr);
-    let mut corpus: Vec<(Vec<u8>, &str)> = vec![
-        (vec![], "drop_too_short"),
-        (vec![0x23], "drop_too_short"),
-        (vec![0x23; 47], "drop_too_short"),
-        (request(4, 3, 1)[..40].to_vec(), "drop_too_short"),
-        (
-            {
-                let mut v = request(4, 3, 1);
-                v.resize(1025, 0);
-                v
-            },
-            "drop_oversized",
-        ),
-        (
-            {
-                let mut v = request(4, 3, 1);
-                v.resize(1400, 0xaa);
-                v
-            },
-            "drop_oversized",
-        ),
-    ];
-    for mode in [1u8, 2, 4, 5] {
-        corpus.push((request(4, mode, 1), "drop_bad_mode"));
-    }
-    corpus.push((request(4, 0, 1), "drop_bad_mode"));
-    for mode in [6u8, 7] {
-        corpus.push((request(2, mode, 1), "drop_control_mode"));
-        corpus.push((request(4, mode, 1), "drop_control_mode"));
-    }
-    // The classic monlist request (mode 7, implementation 3, request 42): control mode
-    // whatever its length.
-    corpus.push((vec![0x17, 0x00, 0x03, 0x2a, 0, 0, 0, 0], "drop_control_mode"));
-    let mut monlist = vec![0x17, 0x00, 0x03, 0x2a];
-    monlist.resize(48, 0);
-    corpus.push((monlist, "drop_control_mode"));
-    for v in [0u8, 5, 6, 7] {
-        corpus.push((request(v, 3, 1), "drop_bad_version"));
-    }
+    let corpus = bad_input_corpus();
     let mut expected = std::collections::BTreeMap::<&str, u64>::new();
     for (bytes, reason) in &corpus {
         sock.send_to(bytes, addr).unwrap();

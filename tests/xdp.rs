@@ -19,6 +19,12 @@ static GLOBAL: common::alloc::Counting = common::alloc::Counting;
 
 const SERVER4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// More client addresses, for access rules: ignored, denied, limited.
+const CLIENTS4: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(198, 18, 0, 3),
+    Ipv4Addr::new(198, 18, 0, 4),
+    Ipv4Addr::new(198, 18, 0, 5),
+];
 // 2001:2::/48 is IPv6's benchmarking range (RFC 5180), as 198.18.0.0/15 is IPv4's (RFC 2544).
 const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0x2, 0, 0, 0, 0, 0, 1);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0x2, 0, 0, 0, 0, 0, 2);
@@ -186,6 +192,12 @@ struct Netns {
 
 impl Netns {
     fn create() -> Option<Netns> {
+        Netns::with_queues(1)
+    }
+
+    /// As [`Netns::create`], the veth pair with `queues` RX and TX queues on each end, and
+    /// [`CLIENTS4`] on the client's end beside [`CLIENT4`].
+    fn with_queues(queues: u32) -> Option<Netns> {
         if !is_root() {
             skip("network namespaces need root");
             return None;
@@ -201,13 +213,15 @@ impl Netns {
             names: [format!("gnomon-xdp-s{id}"), format!("gnomon-xdp-c{id}")],
         };
         let [s, c] = &ns.names;
+        let extra = CLIENTS4.map(|a| a.to_string()).join(" ");
         let script = format!(
             "set -e
             ip netns add {s}
             ip netns add {c}
-            ip -n {s} link add xs numtxqueues 1 numrxqueues 1 type veth peer name xc numtxqueues 1 numrxqueues 1 netns {c}
+            ip -n {s} link add xs numtxqueues {queues} numrxqueues {queues} type veth peer name xc numtxqueues {queues} numrxqueues {queues} netns {c}
             ip -n {s} addr add {SERVER4}/24 dev xs
             ip -n {c} addr add {CLIENT4}/24 dev xc
+            for a in {extra}; do ip -n {c} addr add $a/24 dev xc; done
             ip -n {s} addr add {SERVER6}/64 dev xs nodad
             ip -n {c} addr add {CLIENT6}/64 dev xc nodad
             ip -n {s} link set lo up
@@ -387,6 +401,48 @@ fn attached_on_veth_it_counts_and_passes_everything_without_a_socket() {
     assert!(!out.contains("prog/xdp"), "still attached after the link closed: {out}");
 }
 
+/// The program attached to the server's veth end with one AF_XDP socket on queue 0, the calling
+/// thread in the server's namespace and the client's end sending full UDP checksums; None (with
+/// a SKIPPED line) where that cannot be set up here. Fields drop in order: the namespaces last.
+struct Direct {
+    p: Program,
+    _link: gnomon::xdp::sys::Link,
+    xsk: gnomon::xdp::xsk::Xsk,
+    ns: Netns,
+}
+
+impl Direct {
+    fn setup(t: Target) -> Option<Direct> {
+        let p = load(&t)?;
+        let ns = Netns::create()?;
+        ns.enter(0);
+        let xs = ifindex("xs");
+        let link = p.attach(xs, Mode::Native).expect("attach");
+        let xsk = match gnomon::xdp::xsk::Xsk::bind(xs, 0, t) {
+            Ok(x) => x,
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                skip(&format!("AF_XDP is not available here: {e}"));
+                return None;
+            }
+            Err(e) => panic!("AF_XDP bind: {e}"),
+        };
+        p.bind_queue(0, xsk.raw_fd()).unwrap();
+        let ns_ref = &ns;
+        std::thread::scope(|sc| {
+            sc.spawn(move || {
+                ns_ref.enter(1);
+                tx_checksum_off("xc");
+            });
+        });
+        Some(Direct {
+            p,
+            _link: link,
+            xsk,
+            ns,
+        })
+    }
+}
+
 /// The handler the kernel path uses, serving everyone, its clock synchronised at stratum 3
 /// (the publisher is returned to keep the clock state alive).
 fn ntp_handler() -> (gnomon::clock::ClockPublisher, gnomon::server::ntp::NtpHandler) {
@@ -406,16 +462,10 @@ fn ntp_handler() -> (gnomon::clock::ClockPublisher, gnomon::server::ntp::NtpHand
 /// never reaches the kernel socket.
 #[test]
 fn a_request_with_ip_options_goes_to_the_kernel_socket() {
-    use gnomon::xdp::xsk::Xsk;
     use std::os::fd::AsRawFd;
-    let t = target(123);
-    let Some(p) = load(&t) else { return };
-    let Some(ns) = Netns::create() else { return };
-    ns.enter(0);
-    let xs = ifindex("xs");
-    let _link = p.attach(xs, Mode::Native).expect("attach");
-    let mut xsk = Xsk::bind(xs, 0, t).expect("AF_XDP bind");
-    p.bind_queue(0, xsk.raw_fd()).unwrap();
+    let Some(Direct { ns, p, _link, mut xsk }) = Direct::setup(target(123)) else {
+        return;
+    };
     let kernel = UdpSocket::bind((SERVER4, 123)).unwrap();
     kernel.set_nonblocking(true).unwrap();
     let (_clock, mut h) = ntp_handler();
@@ -424,7 +474,6 @@ fn a_request_with_ip_options_goes_to_the_kernel_socket() {
     let client = std::thread::scope(|sc| {
         let c = sc.spawn(move || {
             ns_ref.enter(1);
-            tx_checksum_off("xc");
             let with_options = UdpSocket::bind((CLIENT4, 0)).unwrap();
             // Four bytes of options (NOP, NOP, NOP, end of list): IHL 6.
             let opts = [1u8, 1, 1, 0];
@@ -483,37 +532,18 @@ fn a_request_with_ip_options_goes_to_the_kernel_socket() {
 #[test]
 fn ntpdig_is_answered_through_the_af_xdp_socket() {
     use gnomon::xdp::frame::COUNT_REDIRECTED;
-    use gnomon::xdp::xsk::Xsk;
 
     const NTPDIG: &str = "/usr/bin/ntpdig";
     if !common::have_tool(NTPDIG) {
         return;
     }
-    let t = target(123);
-    let Some(p) = load(&t) else { return };
-    let Some(ns) = Netns::create() else { return };
-    ns.enter(0);
-    let xs = ifindex("xs");
-    let _link = p.attach(xs, Mode::Native).expect("attach");
-    let mut xsk = match Xsk::bind(xs, 0, t) {
-        Ok(x) => x,
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
-            skip(&format!("AF_XDP is not available here: {e}"));
-            return;
-        }
-        Err(e) => panic!("AF_XDP bind: {e}"),
+    let Some(Direct { ns, p, _link, mut xsk }) = Direct::setup(target(123)) else {
+        return;
     };
-    p.bind_queue(0, xsk.raw_fd()).unwrap();
-
+    // veth has no zero-copy: the attempt fell back to copy mode, with need-wakeup kept.
+    assert!(!xsk.zero_copy(), "zero-copy on veth?");
+    assert!(xsk.need_wakeup(), "bound without XDP_USE_NEED_WAKEUP");
     let (_clock, mut h) = ntp_handler();
-
-    let ns_ref = &ns;
-    std::thread::scope(|sc| {
-        sc.spawn(move || {
-            ns_ref.enter(1);
-            tx_checksum_off("xc");
-        });
-    });
     for server in [SERVER4.to_string(), SERVER6.to_string()] {
         let before = p.counters().unwrap()[COUNT_REDIRECTED as usize];
         let client_ns = ns.names[1].clone();
@@ -535,6 +565,10 @@ fn ntpdig_is_answered_through_the_af_xdp_socket() {
             received += r.received;
             malformed += r.malformed;
             stamped += r.stamped;
+            assert!(
+                r.kicks <= 1 && (r.replied > 0 || r.kicks == 0),
+                "kicks per batch: {r:?}"
+            );
         }
         let (ok, out) = client.join().unwrap();
         let c = p.counters().unwrap();
@@ -620,21 +654,73 @@ fn a_killed_owner_leaves_no_program_and_the_next_attach_works() {
     common::say(&format!("second attach refused: {e}"));
 }
 
+/// A burst from many source ports is answered in batches of more than one request with no
+/// allocation in the serving loop (as tests/no_alloc.rs checks the kernel backends).
+#[test]
+fn a_burst_is_answered_in_batches_without_allocating() {
+    let Some(Direct {
+        ns,
+        p: _p,
+        _link,
+        mut xsk,
+    }) = Direct::setup(target(123))
+    else {
+        return;
+    };
+    let (_clock, mut h) = ntp_handler();
+    const N: usize = 400;
+    let ns_ref = &ns;
+    let (answered, results, allocs) = std::thread::scope(|sc| {
+        let c = sc.spawn(move || {
+            ns_ref.enter(1);
+            let socks: Vec<UdpSocket> = (0..16).map(|_| UdpSocket::bind((CLIENT4, 0)).unwrap()).collect();
+            for i in 0..N {
+                socks[i % socks.len()]
+                    .send_to(&common::request(4, 3, i as u64 + 1), (SERVER4, 123))
+                    .unwrap();
+            }
+            let mut got = 0;
+            for s in &socks {
+                s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+                let mut b = [0u8; 128];
+                while s.recv_from(&mut b).is_ok() {
+                    got += 1;
+                }
+            }
+            got
+        });
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let (mut results, mut allocs) = (Vec::with_capacity(4 * N), 0);
+        while !c.is_finished() && Instant::now() < deadline {
+            let (r, n) = common::alloc::allocations(|| xsk.serve_batch(&mut h, 20).unwrap());
+            allocs += n;
+            if r.received > 0 && results.len() < results.capacity() {
+                results.push(r);
+            }
+        }
+        (c.join().unwrap(), results, allocs)
+    });
+    let replied: usize = results.iter().map(|r| r.replied).sum();
+    let biggest = results.iter().map(|r| r.received).max().unwrap_or(0);
+    common::say(&format!(
+        "burst of {N}: {replied} replies in {} batches (largest {biggest}), client got {answered}",
+        results.len()
+    ));
+    assert_eq!(allocs, 0, "the AF_XDP serving loop allocated");
+    assert_eq!((replied, answered), (N, N));
+    assert!(biggest > 1, "every batch held one request: no batching");
+    assert!(results.iter().all(|r| r.kicks <= 1), "more than one TX kick in a batch");
+}
+
 /// `chronyd -Q -x` in the client namespace accepts the AF_XDP path's replies on both families.
 #[test]
 fn chronyd_accepts_replies_from_the_af_xdp_path() {
-    use gnomon::xdp::xsk::Xsk;
     if !common::have_tool(common::CHRONYD) {
         return;
     }
-    let t = target(123);
-    let Some(p) = load(&t) else { return };
-    let Some(ns) = Netns::create() else { return };
-    ns.enter(0);
-    let xs = ifindex("xs");
-    let _link = p.attach(xs, Mode::Native).expect("attach");
-    let mut xsk = Xsk::bind(xs, 0, t).expect("AF_XDP bind");
-    p.bind_queue(0, xsk.raw_fd()).unwrap();
+    let Some(Direct { ns, _link, mut xsk, .. }) = Direct::setup(target(123)) else {
+        return;
+    };
     let (_clock, mut h) = ntp_handler();
     let dir = common::tempdir("xdp-chrony");
     let ns_ref = &ns;
@@ -644,7 +730,6 @@ fn chronyd_accepts_replies_from_the_af_xdp_path() {
         let (out, replied) = std::thread::scope(|sc| {
             let c = sc.spawn(|| {
                 ns_ref.enter(1);
-                tx_checksum_off("xc");
                 common::chrony_client((server, 123).into(), &dir, 8)
             });
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -665,4 +750,449 @@ fn chronyd_accepts_replies_from_the_af_xdp_path() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `f` on a thread of its own in the client's namespace.
+fn in_client<R: Send>(ns: &Netns, f: impl FnOnce() -> R + Send) -> R {
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            ns.enter(1);
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// The config of a gnomon serving on the server's veth end with `io`, on both families at port
+/// 123, synchronised (LOCAL stratum 3); `top` goes before the tables, `tables` after.
+fn config(io: &str, top: &str, tables: &str) -> String {
+    let xdp = if io == "xdp" { "[xdp]\ninterface = \"xs\"\n" } else { "" };
+    format!(
+        "listen = [\"{SERVER4}:123\", \"[{SERVER6}]:123\"]\nio = \"{io}\"\nworkers = 1\nlocal_stratum = 3\n{top}{tables}{xdp}"
+    )
+}
+
+/// `gnomon serve` in the server's namespace.
+fn serve_in(ns: &Netns, cfg: &str) -> common::Gnomon {
+    common::Gnomon::start_via(&["ip", "netns", "exec", &ns.names[0]], cfg, &[])
+}
+
+/// Waits until [`CLIENT4`] gets an answer from the server (at most 15 s): the first requests
+/// after a namespace is made can wait seconds (seen here on a loaded machine, on both paths).
+/// Returns how many requests that took.
+fn wait_answering(ns: &Netns) -> u64 {
+    in_client(ns, || {
+        let s = UdpSocket::bind((CLIENT4, 0)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut sent = 0;
+        loop {
+            sent += 1;
+            if outcome(&s, (SERVER4, 123).into(), 1).is_some() {
+                return sent;
+            }
+            assert!(Instant::now() < deadline, "no answer within 15 s");
+        }
+    })
+}
+
+/// The workers of `stats --json` whose backend is (or is not) AF_XDP, as (received, answered).
+fn workers(srv: &common::Gnomon, xdp: bool) -> Vec<(u64, u64)> {
+    workers_of(&srv.stats(), xdp)
+}
+
+fn workers_of(s: &serde_json::Value, xdp: bool) -> Vec<(u64, u64)> {
+    s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| (w["backend"] == "xdp") == xdp)
+        .map(|w| {
+            let c = &w["counters"];
+            (c["received"].as_u64().unwrap(), c["answered"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+/// One exchange from `from` (port 0: any) to `to`; the reply's refid text for a Kiss-o'-Death,
+/// "time" for a normal reply, None for no reply within 400 ms.
+fn outcome(sock: &UdpSocket, to: std::net::SocketAddr, transmit: u64) -> Option<String> {
+    use gnomon::proto::Header;
+    sock.set_read_timeout(Some(Duration::from_millis(400))).unwrap();
+    sock.send_to(&common::request(4, 3, transmit), to).unwrap();
+    let mut b = [0u8; 128];
+    let deadline = Instant::now() + Duration::from_millis(400);
+    while Instant::now() < deadline {
+        let Ok((n, _)) = sock.recv_from(&mut b) else {
+            return None;
+        };
+        let h = Header::decode(&b[..n]).unwrap();
+        if h.origin_timestamp.0 != transmit {
+            continue;
+        }
+        return Some(if h.stratum == 0 {
+            String::from_utf8_lossy(&h.reference_id.0).into_owned()
+        } else {
+            "time".to_string()
+        });
+    }
+    None
+}
+
+fn tcp_works(to: std::net::SocketAddr) -> bool {
+    use std::io::Read;
+    let Ok(mut c) = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)) else {
+        return false;
+    };
+    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut b = [0u8; 5];
+    c.read_exact(&mut b).is_ok() && &b == b"hello"
+}
+
+/// The whole server on `io = "xdp"`: every request from 64 source ports is answered over both
+/// families, by the AF_XDP workers of both RX queues (none reaches a kernel socket), while ARP,
+/// ND, ping and TCP to the same addresses go on to the kernel; after SIGKILL a restart attaches
+/// again (one program, never stacked) and serves.
+#[test]
+fn gnomon_serves_through_af_xdp_on_every_rx_queue() {
+    use std::io::Write;
+    if load(&target(123)).is_none() {
+        return;
+    }
+    let Some(ns) = Netns::with_queues(2) else { return };
+    in_client(&ns, || tx_checksum_off("xc"));
+    let cfg = config(
+        "xdp",
+        "",
+        "[[restrict]]\naddress = \"198.18.0.0/15\"\naction = \"exempt\"\n[[restrict]]\naddress = \"2001:2::/48\"\naction = \"exempt\"\n\
+         [metrics]\nlisten = \"127.0.0.1:9975\"\n",
+    );
+    let mut srv = serve_in(&ns, &cfg);
+    let warm = wait_answering(&ns);
+    let started = srv.startup_log.join("\n");
+    assert!(
+        started.contains("AF_XDP on xs: RX queues [0, 1]"),
+        "no AF_XDP start line:\n{started}"
+    );
+    // A TCP service on the same addresses, in the server's namespace.
+    let tcp = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            ns.enter(0);
+            [
+                std::net::TcpListener::bind((SERVER4, 0)).unwrap(),
+                std::net::TcpListener::bind((SERVER6, 0)).unwrap(),
+            ]
+        })
+        .join()
+        .unwrap()
+    });
+    let tcp_addrs: Vec<_> = tcp.iter().map(|l| l.local_addr().unwrap()).collect();
+    let acceptor = std::thread::spawn(move || {
+        for l in &tcp {
+            l.set_nonblocking(false).unwrap();
+            if let Ok((mut c, _)) = l.accept() {
+                let _ = c.write_all(b"hello");
+            }
+        }
+    });
+    let (answered, v6, pinged, tcp_ok) = in_client(&ns, || {
+        let socks: Vec<UdpSocket> = (0..64).map(|_| UdpSocket::bind((CLIENT4, 0)).unwrap()).collect();
+        let answered = socks
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| outcome(s, (SERVER4, 123).into(), 1000 + *i as u64).as_deref() == Some("time"))
+            .count();
+        // IPv6 needs ND from the server's kernel first.
+        let s6 = UdpSocket::bind((CLIENT6, 0)).unwrap();
+        let v6 = outcome(&s6, (SERVER6, 123).into(), 7);
+        let tcp_ok = tcp_addrs.iter().all(|a| tcp_works(*a));
+        (answered, v6, ping(SERVER4), tcp_ok)
+    });
+    acceptor.join().unwrap();
+    assert_eq!(answered, 64, "IPv4 requests answered");
+    assert_eq!(v6.as_deref(), Some("time"), "IPv6 request");
+    assert!(pinged, "no ICMP echo reply beside AF_XDP");
+    assert!(tcp_ok, "TCP to the served addresses failed");
+    srv.wait_counter("answered", 65 + warm);
+    let x = workers(&srv, true);
+    let k = workers(&srv, false);
+    common::say(&format!(
+        "AF_XDP workers (received, answered): {x:?}; kernel workers: {k:?}"
+    ));
+    assert_eq!(x.len(), 2, "one AF_XDP worker per RX queue");
+    assert!(x.iter().all(|w| w.1 >= 1), "a queue's worker answered nothing: {x:?}");
+    assert_eq!(x.iter().map(|w| w.1).sum::<u64>(), 65 + warm);
+    assert!(k.iter().all(|w| w.0 == 0), "requests reached a kernel socket: {k:?}");
+    // The program's own verdicts and the sockets' kernel counters, in stats and metrics.
+    let st = srv.stats();
+    let program = &st["xdp"]["program"];
+    assert!(program["redirected"].as_u64().unwrap() >= 65 + warm, "{program}");
+    assert!(
+        program["passed_not_udp"].as_u64().unwrap() >= 1 && program["passed_short"].as_u64().unwrap() >= 1,
+        "ping (not UDP) and TCP (bare segments, shorter than a request): {program}"
+    );
+    assert!(program["passed_group_mac"].as_u64().unwrap() >= 1, "ARP/ND: {program}");
+    let sockets = st["xdp"]["sockets"].as_array().unwrap();
+    assert_eq!(sockets.len(), 2, "{}", st["xdp"]);
+    assert!(
+        sockets.iter().all(|s| s["rx_ring_full"] == 0 && s["bad_checksum"] == 0),
+        "{}",
+        st["xdp"]
+    );
+    let text = String::from_utf8_lossy(&srv.ctl(&["stats"]).stdout).into_owned();
+    assert!(
+        text.contains("AF_XDP on xs (copy mode)") && text.contains("redirected"),
+        "{text}"
+    );
+    let scrape = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            use std::io::Read;
+            ns.enter(0);
+            let mut c = std::net::TcpStream::connect("127.0.0.1:9975").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            out
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(
+        scrape.contains("gnomon_xdp_program_packets_total{interface=\"xs\",verdict=\"redirected\"}")
+            && scrape.contains("gnomon_xdp_rx_ring_full_total{interface=\"xs\",queue=\"1\"} 0")
+            && scrape.contains("backend=\"xdp\""),
+        "{scrape}"
+    );
+    let attached = || ns.exec(0, &["ip", "link", "show", "xs"]).1.matches("prog/xdp").count();
+    assert_eq!(attached(), 1);
+
+    // SIGKILL: the kernel detaches the program with the process; the next start attaches again.
+    srv.child.kill().unwrap();
+    srv.child.wait().unwrap();
+    drop(srv);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while attached() != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let srv = serve_in(&ns, &cfg);
+    let started = srv.startup_log.join("\n");
+    assert!(started.contains("AF_XDP on xs"), "restart fell back:\n{started}");
+    assert_eq!(attached(), 1);
+    wait_answering(&ns);
+    let x = workers(&srv, true);
+    assert!(
+        x.iter().map(|w| w.1).sum::<u64>() >= 1,
+        "not answered by AF_XDP after the restart: {x:?}"
+    );
+}
+
+/// The bad-input corpus of tests/serve.rs gets no reply on the AF_XDP path either; what is long
+/// enough for the program reaches the AF_XDP worker and is dropped there for the same reasons.
+#[test]
+fn the_bad_input_corpus_gets_no_reply_through_af_xdp() {
+    if load(&target(123)).is_none() {
+        return;
+    }
+    let Some(ns) = Netns::create() else { return };
+    in_client(&ns, || tx_checksum_off("xc"));
+    let srv = serve_in(&ns, &config("xdp", "", ""));
+    wait_answering(&ns);
+    srv.wait_counter("answered", 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = srv.stats();
+    let corpus = common::bad_input_corpus();
+    let answered = in_client(&ns, || {
+        let s = UdpSocket::bind((CLIENT4, 0)).unwrap();
+        for (bytes, _) in &corpus {
+            s.send_to(bytes, (SERVER4, 123)).unwrap();
+        }
+        got_one(&s)
+    });
+    assert!(!answered, "bad input was answered");
+    let received = before["total"]["counters"]["received"].as_u64().unwrap();
+    srv.wait_counter("received", received + corpus.len() as u64);
+    let stats = srv.stats();
+    let delta = |name: &str| {
+        let c = |s: &serde_json::Value| s["total"]["counters"][name].as_u64().unwrap();
+        c(&stats) - c(&before)
+    };
+    let mut expected = std::collections::BTreeMap::<&str, u64>::new();
+    for (_, reason) in &corpus {
+        *expected.entry(reason).or_default() += 1;
+    }
+    for (reason, n) in &expected {
+        assert_eq!(delta(reason), *n, "counter {reason}");
+    }
+    assert_eq!(delta("answered"), 0);
+    // What the program takes (48 bytes and more) reached the AF_XDP worker.
+    let long = corpus.iter().filter(|(b, _)| b.len() >= 48).count() as u64;
+    let xdp_received = |s: &serde_json::Value| workers_of(s, true).iter().map(|w| w.0).sum::<u64>();
+    assert_eq!(xdp_received(&stats) - xdp_received(&before), long, "AF_XDP workers");
+    let ok = in_client(&ns, || {
+        let s = UdpSocket::bind((CLIENT4, 0)).unwrap();
+        outcome(&s, (SERVER4, 123).into(), 5)
+    });
+    assert_eq!(ok.as_deref(), Some("time"), "a valid request right after");
+}
+
+/// Access rules (ignore, deny, limited), KoD DENY and RATE and the rate limiter give the same
+/// answers, request for request, on the AF_XDP path as on the kernel path.
+#[test]
+fn access_rules_and_rate_limits_behave_as_on_the_kernel_path() {
+    if load(&target(123)).is_none() {
+        return;
+    }
+    let Some(ns) = Netns::create() else { return };
+    in_client(&ns, || tx_checksum_off("xc"));
+    let [ignored, denied, limited] = CLIENTS4;
+    let rules = format!(
+        "[[restrict]]\naddress = \"{ignored}/32\"\naction = \"ignore\"\n\
+         [[restrict]]\naddress = \"{denied}/32\"\naction = \"deny\"\n\
+         [[restrict]]\naddress = \"{limited}/32\"\naction = \"limited\"\n\
+         [rate_limit]\ninterval = 8.0\nburst = 3\nleak = 0\nkod = true\n"
+    );
+    let mut seen = Vec::new();
+    for io in ["mmsg", "xdp"] {
+        let srv = serve_in(&ns, &config(io, "", &rules));
+        wait_answering(&ns);
+        std::thread::sleep(Duration::from_millis(300));
+        let x0: u64 = workers(&srv, true).iter().map(|w| w.0).sum();
+        let got: Vec<Vec<Option<String>>> = in_client(&ns, || {
+            [ignored, denied, limited]
+                .iter()
+                .map(|a| {
+                    let s = UdpSocket::bind((*a, 0)).unwrap();
+                    (0..6).map(|i| outcome(&s, (SERVER4, 123).into(), 100 + i)).collect()
+                })
+                .collect()
+        });
+        let x = workers(&srv, true);
+        common::say(&format!(
+            "{io}: {got:?}; AF_XDP workers {x:?}, kernel workers {:?}; {}",
+            workers(&srv, false),
+            ns.exec(0, &["ip", "-s", "link", "show", "xs"]).1
+        ));
+        if io == "xdp" {
+            assert_eq!(
+                x.iter().map(|w| w.0).sum::<u64>() - x0,
+                18,
+                "not served by AF_XDP: {x:?}"
+            );
+        }
+        seen.push(got);
+    }
+    assert_eq!(seen[0], seen[1], "AF_XDP and kernel paths differ");
+    let [ig, de, li] = &seen[0][..] else { unreachable!() };
+    assert!(ig.iter().all(Option::is_none), "ignored: {ig:?}");
+    assert_eq!(de[0].as_deref(), Some("DENY"), "denied: {de:?}");
+    assert!(li[..3].iter().all(|o| o.as_deref() == Some("time")), "limited: {li:?}");
+    assert!(
+        li[3..].contains(&Some("RATE".to_string())),
+        "no KoD RATE over the limit: {li:?}"
+    );
+}
+
+/// Each reason the AF_XDP path cannot be used that this machine can produce is said in one line,
+/// and the kernel sockets serve; with `required = true` the start is refused instead.
+#[test]
+fn without_af_xdp_gnomon_says_why_and_serves_through_the_kernel() {
+    let fallback = |srv: &common::Gnomon, why: &str| {
+        let log = srv.startup_log.join("\n");
+        let line = log
+            .lines()
+            .find(|l| l.contains("serving through the kernel sockets only"))
+            .unwrap_or_else(|| panic!("no fallback line:\n{log}"));
+        assert!(line.contains(why), "expected `{why}` in: {line}");
+        common::say(&format!("fallback: {line}"));
+    };
+    // A missing interface (no privilege needed to find that out).
+    let missing = "io = \"xdp\"\nlocal_stratum = 3\n[xdp]\ninterface = \"gnomon-none0\"\n";
+    let srv = common::Gnomon::start(missing);
+    fallback(&srv, "AF_XDP on gnomon-none0: no such interface");
+    let s = common::client(srv.addr());
+    assert!(common::exchange(&s, srv.addr(), &common::request(4, 3, 1)).is_some());
+    drop(srv);
+    // Refused instead.
+    let dir = common::tempdir("xdp-required");
+    let path = dir.join("gnomon.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "control_socket = \"{}\"\nlisten = [\"127.0.0.1:0\"]\n{missing}required = true\n",
+            dir.join("c.sock").display()
+        ),
+    )
+    .unwrap();
+    let (ok, out) = run_bounded(
+        Command::new(common::GNOMON).arg("serve").arg("--config").arg(&path),
+        Duration::from_secs(10),
+    );
+    assert!(
+        !ok && out.contains("no such interface") && out.contains("required = true"),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    if load(&target(123)).is_none() {
+        return;
+    }
+    let Some(ns) = Netns::create() else { return };
+    // An interface whose driver has no native XDP: loopback.
+    let lo = "listen = [\"127.0.0.1:0\"]\nio = \"xdp\"\nlocal_stratum = 3\n[xdp]\ninterface = \"lo\"\n";
+    let srv = serve_in(&ns, lo);
+    fallback(&srv, "AF_XDP on lo: the driver has no native XDP");
+    drop(srv);
+    // A queue the interface does not have: the program is detached again, not left behind.
+    let srv = serve_in(&ns, &config("xdp", "", "").replace("[xdp]\n", "[xdp]\nqueues = [3]\n"));
+    fallback(&srv, "AF_XDP on xs: binding an AF_XDP socket to queue 3");
+    assert!(!ns.exec(0, &["ip", "link", "show", "xs"]).1.contains("prog/xdp"));
+    wait_answering(&ns);
+    drop(srv);
+    // Without the capabilities (root, but with CAP_BPF, CAP_SYS_ADMIN and CAP_NET_ADMIN gone).
+    let srv = common::Gnomon::start_via(
+        &[
+            "ip",
+            "netns",
+            "exec",
+            &ns.names[0],
+            "setpriv",
+            "--bounding-set=-bpf,-sys_admin,-net_admin,-perfmon",
+            "--inh-caps=-all",
+        ],
+        &config("xdp", "", ""),
+        &[],
+    );
+    fallback(&srv, "not permitted to load an XDP program");
+    wait_answering(&ns);
+    drop(srv);
+    // A kernel without AF_XDP (socket(AF_XDP) refused as such a kernel does, by a seccomp
+    // filter on gnomon alone).
+    let dir = common::tempdir("xdp-noaf");
+    let control = dir.join("control.sock");
+    let path = dir.join("gnomon.toml");
+    std::fs::write(
+        &path,
+        format!("control_socket = \"{}\"\n{}", control.display(), config("xdp", "", "")),
+    )
+    .unwrap();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.names[0], common::GNOMON, "serve", "--config"])
+        .arg(&path);
+    if common::deny_syscall(&mut cmd, libc::SYS_socket, Some(44), libc::EAFNOSUPPORT) {
+        let srv = common::Gnomon::launch(cmd, dir, control);
+        fallback(&srv, "AF_XDP on xs: this kernel has no AF_XDP sockets");
+        assert!(!ns.exec(0, &["ip", "link", "show", "xs"]).1.contains("prog/xdp"));
+        wait_answering(&ns);
+    }
+    // Another tool's program on the interface: left alone, never stacked or replaced.
+    ns.enter(0);
+    let other = load(&target(123)).unwrap();
+    let _held = other.attach(ifindex("xs"), Mode::Native).unwrap();
+    let srv = serve_in(&ns, &config("xdp", "", ""));
+    fallback(&srv, "already has an XDP program that is not gnomon's");
+    assert_eq!(
+        ns.exec(0, &["ip", "link", "show", "xs"]).1.matches("prog/xdp").count(),
+        1
+    );
 }

@@ -111,6 +111,14 @@ struct RawMetrics {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawXdp {
+    interface: Spanned<String>,
+    queues: Option<Spanned<Vec<i64>>>,
+    required: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<Vec<Spanned<String>>>,
     workers: Option<Spanned<i64>>,
@@ -135,6 +143,7 @@ struct RawConfig {
     makestep: Option<RawMakeStep>,
     metrics: Option<RawMetrics>,
     nts: Option<RawNts>,
+    xdp: Option<Spanned<RawXdp>>,
 }
 
 #[derive(Deserialize)]
@@ -305,6 +314,17 @@ impl Config {
         if let Some(io) = &raw.io {
             serve.io = io.get_ref().parse().map_err(|m: String| loc.value(io, m))?;
         }
+        serve.xdp = raw.xdp.as_ref().map(|x| parse_xdp(&loc, x.get_ref())).transpose()?;
+        match (&raw.io, &raw.xdp) {
+            (Some(io), None) if serve.io == crate::server::IoMode::Xdp => {
+                return Err(loc.value(io, "io = \"xdp\" needs an [xdp] table with `interface`"));
+            }
+            (io, Some(x)) if serve.io != crate::server::IoMode::Xdp => {
+                let at = io.as_ref().map_or(x.span(), |i| i.span());
+                return Err(loc.at(at, "[xdp] is used only with io = \"xdp\""));
+            }
+            _ => {}
+        }
         if let Some(st) = &raw.steering {
             serve.steering = st.get_ref().parse().map_err(|m: String| loc.value(st, m))?;
         }
@@ -470,6 +490,24 @@ impl Config {
             (true, None) => "none: every reply says unsynchronised (LI 3)".to_string(),
         };
         let _ = writeln!(out, "  sources      : {sources}");
+        if let Some(x) = self
+            .serve
+            .xdp
+            .as_ref()
+            .filter(|_| self.serve.io == crate::server::IoMode::Xdp)
+        {
+            let queues = if x.queues.is_empty() {
+                "all RX queues".to_string()
+            } else {
+                format!("RX queues {:?}", x.queues)
+            };
+            let otherwise = if x.required {
+                "refuses to start without it"
+            } else {
+                "else the kernel sockets alone"
+            };
+            let _ = writeln!(out, "  AF_XDP       : on {}, {queues}; {otherwise}", x.interface);
+        }
         let p = &self.policy;
         let mut counts: Vec<String> = Vec::new();
         for a in Action::ALL {
@@ -607,6 +645,34 @@ fn parse_upstream(loc: &Locator, u: &RawUpstream, pool: bool) -> Result<Upstream
     Ok(up)
 }
 
+fn parse_xdp(loc: &Locator, x: &RawXdp) -> Result<crate::server::xdp::XdpOptions, ConfigError> {
+    let interface = x.interface.get_ref();
+    // IFNAMSIZ is 16 with the NUL; a '/' or a space is no interface name.
+    if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ', '\0']) {
+        return Err(loc.value(&x.interface, format!("`{interface}` is not an interface name")));
+    }
+    let mut queues = Vec::new();
+    if let Some(q) = &x.queues {
+        for &n in q.get_ref() {
+            if !(0..=1023).contains(&n) {
+                return Err(loc.value(q, format!("queue {n} is not an RX queue number (0 to 1023)")));
+            }
+            if queues.contains(&(n as u32)) {
+                return Err(loc.value(q, format!("queue {n} is listed twice")));
+            }
+            queues.push(n as u32);
+        }
+        if queues.is_empty() {
+            return Err(loc.value(q, "an empty queue list serves nothing: leave `queues` out for all"));
+        }
+    }
+    Ok(crate::server::xdp::XdpOptions {
+        interface: interface.clone(),
+        queues,
+        required: x.required.unwrap_or(false),
+    })
+}
+
 fn parse_makestep(loc: &Locator, m: &RawMakeStep) -> Result<MakeStep, ConfigError> {
     let mut out = MakeStep::DEFAULT;
     if let Some(t) = &m.threshold {
@@ -697,6 +763,49 @@ fn default_listen() -> Vec<SocketAddr> {
 mod tests {
     use super::*;
     use crate::server::IoMode;
+
+    #[test]
+    fn xdp_table() {
+        let c = Config::parse(
+            "io = \"xdp\"\n[xdp]\ninterface = \"eth0\"\nqueues = [0, 2]\nrequired = true\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(c.serve.io, IoMode::Xdp);
+        let x = c.serve.xdp.unwrap();
+        assert_eq!((x.interface.as_str(), x.queues, x.required), ("eth0", vec![0, 2], true));
+        let c = Config::parse("io = \"xdp\"\n[xdp]\ninterface = \"eth0\"\n", "f").unwrap();
+        let x = c.serve.xdp.clone().unwrap();
+        assert!(x.queues.is_empty() && !x.required, "defaults: all queues, fall back");
+        assert!(
+            c.summary()
+                .contains("AF_XDP       : on eth0, all RX queues; else the kernel sockets alone"),
+            "{}",
+            c.summary()
+        );
+        for (text, line, key) in [
+            ("io = \"xdp\"\n", 1, "io"),
+            ("io = \"mmsg\"\n[xdp]\ninterface = \"eth0\"\n", 1, "io"),
+            ("io = \"xdp\"\n[xdp]\ninterface = \"a/b\"\n", 3, "interface"),
+            (
+                "io = \"xdp\"\n[xdp]\ninterface = \"eth0\"\nqueues = [1, 1]\n",
+                4,
+                "queues",
+            ),
+            (
+                "io = \"xdp\"\n[xdp]\ninterface = \"eth0\"\nqueues = [-1]\n",
+                4,
+                "queues",
+            ),
+            ("io = \"xdp\"\n[xdp]\ninterface = \"eth0\"\nqueues = []\n", 4, "queues"),
+        ] {
+            let e = Config::parse(text, "f").unwrap_err();
+            assert_eq!((e.line, e.key.as_deref()), (Some(line), Some(key)), "{text}: {e}");
+        }
+        // [xdp] alone, without io: the table is blamed.
+        let e = Config::parse("[xdp]\ninterface = \"eth0\"\n", "f").unwrap_err();
+        assert_eq!(e.line, Some(1), "{e}");
+    }
 
     #[test]
     fn embedded_default_is_valid() {

@@ -184,12 +184,18 @@ pub struct MetricsSource {
     pub stats: Vec<Arc<WorkerStats>>,
     pub sync: Option<Box<dyn Fn() -> SyncReport + Send + Sync>>,
     pub started: Instant,
+    /// The AF_XDP program's and sockets' counters, when `io = "xdp"` runs.
+    pub xdp: Option<Arc<crate::server::xdp::XdpCounters>>,
 }
 
 impl MetricsSource {
     pub fn render(&self) -> String {
         let report = self.sync.as_ref().map(|f| f());
-        render(&self.stats, report.as_ref(), self.started.elapsed().as_secs_f64())
+        let mut out = render(&self.stats, report.as_ref(), self.started.elapsed().as_secs_f64());
+        if let Some(x) = &self.xdp {
+            out.push_str(&x.view().prometheus());
+        }
+        out
     }
 }
 
@@ -973,6 +979,7 @@ mod tests {
             stats: vec![worker(0, &[(Counter::Received, 5)], &[], &[])],
             sync: Some(Box::new(report)),
             started: Instant::now(),
+            xdp: None,
         });
         let stop = Arc::new(AtomicBool::new(false));
         let h = l.spawn(src, stop.clone()).unwrap();

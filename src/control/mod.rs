@@ -29,6 +29,8 @@ pub struct ControlContext {
     pub extra: Option<Extra>,
     /// The busiest clients, from the workers' samples (`gnomon clients`).
     pub clients: Mutex<clients::ClientTable>,
+    /// The AF_XDP program's and sockets' counters, when `io = "xdp"` runs.
+    pub xdp: Option<Arc<crate::server::xdp::XdpCounters>>,
 }
 
 impl ControlContext {
@@ -40,6 +42,7 @@ impl ControlContext {
             rates: Mutex::new(stats_view::RateTracker::new(n)),
             extra,
             clients: Mutex::new(clients::ClientTable::new(n)),
+            xdp: None,
         }
     }
 

@@ -82,6 +82,9 @@ pub struct StatsSnapshot {
     pub uptime_s: f64,
     pub workers: Vec<WorkerView>,
     pub total: WorkerView,
+    /// The XDP program's verdicts and the AF_XDP sockets' kernel counters (`io = "xdp"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xdp: Option<crate::server::xdp::XdpView>,
 }
 
 fn view(
@@ -136,6 +139,7 @@ pub fn collect(ctx: &ControlContext) -> StatsSnapshot {
         uptime_s: ctx.started.elapsed().as_secs_f64(),
         workers,
         total,
+        xdp: ctx.xdp.as_ref().map(|x| x.view()),
     }
 }
 
@@ -180,6 +184,9 @@ pub fn render(s: &StatsSnapshot) -> String {
         for (k, v) in others {
             let _ = writeln!(out, "{k:<22} {v:>9}");
         }
+    }
+    if let Some(x) = &s.xdp {
+        out.push_str(&x.render());
     }
     out
 }

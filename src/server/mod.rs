@@ -10,6 +10,7 @@ pub mod socket;
 pub mod stats;
 pub mod steering;
 pub mod uring;
+pub mod xdp;
 
 use socket::{SocketOptions, bind_udp};
 use socket2::Socket;
@@ -71,6 +72,8 @@ pub enum IoMode {
     /// io_uring for the replies too (one `SendMsg` per reply) instead of `sendmmsg`.
     UringSend,
     Mmsg,
+    /// AF_XDP on `[xdp] interface` beside kernel sockets on the `auto` backend.
+    Xdp,
 }
 
 impl std::str::FromStr for IoMode {
@@ -81,8 +84,9 @@ impl std::str::FromStr for IoMode {
             "uring" | "io_uring" => Ok(IoMode::Uring),
             "uring-send" => Ok(IoMode::UringSend),
             "mmsg" => Ok(IoMode::Mmsg),
+            "xdp" => Ok(IoMode::Xdp),
             _ => Err(format!(
-                "unknown io backend `{s}` (expected auto, uring, uring-send or mmsg)"
+                "unknown io backend `{s}` (expected auto, uring, uring-send, mmsg or xdp)"
             )),
         }
     }
@@ -99,6 +103,8 @@ pub struct ServeOptions {
     pub cpus: Vec<usize>,
     pub socket: SocketOptions,
     pub steering: steering::Steering,
+    /// `[xdp]`, used when `io` is [`IoMode::Xdp`].
+    pub xdp: Option<xdp::XdpOptions>,
 }
 
 impl Default for ServeOptions {
@@ -118,6 +124,7 @@ impl Default for ServeOptions {
                 nonblocking: false,
             },
             steering: steering::Steering::Source,
+            xdp: None,
         }
     }
 }
@@ -135,6 +142,12 @@ pub struct Server {
     pub local_addrs: Vec<SocketAddr>,
     pub stats: Vec<Arc<WorkerStats>>,
     pub backend: &'static str,
+    /// Workers on the kernel sockets (the first of `stats`).
+    pub kernel_workers: usize,
+    /// The AF_XDP path's counters when it runs (its workers are the last of `stats`).
+    pub xdp: Option<Arc<xdp::XdpCounters>>,
+    /// Keeps the XDP program attached while the server runs.
+    _xdp_link: Option<crate::xdp::sys::Link>,
     /// `None` once joined.
     threads: Vec<Option<JoinHandle<io::Result<()>>>>,
     /// Each worker sends its index here when it ends, however it ends.
@@ -248,7 +261,7 @@ fn choose_backend(io: IoMode) -> io::Result<&'static str> {
                 }
             })
             .map_err(|uring::Unsupported(why)| io::Error::new(io::ErrorKind::Unsupported, format!("io_uring: {why}"))),
-        IoMode::Auto => Ok(match uring::probe() {
+        IoMode::Auto | IoMode::Xdp => Ok(match uring::probe() {
             Ok(()) => "io_uring",
             Err(uring::Unsupported(why)) => {
                 log::info!("io_uring unavailable ({why}); using recvmmsg/sendmmsg");
@@ -275,6 +288,8 @@ pub struct Bound {
     per_worker: Vec<Vec<Socket>>,
     cpus: Vec<usize>,
     io: IoMode,
+    /// The AF_XDP program and sockets, when `io = "xdp"` could set them up.
+    pub xdp: Option<xdp::XdpBound>,
 }
 
 /// Binds every worker's sockets in one SO_REUSEPORT group per address.
@@ -324,11 +339,35 @@ pub fn bind(opts: &ServeOptions) -> io::Result<Bound> {
         ));
     }
 
+    // After the kernel sockets, which learned the real port; while still privileged.
+    let xdp = match (&opts.xdp, opts.io) {
+        (Some(o), IoMode::Xdp) => match xdp::setup(o, &local_addrs) {
+            Ok(x) => Some(x),
+            Err(why) if o.required => {
+                return Err(io::Error::other(format!(
+                    "{why} (refusing to start: [xdp] required = true)"
+                )));
+            }
+            Err(why) => {
+                log::warn!("{why}; serving through the kernel sockets only");
+                None
+            }
+        },
+        (None, IoMode::Xdp) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "io = \"xdp\" needs an [xdp] table with the interface",
+            ));
+        }
+        _ => None,
+    };
+
     Ok(Bound {
         local_addrs,
         per_worker,
         cpus,
         io: opts.io,
+        xdp,
     })
 }
 
@@ -381,6 +420,7 @@ where
         per_worker,
         cpus,
         io,
+        xdp,
     } = bound;
     let backend = choose_backend(io)?;
     let mut stats = Vec::new();
@@ -418,10 +458,45 @@ where
             })?;
         threads.push(Some(t));
     }
+    let kernel_workers = threads.len();
+    let (xdp_counters, xdp_link) = match xdp {
+        Some(x) => {
+            for (slot, (queue, mut xsk)) in x.sockets.into_iter().enumerate() {
+                let i = threads.len();
+                // Queue q's interrupts are usually on CPU q (tuning/irq-affinity.sh): its
+                // worker beside them.
+                let cpu = (!cpus.is_empty()).then(|| cpus[queue as usize % cpus.len()]);
+                let st = Arc::new(WorkerStats::new(i, cpu, "xdp"));
+                stats.push(st.clone());
+                let mut handler = make_handler(i, st);
+                let stop = stop.clone();
+                let counters = x.counters.clone();
+                let notice = ExitNotice {
+                    worker: i,
+                    tx: exit_tx.clone(),
+                };
+                let t = std::thread::Builder::new()
+                    .name(format!("gnomon-xdp-{queue}"))
+                    .spawn(move || {
+                        let _notice = notice;
+                        if let Some(id) = cpu {
+                            core_affinity::set_for_current(core_affinity::CoreId { id });
+                        }
+                        xdp::run(&mut xsk, slot, &counters, &mut handler, &stop)
+                    })?;
+                threads.push(Some(t));
+            }
+            (Some(x.counters), Some(x.link))
+        }
+        None => (None, None),
+    };
     Ok(Server {
         local_addrs,
         stats,
         backend,
+        kernel_workers,
+        xdp: xdp_counters,
+        _xdp_link: xdp_link,
         threads,
         exits,
     })

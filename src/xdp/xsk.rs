@@ -31,6 +31,10 @@ const XDP_PGOFF_TX_RING: libc::off_t = 0x8000_0000;
 const XDP_UMEM_PGOFF_FILL_RING: libc::off_t = 0x1_0000_0000;
 const XDP_UMEM_PGOFF_COMPLETION_RING: libc::off_t = 0x1_8000_0000;
 const XDP_COPY: u16 = 1 << 1;
+const XDP_ZEROCOPY: u16 = 1 << 2;
+const XDP_USE_NEED_WAKEUP: u16 = 1 << 3;
+/// In a ring's flags word: the kernel waits for a syscall before it touches this ring again.
+const XDP_RING_NEED_WAKEUP: u32 = 1;
 
 /// UMEM chunk size: one frame per chunk (aligned mode needs a power of two of at least 2048).
 pub const FRAME_SIZE: u32 = 2048;
@@ -129,6 +133,7 @@ struct Ring<T> {
     _map: Mmap,
     producer: *const AtomicU32,
     consumer: *const AtomicU32,
+    flags: *const AtomicU32,
     desc: *mut T,
     mask: u32,
 }
@@ -138,10 +143,11 @@ impl<T: Copy> Ring<T> {
         let len = off.desc as usize + FRAMES as usize * size_of::<T>();
         let map = Mmap::new(len, Some((fd, pgoff)))?;
         // SAFETY: the kernel's offsets lie inside the mapping it just sized for this ring.
-        let (producer, consumer, desc) = unsafe {
+        let (producer, consumer, flags, desc) = unsafe {
             (
                 map.ptr.add(off.producer as usize) as *const AtomicU32,
                 map.ptr.add(off.consumer as usize) as *const AtomicU32,
+                map.ptr.add(off.flags as usize) as *const AtomicU32,
                 map.ptr.add(off.desc as usize) as *mut T,
             )
         };
@@ -149,6 +155,7 @@ impl<T: Copy> Ring<T> {
             _map: map,
             producer,
             consumer,
+            flags,
             desc,
             mask: FRAMES - 1,
         })
@@ -160,6 +167,12 @@ impl<T: Copy> Ring<T> {
     fn consumer(&self) -> &AtomicU32 {
         // SAFETY: as for `producer`.
         unsafe { &*self.consumer }
+    }
+    /// Whether the kernel asks for a syscall to go on with this ring (only set when the socket
+    /// was bound with XDP_USE_NEED_WAKEUP; without it the kernel never waits).
+    fn needs_wakeup(&self) -> bool {
+        // SAFETY: as for `producer`.
+        unsafe { &*self.flags }.load(Ordering::Relaxed) & XDP_RING_NEED_WAKEUP != 0
     }
     fn read(&self, idx: u32) -> T {
         // SAFETY: idx is masked into the ring; the entry was published by the producer's
@@ -231,6 +244,8 @@ pub struct BatchResult {
     pub malformed: usize,
     /// Requests whose T2 came from the XDP program's timestamp (the rest got the batch's time).
     pub stamped: usize,
+    /// TX kicks (sendto) made for this batch: at most one.
+    pub kicks: usize,
 }
 
 /// The kernel's counters of one AF_XDP socket (`struct xdp_statistics`), since it was bound.
@@ -261,12 +276,48 @@ pub struct Xsk {
     /// Chunks to give back to the fill ring (dropped requests, completed replies).
     recycle: Box<[u64]>,
     recycled: usize,
+    /// The sockaddr_xdp flags it was bound with.
+    flags: u16,
 }
 
+// SAFETY: every mapping and fd of an `Xsk` is owned by it alone (no other value points into its
+// UMEM or rings), so moving it whole to the worker thread that then uses it is sound; it is not
+// `Sync`, so only one thread touches the rings at a time.
+unsafe impl Send for Xsk {}
+
 impl Xsk {
-    /// Creates the socket and its UMEM and binds it in copy mode to queue `queue` of interface
-    /// `ifindex` (of the calling thread's network namespace).
+    /// Creates the socket and its UMEM and binds it to queue `queue` of interface `ifindex` (of
+    /// the calling thread's network namespace): zero-copy where the driver offers it, else copy
+    /// mode; with need-wakeup where the kernel has it (5.4+), so an idle or keeping-up kernel
+    /// side costs no syscalls.
     pub fn bind(ifindex: u32, queue: u32, target: Target) -> io::Result<Xsk> {
+        let mut last = None;
+        for flags in [
+            XDP_ZEROCOPY | XDP_USE_NEED_WAKEUP,
+            XDP_COPY | XDP_USE_NEED_WAKEUP,
+            XDP_COPY,
+        ] {
+            match Xsk::bind_with(ifindex, queue, target, flags) {
+                Ok(x) => return Ok(x),
+                // No AF_XDP at all, or no right to it: no other mode helps.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EPERM)) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried at least once"))
+    }
+
+    /// Whether the driver took the UMEM in zero-copy mode (else frames are copied, as on veth).
+    pub fn zero_copy(&self) -> bool {
+        self.flags & XDP_ZEROCOPY != 0
+    }
+
+    /// Whether the socket was bound with XDP_USE_NEED_WAKEUP.
+    pub fn need_wakeup(&self) -> bool {
+        self.flags & XDP_USE_NEED_WAKEUP != 0
+    }
+
+    fn bind_with(ifindex: u32, queue: u32, target: Target, flags: u16) -> io::Result<Xsk> {
         // SAFETY: plain socket creation; the fd is owned right after.
         let raw = unsafe { libc::socket(AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
         if raw < 0 {
@@ -308,7 +359,7 @@ impl Xsk {
         let tx = Ring::map(raw, &off.tx, XDP_PGOFF_TX_RING)?;
         let sa = SockaddrXdp {
             family: AF_XDP as u16,
-            flags: XDP_COPY,
+            flags,
             ifindex,
             queue_id: queue,
             shared_umem_fd: 0,
@@ -341,6 +392,7 @@ impl Xsk {
             pending: [None; BATCH],
             recycle: vec![0u64; FRAMES as usize].into_boxed_slice(),
             recycled: 0,
+            flags,
         })
     }
 
@@ -399,6 +451,21 @@ impl Xsk {
     pub fn serve_batch<H: Handler>(&mut self, handler: &mut H, timeout_ms: i32) -> io::Result<BatchResult> {
         self.reclaim();
         let (mut idx, mut n) = self.rx.peek(BATCH as u32);
+        if n > 0 && self.fill.needs_wakeup() {
+            // Zero-copy drivers stop receiving when the fill ring ran dry until told it has
+            // chunks again; `poll` below does that when idle, this when busy.
+            // SAFETY: a zero-length, non-blocking recvfrom on our socket only wakes the driver.
+            unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+        }
         if n == 0 {
             let mut p = libc::pollfd {
                 fd: self.fd.as_raw_fd(),
@@ -496,17 +563,24 @@ impl Xsk {
             }
             self.tx.submit(sent);
             res.replied = sent as usize;
-            // Copy mode sends in the syscall: one kick for the batch.
-            // SAFETY: a zero-length sendto on our socket only triggers the TX ring's processing.
-            let r = unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    std::ptr::null(),
-                    0,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null(),
-                    0,
-                )
+            // Copy mode sends in the syscall: one kick for the batch; with need-wakeup, a
+            // zero-copy driver still draining the ring needs none.
+            let r = if !self.need_wakeup() || self.tx.needs_wakeup() {
+                res.kicks = 1;
+                // SAFETY: a zero-length sendto on our socket only triggers the TX ring's
+                // processing.
+                unsafe {
+                    libc::sendto(
+                        self.fd.as_raw_fd(),
+                        std::ptr::null(),
+                        0,
+                        libc::MSG_DONTWAIT,
+                        std::ptr::null(),
+                        0,
+                    )
+                }
+            } else {
+                0
             };
             if r < 0 {
                 let e = io::Error::last_os_error();

@@ -260,6 +260,51 @@ pub fn request(version: u8, mode: u8, transmit: u64) -> Vec<u8> {
     b
 }
 
+/// Datagrams a server must never answer, each with the counter that drops it (tests/serve.rs
+/// on the kernel path, tests/xdp.rs on the AF_XDP path).
+pub fn bad_input_corpus() -> Vec<(Vec<u8>, &'static str)> {
+    let mut corpus: Vec<(Vec<u8>, &'static str)> = vec![
+        (vec![], "drop_too_short"),
+        (vec![0x23], "drop_too_short"),
+        (vec![0x23; 47], "drop_too_short"),
+        (request(4, 3, 1)[..40].to_vec(), "drop_too_short"),
+        (
+            {
+                let mut v = request(4, 3, 1);
+                v.resize(1025, 0);
+                v
+            },
+            "drop_oversized",
+        ),
+        (
+            {
+                let mut v = request(4, 3, 1);
+                v.resize(1400, 0xaa);
+                v
+            },
+            "drop_oversized",
+        ),
+    ];
+    for mode in [1u8, 2, 4, 5] {
+        corpus.push((request(4, mode, 1), "drop_bad_mode"));
+    }
+    corpus.push((request(4, 0, 1), "drop_bad_mode"));
+    for mode in [6u8, 7] {
+        corpus.push((request(2, mode, 1), "drop_control_mode"));
+        corpus.push((request(4, mode, 1), "drop_control_mode"));
+    }
+    // The classic monlist request (mode 7, implementation 3, request 42): control mode
+    // whatever its length.
+    corpus.push((vec![0x17, 0x00, 0x03, 0x2a, 0, 0, 0, 0], "drop_control_mode"));
+    let mut monlist = vec![0x17, 0x00, 0x03, 0x2a];
+    monlist.resize(48, 0);
+    corpus.push((monlist, "drop_control_mode"));
+    for v in [0u8, 5, 6, 7] {
+        corpus.push((request(v, 3, 1), "drop_bad_version"));
+    }
+    corpus
+}
+
 /// Runs a command with a hard time limit; returns (status success, stdout+stderr). The command
 /// runs in its own process group, which is killed whole at the limit (a script's children too).
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (bool, String) {

@@ -1,0 +1,267 @@
+#!/usr/bin/env bash
+# benches/xdp.sh: gnomon on AF_XDP against gnomon on io_uring and on mmsg and against chronyd,
+# in one run, on the same veth pair between two network namespaces and with the same generator.
+#
+# Each server runs alone, pinned to SRV_CPU; gnomon-load runs in the other namespace pinned to
+# GEN_CPU. On veth the receiver's kernel work runs on the sender's core by default, so both veth
+# ends get a NAPI (GRO on) that runs as a kernel thread (threaded NAPI), each pinned to its own
+# side's CPU: the server core then carries everything the server costs, kernel included. For
+# each server: a ramp finds the highest rate with loss under MAX_LOSS (the loss-free rate), then
+# a run at the one fixed RATE measures the busy time of the server's core (from /proc/stat:
+# user+nice+system+irq+softirq+steal of cpuSRV_CPU) per reply. Prints a table with the ratios
+# against chrony. Needs root (namespaces, XDP). Addresses: 198.18.0.0/15 only (RFC 2544), on
+# interfaces that exist only inside the namespaces, deleted at exit.
+#
+# Usage: sudo benches/xdp.sh
+#   ONLY="xdp chrony"      a subset of: xdp uring mmsg chrony
+#   RATE=100000            the fixed rate (requests/s) at which CPU per reply is compared
+#   QUICK=1                short steps, for checking that the script works
+#   PROFILE=debug          use target/debug binaries (checking the script without a release build)
+# Knobs below (MAX_LOSS, PORTS, RAMP_START, ...) have defaults. Run it on a quiet machine: the
+# server core's busy time counts everything that runs there.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+GEN_CPU=${GEN_CPU:-0}
+SRV_CPU=${SRV_CPU:-1}
+ONLY=${ONLY:-"xdp uring mmsg chrony"}
+RATE=${RATE:-100000}
+FIXED=${FIXED:-10s}
+MAX_LOSS=${MAX_LOSS:-0.1%}
+PORTS=${PORTS:-64}
+RAMP_START=${RAMP_START:-20k}
+RAMP_FACTOR=${RAMP_FACTOR:-1.25}
+STEP=${STEP:-2s}
+REFINE=${REFINE:-3}
+RAMP_BOUND=${RAMP_BOUND:-120s}
+PROFILE=${PROFILE:-release}
+OUT=${OUT:-$ROOT/target/xdp-bench}
+if [[ -n ${QUICK:-} ]]; then
+    STEP=300ms
+    REFINE=0
+    FIXED=1s
+    RAMP_FACTOR=2
+    RAMP_BOUND=2s
+fi
+if [[ $(id -u) != 0 ]]; then
+    echo "benches/xdp.sh needs root (network namespaces, XDP)" >&2
+    exit 1
+fi
+
+SERVER=198.18.0.1
+CLIENT=198.18.0.2
+# Short, unique device names: a threaded NAPI's kernel thread is `napi/DEV-ID`, its name cut at
+# 15 characters, and is found (to pin it) by that name.
+SDEV=bs$$
+CDEV=bc$$
+NS_S=gnomon-bench-s$$
+NS_C=gnomon-bench-c$$
+TMP=$(mktemp -d)
+SERVER_PID=
+
+cleanup() {
+    if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    SERVER_PID=
+}
+trap 'cleanup; ip netns del "$NS_S" 2>/dev/null; ip netns del "$NS_C" 2>/dev/null; rm -rf "$TMP"' EXIT
+trap 'exit 130' INT TERM
+
+wants() { [[ " $ONLY " == *" $1 "* ]]; }
+
+mkdir -p "$OUT"
+echo "== building $PROFILE binaries" >&2
+if [[ $PROFILE == release ]]; then
+    cargo build --release -p gnomon --bin gnomon -p gnomon-load >&2
+else
+    cargo build -p gnomon --bin gnomon -p gnomon-load >&2
+fi
+LOAD=$ROOT/target/$PROFILE/gnomon-load
+GNOMON=$ROOT/target/$PROFILE/gnomon
+CHRONYD=$(command -v chronyd || echo /usr/sbin/chronyd)
+
+echo "== namespaces $NS_S ($SDEV $SERVER) and $NS_C ($CDEV $CLIENT)" >&2
+ip netns add "$NS_S"
+ip netns add "$NS_C"
+ip -n "$NS_S" link add "$SDEV" numrxqueues 1 numtxqueues 1 type veth peer name "$CDEV" \
+    numrxqueues 1 numtxqueues 1 netns "$NS_C"
+ip -n "$NS_S" addr add "$SERVER/24" dev "$SDEV"
+ip -n "$NS_C" addr add "$CLIENT/24" dev "$CDEV"
+for ns in "$NS_S" "$NS_C"; do ip -n "$ns" link set lo up; done
+ip -n "$NS_S" link set "$SDEV" up
+ip -n "$NS_C" link set "$CDEV" up
+
+# ethtool_set NS DEV CMD VALUE: one ETHTOOL_S* ioctl (ethtool itself need not be installed).
+ethtool_set() {
+    ip netns exec "$1" python3 - "$2" "$3" "$4" <<'EOF'
+import ctypes, fcntl, socket, struct, sys
+dev, cmd, val = sys.argv[1], int(sys.argv[2], 0), int(sys.argv[3])
+ev = ctypes.create_string_buffer(struct.pack("II", cmd, val))
+ifr = struct.pack("16sP", dev.encode(), ctypes.addressof(ev)) + b"\0" * 16
+fcntl.ioctl(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), 0x8946, ifr)  # SIOCETHTOOL
+EOF
+}
+ETHTOOL_STXCSUM=0x17
+ETHTOOL_SGRO=0x2c
+# GRO gives each veth end a NAPI even without XDP (so the receive work can be a thread).
+ethtool_set "$NS_S" "$SDEV" $ETHTOOL_SGRO 1
+ethtool_set "$NS_C" "$CDEV" $ETHTOOL_SGRO 1
+# A veth peer with TX checksum offload sends UDP checksums that hold only the pseudo-header sum
+# (CHECKSUM_PARTIAL); the AF_XDP path would drop them as wrong. Off for every server alike.
+ethtool_set "$NS_C" "$CDEV" $ETHTOOL_STXCSUM 0
+ip netns exec "$NS_S" sh -c "echo 1 > /sys/class/net/$SDEV/threaded"
+ip netns exec "$NS_C" sh -c "echo 1 > /sys/class/net/$CDEV/threaded"
+
+# pin_napi DEV CPU: pins DEV's NAPI threads. Attaching or detaching XDP makes veth's NAPI
+# again, with new threads, so this runs after every server start.
+pin_napi() {
+    local dev=$1 cpu=$2 pid comm n=0
+    while read -r pid comm; do
+        if [[ $comm == "napi/$dev-"* ]]; then
+            taskset -p -c "$cpu" "$pid" >/dev/null
+            n=$((n + 1))
+        fi
+    done < <(ps -eo pid=,comm=)
+    if [[ $n == 0 ]]; then
+        echo "!! no NAPI thread of $dev found to pin" >&2
+    fi
+}
+
+LOAD_FLAGS=(--allow-remote --clients 1 --ports "$PORTS" --cpu "$GEN_CPU" --no-progress --json)
+load() { ip netns exec "$NS_C" "$LOAD" "$SERVER:123" "${LOAD_FLAGS[@]}" "$@"; }
+json() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print($2)" "$1"; }
+
+# Busy clock ticks of SRV_CPU so far (every /proc/stat column but idle and iowait).
+busy_ticks() {
+    awk -v c="cpu$SRV_CPU" '$1 == c {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+wait_ready() {
+    local i
+    for i in $(seq 1 50); do
+        kill -0 "$SERVER_PID" 2>/dev/null || return 1
+        if ip netns exec "$NS_C" "$LOAD" "$SERVER:123" --allow-remote --clients 1 --rate 200 \
+            --max-packets 20 --duration 1s --drain 100ms --no-progress --json >"$TMP/probe.json" 2>/dev/null &&
+            [[ $(json "$TMP/probe.json" "r['replies']") -gt 0 ]]; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    return 1
+}
+
+RESULTS=$TMP/results.tsv
+: >"$RESULTS"
+row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"; }
+
+# measure NAME: the ramp, then the fixed rate with the server core's busy time.
+measure() {
+    local name=$1
+    echo "== $name: ramp (loss under $MAX_LOSS)" >&2
+    load --ramp --ramp-start "$RAMP_START" --ramp-factor "$RAMP_FACTOR" --step-duration "$STEP" \
+        --max-loss "$MAX_LOSS" --refine "$REFINE" --duration "$RAMP_BOUND" --max-packets 100M \
+        >"$OUT/$name-ramp.json"
+    local max ended b0 b1 t0 t1
+    max=$(json "$OUT/$name-ramp.json" "round(r['ramp']['max_rate'])")
+    ended=$(json "$OUT/$name-ramp.json" "r['ramp']['ended_by']")
+    echo "== $name: fixed rate $RATE/s for $FIXED" >&2
+    t0=$(date +%s.%N)
+    b0=$(busy_ticks)
+    load --rate "$RATE" --duration "$FIXED" --max-packets 100M >"$OUT/$name-fixed.json"
+    b1=$(busy_ticks)
+    t1=$(date +%s.%N)
+    row "$name" "$max" "$ended" \
+        "$(json "$OUT/$name-fixed.json" "'%.0f' % r['reply_rate']")" \
+        "$(json "$OUT/$name-fixed.json" "'%.3f' % r['loss_pct']")" \
+        "$(json "$OUT/$name-fixed.json" "'%.1f' % r['rtt_us']['p99']")" \
+        "$(python3 -c "r=__import__('json').load(open('$OUT/$name-fixed.json')); print('%.3f' % (($b1-$b0)/$CLK_TCK*1e6/max(r['replies'],1)))")" \
+        "$(python3 -c "print('%.0f' % (($b1-$b0)/$CLK_TCK*100/($t1-$t0)))")"
+}
+
+# run_server NAME CMD...: starts CMD in the server namespace pinned to SRV_CPU, measures, stops.
+run_server() {
+    local name=$1
+    shift
+    echo "== starting $name: $*" >&2
+    ip netns exec "$NS_S" taskset -c "$SRV_CPU" "$@" >"$OUT/$name.log" 2>&1 &
+    SERVER_PID=$!
+    if wait_ready; then
+        pin_napi "$SDEV" "$SRV_CPU"
+        pin_napi "$CDEV" "$GEN_CPU"
+        if [[ $name == xdp ]] && ! grep -q "AF_XDP on $SDEV" "$OUT/$name.log"; then
+            echo "!! gnomon did not use AF_XDP: $(grep -m1 'AF_XDP' "$OUT/$name.log" || echo '?')" >&2
+            row "$name" n/a "no-xdp" - - - - -
+        else
+            measure "$name"
+        fi
+    else
+        echo "!! $name did not answer on $SERVER:123; see $OUT/$name.log" >&2
+        row "$name" n/a no-server - - - - -
+    fi
+    cleanup
+}
+
+gnomon_config() {
+    cat <<EOF
+listen = ["$SERVER:123"]
+io = "$1"
+workers = 1
+# No `cpus`: taskset leaves the process one CPU, and the worker is pinned to it.
+local_stratum = 1
+control_socket = "$TMP/gnomon-$1.sock"
+EOF
+    [[ $1 == xdp ]] && printf '[xdp]\ninterface = "%s"\nrequired = true\n' "$SDEV"
+    true
+}
+
+for io in xdp uring mmsg; do
+    if wants "$io"; then
+        gnomon_config "$io" >"$TMP/gnomon-$io.toml"
+        cp "$TMP/gnomon-$io.toml" "$OUT/"
+        run_server "$io" "$GNOMON" serve --config "$TMP/gnomon-$io.toml"
+    fi
+done
+if wants chrony; then
+    cat >"$TMP/chrony.conf" <<EOF
+port 123
+bindaddress $SERVER
+allow 198.18.0.0/15
+local stratum 1
+cmdport 0
+pidfile $TMP/chronyd.pid
+EOF
+    cp "$TMP/chrony.conf" "$OUT/chrony.conf"
+    # -x: never touch the system clock; -d: stay in the foreground (stopped by its pid).
+    run_server chrony "$CHRONYD" -x -d -f "$TMP/chrony.conf"
+fi
+
+python3 - "$RESULTS" "$RATE" "$MAX_LOSS" <<'EOF'
+import sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+rate, loss = sys.argv[2], sys.argv[3]
+def num(v):
+    try:
+        return float(v)
+    except ValueError:
+        return None
+label = {"xdp": "gnomon AF_XDP", "uring": "gnomon io_uring", "mmsg": "gnomon mmsg", "chrony": "chronyd"}
+chrony = next((r for r in rows if r[0] == "chrony"), None)
+c_cost = num(chrony[6]) if chrony else None
+c_rate = num(chrony[1]) if chrony else None
+print()
+print(f"{'server':<16} {'max rate/s (loss<' + loss + ')':>24} {'ended by':>9} | at {rate}/s: {'replies/s':>9} {'loss %':>7} {'p99 us':>8} {'core us/reply':>13} {'core busy %':>11} | {'chrony/this cost':>16} {'rate/chrony':>11}")
+for name, mx, ended, rr, lp, p99, cost, busy in rows:
+    cr = f"{c_cost / num(cost):.2f}" if c_cost and num(cost) else "-"
+    rc = f"{num(mx) / c_rate:.2f}" if c_rate and num(mx) else "-"
+    print(f"{label.get(name, name):<16} {mx:>24} {ended:>9} | {'':>{len(rate) + 6}}{rr:>9} {lp:>7} {p99:>8} {cost:>13} {busy:>11} | {cr:>16} {rc:>11}")
+print("(core us/reply: busy time of the server's CPU (user, system, irq, softirq: the server, its")
+print(" NAPI thread and anything else there) over the fixed-rate window, per reply; chrony/this")
+print(" cost > 1 means cheaper than chrony, the target for AF_XDP is >= 3; 'generator' in ended by:")
+print(" the generator, not the server, stopped the ramp, so that max is a floor)")
+EOF
+echo
+echo "reports and configs in $OUT"
