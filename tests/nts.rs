@@ -397,3 +397,44 @@ fn old_cookies_work_for_the_window_after_a_rotation_then_get_ntsn() {
     let fresh = key_exchange(ke_addr(&g), &cert);
     assert!(nts_exchange(g.addr(), &fresh, &fresh.cookies[0], 0).0.is_ok());
 }
+
+/// A plain request from `from`; whether anything came back within half a second.
+fn plain_answered(from: &str, to: SocketAddr) -> bool {
+    let sock = UdpSocket::bind(format!("{from}:0")).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut req = [0u8; 48];
+    req[0] = 0x23;
+    sock.send_to(&req, to).unwrap();
+    sock.recv_from(&mut [0u8; 64]).is_ok()
+}
+
+#[test]
+fn nts_only_clients_get_authenticated_answers_and_nothing_else() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-only");
+    let (cert, key) = certificate(&dir);
+    let g = Gnomon::start(&format!(
+        "listen = [\"0.0.0.0:0\"]\nlocal_stratum = 1\n\
+         [[restrict]]\naddress = \"127.0.0.0/8\"\naction = \"nts-only\"\n\
+         [[restrict]]\naddress = \"127.0.9.0/24\"\naction = \"serve\"\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "")
+    ));
+    let to: SocketAddr = format!("127.0.0.1:{}", g.addr().port()).parse().unwrap();
+    assert!(
+        !plain_answered("127.0.0.1", to),
+        "a plain request of an nts-only client was answered"
+    );
+    assert!(plain_answered("127.0.9.1", to), "a serve client was not answered");
+    // Its key exchange is admitted, and its authenticated requests answered.
+    let s = key_exchange(ke_addr(&g), &cert);
+    let (verdict, _, _) = nts_exchange(to, &s, &s.cookies[0], 0);
+    assert!(verdict.is_ok(), "{verdict:?}");
+    assert_eq!(g.wait_counter("drop_not_nts", 1), 1);
+    assert_eq!(g.wait_counter("nts_answered", 1), 1);
+    assert_eq!(g.counter("rule_nts_only"), 2);
+    let out = g.ctl(&["explain", "127.0.0.1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("action          nts-only: NTS-authenticated"), "{text}");
+}

@@ -401,6 +401,15 @@ impl Config {
             }
         };
         let nts = raw.nts.as_ref().map(|n| parse_nts(&loc, n)).transpose()?;
+        // Without NTS an `nts-only` client could never be answered: a mistake, not a policy.
+        if nts.is_none()
+            && let Some(r) = raw
+                .restrict
+                .iter()
+                .find(|r| r.action.get_ref() == Action::NtsOnly.name())
+        {
+            return Err(loc.value(&r.action, "`nts-only` needs an [nts] table (NTS is off)"));
+        }
         Ok(Config {
             nts,
             run_as,
@@ -490,7 +499,10 @@ impl Config {
         };
         let _ = writeln!(out, "  clock mode   : {clock}");
         let rl = &p.rate_limit;
-        let limited = p.default == Action::Limited || p.rules.iter().any(|r| r.action == Action::Limited);
+        let limited = p.default.rate_limited() && p.default != Action::Deny
+            || p.rules
+                .iter()
+                .any(|r| matches!(r.action, Action::Limited | Action::NtsOnly));
         let leak = match rl.leak {
             0 => "no leak".to_string(),
             n => format!("1 in {n} over-limit answered"),
@@ -970,6 +982,22 @@ mod tests {
         assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("keys_kept")));
         let e = Config::parse("[nts]\ncertificate = \"/c\"\n", "t.toml").unwrap_err();
         assert!(e.message.contains("private_key"), "{e}");
+    }
+
+    #[test]
+    fn nts_only_needs_the_nts_table() {
+        let rule = "[[restrict]]\naddress = \"default\"\naction = \"nts-only\"\n";
+        let e = Config::parse(rule, "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("action")), "{e}");
+        assert!(e.message.contains("[nts]"), "{e}");
+        let c = Config::parse(
+            &format!("{rule}[nts]\ncertificate = \"/c.pem\"\nprivate_key = \"/k.pem\"\n"),
+            "f",
+        )
+        .unwrap();
+        assert_eq!(c.policy.default, Action::NtsOnly);
+        assert!(c.summary().contains("default nts-only"), "{}", c.summary());
+        assert!(!c.summary().contains("(no limited rule)"), "{}", c.summary());
     }
 
     #[test]

@@ -168,6 +168,8 @@ pub fn counter_metric(c: Counter) -> (&'static Family, Option<(&'static str, &'s
         Counter::NtsAnswered => (&NTS_ACCEPTED, None),
         Counter::NtsNak => (&NTS_NACK, None),
         Counter::NtsDropped => drop("nts_invalid"),
+        Counter::RuleNtsOnly => rule("nts-only"),
+        Counter::NotNts => drop("not_nts"),
     }
 }
 

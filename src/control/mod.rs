@@ -190,13 +190,16 @@ pub fn explain(policy: &crate::policy::PolicySet, source: &str, arg: &str, now_n
         Action::Ignore => "dropped without an answer (counted as drop_ignored)",
         Action::Deny => "answered with Kiss-o'-Death DENY, those answers rate limited",
         Action::Limited => "answered within the rate limit",
+        Action::NtsOnly => {
+            "NTS-authenticated requests answered within the rate limit; plain ones dropped (counted as drop_not_nts)"
+        }
     };
     let mut out = format!(
         "client          {ip}\nrule            {rule}\naction          {}: {what}\n",
         m.action
     );
     let rl = &cfg.rate_limit;
-    if matches!(m.action, Action::Limited | Action::Deny) {
+    if m.action.rate_limited() {
         let p = policy.limiter.peek(ip, now_ns as u64);
         let state = if !p.tracked {
             format!("idle: a burst of {} may come at once", rl.burst)

@@ -1,6 +1,6 @@
 //! The client's half of NTS on NTP, sans-IO: builds an authenticated request and checks a reply.
-//! Used by the tests now, and meant for `gnomon query --nts`, the sync thread and the load
-//! generator.
+//! Used by `gnomon query --nts`, the sync thread, the load generator and the tests; the
+//! randomness (unique identifiers, nonces) comes from the caller.
 
 use super::ntp::{NTSN, field};
 use crate::proto::{HEADER_LEN, RefId};
@@ -127,4 +127,66 @@ pub fn verify_reply(reply: &[u8], unique_id: &[u8], s2c: &[u8; 32]) -> Result<Ve
     } else {
         ReplyError::WrongUniqueId
     })
+}
+
+/// Cookies kept per server: what one KE gives (RFC 8915 section 4.1.6 asks for 8).
+pub const COOKIES_WANTED: usize = super::ke::COOKIES_PER_KE;
+
+/// One outstanding authenticated request: what checking its reply needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub unique_id: [u8; 32],
+}
+
+/// A client's NTS state for one server: the session keys and the cookies not yet spent. Each
+/// request spends one cookie and asks, with placeholders, for as many as keep the jar full.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub ke: super::ke_client::KeSession,
+}
+
+impl Session {
+    pub fn new(ke: super::ke_client::KeSession) -> Session {
+        Session { ke }
+    }
+
+    /// Cookies left; none means a new key exchange.
+    pub fn cookies(&self) -> usize {
+        self.ke.cookies.len()
+    }
+
+    /// An authenticated request for `header` (the caller's random `unique_id` and `nonce`), or
+    /// `None` when no cookie is left.
+    pub fn request(
+        &mut self,
+        header: &[u8; HEADER_LEN],
+        unique_id: [u8; 32],
+        nonce: [u8; 16],
+    ) -> Option<(Vec<u8>, Pending)> {
+        let cookie = self.ke.cookies.pop()?;
+        let placeholders = COOKIES_WANTED.saturating_sub(self.ke.cookies.len() + 1);
+        let req = request(header, &unique_id, &cookie, placeholders, &self.ke.c2s, &nonce);
+        Some((req, Pending { unique_id }))
+    }
+
+    /// Checks a reply to `pending`, keeping the cookies it brings; returns how many it brought.
+    /// A NAK empties the jar: the server refuses these cookies, so a new key exchange is due.
+    pub fn reply(&mut self, reply: &[u8], pending: &Pending) -> Result<usize, ReplyError> {
+        match verify_reply(reply, &pending.unique_id, &self.ke.s2c) {
+            Ok(cookies) => {
+                let n = cookies.len();
+                for c in cookies {
+                    if self.ke.cookies.len() < COOKIES_WANTED {
+                        self.ke.cookies.push(c);
+                    }
+                }
+                Ok(n)
+            }
+            Err(ReplyError::Nak) => {
+                self.ke.cookies.clear();
+                Err(ReplyError::Nak)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }

@@ -309,7 +309,8 @@ fn admitted(policy: &SharedPolicy, ip: std::net::IpAddr) -> bool {
     match set.access.action(ip) {
         Action::Serve | Action::Exempt => true,
         Action::Ignore | Action::Deny => false,
-        Action::Limited => {
+        // An nts-only client needs its cookies: its KE meets the limiter like its requests.
+        Action::Limited | Action::NtsOnly => {
             let now = crate::clock::realtime_ns() as u64;
             let mut random = [0u8; 4];
             let _ = getrandom::fill(&mut random);
