@@ -152,7 +152,9 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         }),
         _ => None,
     });
-    let ctx = Arc::new(ControlContext::new(srv.stats.clone(), Some(extra)));
+    let mut ctx = ControlContext::new(srv.stats.clone(), Some(extra));
+    ctx.ke = ke.as_ref().map(|k| k.stats.clone());
+    let ctx = Arc::new(ctx);
     let control = match control_listener {
         Some(l) => {
             let h = l.spawn(ctx, stop.clone())?;
@@ -170,6 +172,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
                 stats: srv.stats.clone(),
                 sync: Some(Box::new(move || reporter.report())),
                 started: std::time::Instant::now(),
+                ke: ke.as_ref().map(|k| k.stats.clone()),
             };
             let h = l.spawn(Arc::new(src), stop.clone())?;
             log::info!("metrics on {addr} (http://{addr}/metrics)");

@@ -438,3 +438,91 @@ fn nts_only_clients_get_authenticated_answers_and_nothing_else() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("action          nts-only: NTS-authenticated"), "{text}");
 }
+
+/// The KE server's count of `name` (`ke_served`, `ke_timeout`...) from `gnomon stats --json`.
+fn ke_counter(g: &Gnomon, name: &str) -> u64 {
+    g.stats()["nts_ke"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no KE counter {name}"))
+}
+
+/// A TLS 1.3 connection with ALPN ntske/1 that sends `records` as the KE request and reads
+/// whatever comes back.
+fn ke_raw(ke: SocketAddr, cert: &Path, records: &[u8]) {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(ke_client::roots(cert).unwrap())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"ntske/1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let sock = TcpStream::connect_timeout(&ke, Duration::from_secs(2)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    tls.write_all(records).unwrap();
+    let _ = tls.read_to_end(&mut Vec::new());
+}
+
+#[test]
+fn ke_outcomes_are_counted_by_reason() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-ke-reasons");
+    let (cert, key) = certificate(&dir);
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n\
+         [[restrict]]\naddress = \"127.0.5.0/24\"\naction = \"deny\"\n\
+         [[restrict]]\naddress = \"127.0.7.0/24\"\naction = \"limited\"\n\
+         [rate_limit]\ninterval = 3600.0\nburst = 1\nleak = 0\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "max_connections = 1\ntimeout = 1.0\n")
+    ));
+    let ke = ke_addr(&g);
+    assert_eq!(key_exchange(ke, &cert).cookies.len(), 8);
+    // Next Protocol 0x1234 only: answered with an Error record, no cookie.
+    ke_raw(ke, &cert, &[0x80, 0x01, 0x00, 0x02, 0x12, 0x34, 0x80, 0x00, 0x00, 0x00]);
+    // Not TLS at all.
+    let mut garbage = TcpStream::connect_timeout(&ke, Duration::from_secs(2)).unwrap();
+    garbage
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5, 6, 7])
+        .unwrap();
+    garbage.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = garbage.read_to_end(&mut Vec::new());
+    // Gone before a word.
+    drop(TcpStream::connect_timeout(&ke, Duration::from_secs(2)).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    // A silent client holds the only slot until the 1 s deadline; one more meanwhile is refused.
+    let silent = TcpStream::connect_timeout(&ke, Duration::from_secs(2)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut busy = TcpStream::connect_timeout(&ke, Duration::from_secs(2)).unwrap();
+    busy.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = busy.read_to_end(&mut Vec::new());
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(silent);
+    for from in ["127.0.5.1", "127.0.7.1", "127.0.7.1"] {
+        let mut s = connect_from(from, ke);
+        let _ = s.read_to_end(&mut Vec::new());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let want = [
+        ("ke_served", 1),
+        ("ke_bad_request", 1),
+        ("ke_handshake_failed", 1),
+        ("ke_closed_early", 1),
+        // The silent client, and the limited one admitted first, which says nothing either.
+        ("ke_timeout", 2),
+        ("ke_refused_busy", 1),
+        ("ke_refused_policy", 1),
+        ("ke_rate_limited", 1),
+    ];
+    let got: Vec<(&str, u64)> = want.iter().map(|&(k, _)| (k, ke_counter(&g, k))).collect();
+    assert_eq!(got, want.to_vec());
+    assert_eq!(ke_counter(&g, "ke_accepted"), 9);
+    let text = String::from_utf8_lossy(&g.ctl(&["stats"]).stdout).into_owned();
+    assert!(
+        text.contains("NTS-KE connections") && text.contains("ke_timeout"),
+        "{text}"
+    );
+}

@@ -29,6 +29,8 @@ pub struct ControlContext {
     pub extra: Option<Extra>,
     /// The busiest clients, from the workers' samples (`gnomon clients`).
     pub clients: Mutex<clients::ClientTable>,
+    /// With `[nts]`: the KE server's counts, shown by `stats`.
+    pub ke: Option<Arc<crate::nts::server::KeStats>>,
 }
 
 impl ControlContext {
@@ -40,6 +42,7 @@ impl ControlContext {
             rates: Mutex::new(stats_view::RateTracker::new(n)),
             extra,
             clients: Mutex::new(clients::ClientTable::new(n)),
+            ke: None,
         }
     }
 

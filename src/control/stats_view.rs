@@ -82,6 +82,9 @@ pub struct StatsSnapshot {
     pub uptime_s: f64,
     pub workers: Vec<WorkerView>,
     pub total: WorkerView,
+    /// NTS-KE connections by outcome (`ke_*`), with `[nts]` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nts_ke: Option<BTreeMap<&'static str, u64>>,
 }
 
 fn view(
@@ -136,6 +139,7 @@ pub fn collect(ctx: &ControlContext) -> StatsSnapshot {
         uptime_s: ctx.started.elapsed().as_secs_f64(),
         workers,
         total,
+        nts_ke: ctx.ke.as_ref().map(|k| k.counters().into_iter().collect()),
     }
 }
 
@@ -178,6 +182,12 @@ pub fn render(s: &StatsSnapshot) -> String {
     if !others.is_empty() {
         let _ = writeln!(out, "\ncounter{:>24}", "total");
         for (k, v) in others {
+            let _ = writeln!(out, "{k:<22} {v:>9}");
+        }
+    }
+    if let Some(ke) = &s.nts_ke {
+        let _ = writeln!(out, "\nNTS-KE connections{:>13}", "total");
+        for (k, v) in ke {
             let _ = writeln!(out, "{k:<22} {v:>9}");
         }
     }
