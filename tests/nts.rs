@@ -526,3 +526,105 @@ fn ke_outcomes_are_counted_by_reason() {
         "{text}"
     );
 }
+
+/// chronyd serving NTS with `cert`: its NTP and NTS-KE ports on 127.0.0.1, once KE accepts.
+fn start_chronyd_nts(dir: &Path, cert: &Path, key: &Path) -> Option<(common::Chronyd, u16)> {
+    let (_, version) = run_bounded(Command::new(CHRONYD).arg("-v"), Duration::from_secs(5));
+    if !version.contains("+NTS") {
+        common::skip(&format!("this chronyd has no NTS: {}", version.trim()));
+        return None;
+    }
+    let port = common::free_port();
+    let ke_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = dir.join("nts-server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "local stratum 1\nallow 127.0.0.1\nport {port}\nntsport {ke_port}\nbindaddress 127.0.0.1\n\
+             ntsserverkey {}\nntsservercert {}\nntsprocesses 0\ncmdport 0\nbindcmdaddress /\npidfile {}\n",
+            key.display(),
+            cert.display(),
+            dir.join("nts-server.pid").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(CHRONYD)
+        .arg("-d")
+        .args(common::chronyd_args(&conf))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start chronyd");
+    let c = common::Chronyd { child, port };
+    let ke: SocketAddr = format!("127.0.0.1:{ke_port}").parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect_timeout(&ke, Duration::from_millis(200)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "chronyd's NTS-KE never listened");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some((c, ke_port))
+}
+
+/// `gnomon query --nts` against `ntp` with NTS-KE on `ke_port`; its output.
+fn query_nts(ntp: SocketAddr, ke_port: u16, cert: &Path) -> String {
+    let (ok, out) = run_bounded(
+        Command::new(common::GNOMON)
+            .args(["query", "--nts", &ntp.to_string(), "--nts-port", &ke_port.to_string()])
+            .arg("--nts-ca")
+            .arg(cert),
+        Duration::from_secs(20),
+    );
+    assert!(ok, "gnomon query --nts {ntp} failed: {out}");
+    out
+}
+
+#[test]
+fn gnomon_query_nts_against_gnomon_and_chronyd() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-query");
+    let (cert, key) = certificate(&dir);
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "")
+    ));
+    let out = query_nts(g.addr(), ke_addr(&g).port(), &cert);
+    say(&out);
+    assert!(
+        out.contains("nts             authenticated (AEAD_AES_SIV_CMAC_256)"),
+        "{out}"
+    );
+    // One cookie spent, one back: the jar stays full without placeholders.
+    assert!(out.contains("cookies         8 from NTS-KE, 1 in the reply"), "{out}");
+    assert!(out.contains("refid           LOCL"), "{out}");
+    assert_eq!(g.wait_counter("nts_answered", 1), 1);
+    // A certificate it does not trust: refused, nothing sent over NTP.
+    let (other, _) = certificate(&tempdir("nts-query-other"));
+    let (ok, bad) = run_bounded(
+        Command::new(common::GNOMON)
+            .args(["query", "--nts", &g.addr().to_string(), "--nts-port"])
+            .arg(ke_addr(&g).port().to_string())
+            .arg("--nts-ca")
+            .arg(&other),
+        Duration::from_secs(20),
+    );
+    assert!(!ok && bad.contains("NTS-KE"), "{bad}");
+    if !have_tool(CHRONYD) {
+        return;
+    }
+    let Some((c, ke_port)) = start_chronyd_nts(&dir, &cert, &key) else {
+        return;
+    };
+    let out = query_nts(format!("127.0.0.1:{}", c.port).parse().unwrap(), ke_port, &cert);
+    say(&out);
+    assert!(
+        out.contains("nts             authenticated (AEAD_AES_SIV_CMAC_256)"),
+        "{out}"
+    );
+    assert!(out.contains("stratum         1"), "{out}");
+}
