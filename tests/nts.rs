@@ -628,3 +628,70 @@ fn gnomon_query_nts_against_gnomon_and_chronyd() {
     );
     assert!(out.contains("stratum         1"), "{out}");
 }
+
+/// `gnomon sources --json`, polled until `ok` holds or `limit` passes.
+fn wait_sources(g: &Gnomon, what: &str, limit: Duration, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let out = g.ctl(&["sources", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sources json");
+        if ok(&v) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out waiting for {what}:\n{}",
+            String::from_utf8_lossy(&g.ctl(&["sources", "--why"]).stdout)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn nts_upstream(port: u16, ke_port: u16, ca: &Path) -> String {
+    format!(
+        "[[upstream]]\naddress = \"127.0.0.1\"\nport = {port}\niburst = true\nminpoll = 0\nmaxpoll = 0\n\
+         nts = true\nnts_port = {ke_port}\nnts_ca = \"{}\"\n",
+        ca.display()
+    )
+}
+
+#[test]
+fn gnomon_syncs_to_chronyd_serving_nts() {
+    if !have_tool(OPENSSL) || !have_tool(CHRONYD) {
+        return;
+    }
+    let dir = tempdir("nts-upstream");
+    let (cert, key) = certificate(&dir);
+    let Some((c, ke_port)) = start_chronyd_nts(&dir, &cert, &key) else {
+        return;
+    };
+    let g = Gnomon::start(&nts_upstream(c.port, ke_port, &cert));
+    let v = wait_sources(&g, "synchronised through NTS", Duration::from_secs(40), |v| {
+        v["system"]["synced"] == true
+            && v["sources"][0]["tally"] == "*"
+            && v["sources"][0]["nts"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("authenticated"))
+    });
+    say(&format!("{}", v["sources"][0]));
+    let sources = String::from_utf8_lossy(&g.ctl(&["sources"]).stdout).into_owned();
+    assert!(
+        sources.contains("NTS  127.0.0.1") && sources.contains("authenticated, "),
+        "{sources}"
+    );
+    let status = String::from_utf8_lossy(&g.ctl(&["status"]).stdout).into_owned();
+    assert!(
+        status.contains("NTS             : 1 source(s), 1 authenticated, system peer by NTS"),
+        "{status}"
+    );
+    // A server whose certificate it does not trust is never used: no cookies, nothing sent.
+    let (other, _) = certificate(&tempdir("nts-upstream-other"));
+    let untrusted = Gnomon::start(&nts_upstream(c.port, ke_port, &other));
+    let v = wait_sources(&untrusted, "the KE failure shown", Duration::from_secs(20), |v| {
+        v["sources"][0]["nts"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("no cookies: NTS-KE"))
+    });
+    assert_eq!(v["sources"][0]["reach"], 0, "{v}");
+    assert_eq!(v["system"]["synced"], false, "{v}");
+}

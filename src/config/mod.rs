@@ -82,6 +82,9 @@ struct RawUpstream {
     prefer: Option<bool>,
     trust: Option<bool>,
     max_sources: Option<Spanned<i64>>,
+    nts: Option<Spanned<bool>>,
+    nts_port: Option<Spanned<i64>>,
+    nts_ca: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -616,6 +619,23 @@ fn parse_upstream(loc: &Locator, u: &RawUpstream, pool: bool) -> Result<Upstream
         }
         up.max_sources = int_in(loc, m, 1, MAX_POOL_SOURCES.into(), "max_sources")?;
     }
+    if u.nts.as_ref().is_some_and(|n| *n.get_ref()) {
+        let mut nts = crate::sync::NtsUpstream {
+            ke_port: crate::nts::DEFAULT_KE_PORT,
+            ca: u.nts_ca.as_ref().map(|c| PathBuf::from(c.get_ref())),
+        };
+        if let Some(p) = &u.nts_port {
+            nts.ke_port = int_in(loc, p, 1, 65535, "nts_port")?;
+        }
+        up.nts = Some(nts);
+    } else if let Some(span) = u
+        .nts_port
+        .as_ref()
+        .map(|p| p.span())
+        .or(u.nts_ca.as_ref().map(|c| c.span()))
+    {
+        return Err(loc.at(span, "nts_port and nts_ca need `nts = true`"));
+    }
     Ok(up)
 }
 
@@ -982,6 +1002,29 @@ mod tests {
         assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("keys_kept")));
         let e = Config::parse("[nts]\ncertificate = \"/c\"\n", "t.toml").unwrap_err();
         assert!(e.message.contains("private_key"), "{e}");
+    }
+
+    #[test]
+    fn nts_upstreams() {
+        let up = "[[upstream]]\naddress = \"time.example\"\nnts = true\n";
+        let c = Config::parse(up, "f").unwrap();
+        let nts = c.sync.upstreams[0].nts.clone().unwrap();
+        assert_eq!((nts.ke_port, nts.ca), (crate::nts::DEFAULT_KE_PORT, None));
+        let c = Config::parse(&format!("{up}nts_port = 4461\nnts_ca = \"/ca.pem\"\n"), "f").unwrap();
+        let nts = c.sync.upstreams[0].nts.clone().unwrap();
+        assert_eq!((nts.ke_port, nts.ca), (4461, Some(PathBuf::from("/ca.pem"))));
+        let e = Config::parse("[[upstream]]\naddress = \"a\"\nnts_port = 4461\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("nts_port")), "{e}");
+        let e = Config::parse(&format!("{up}nts_port = 0\n"), "f").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("nts_port"), "{e}");
+        assert!(
+            Config::parse("[[upstream]]\naddress = \"a\"\n", "f")
+                .unwrap()
+                .sync
+                .upstreams[0]
+                .nts
+                .is_none()
+        );
     }
 
     #[test]

@@ -749,6 +749,7 @@ mod tests {
                 offset_ms: Some(-0.25),
                 jitter_ms: Some(0.125),
                 why: None,
+                nts: None,
             }],
             system: SystemReport {
                 synced: true,
