@@ -695,3 +695,74 @@ fn gnomon_syncs_to_chronyd_serving_nts() {
     assert_eq!(v["sources"][0]["reach"], 0, "{v}");
     assert_eq!(v["system"]["synced"], false, "{v}");
 }
+
+#[test]
+fn gnomon_load_nts_run_has_no_auth_failures() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-load");
+    let (cert, key) = certificate(&dir);
+    let g = Gnomon::start(&format!(
+        // mmsg: under the io_uring backend a worker's receive stalled after a few NTS requests
+        // at a sustained rate in this run (0 to 24 of 400 seen; plain requests are unaffected):
+        // left for whoever owns src/server/uring.rs.
+        "listen = [\"127.0.0.1:0\"]\nio = \"mmsg\"\nworkers = 1\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", "")
+    ));
+    let SocketAddr::V4(target) = g.addr() else {
+        unreachable!()
+    };
+    let plan = gnomon_load::nts::NtsPlan {
+        ke: ke_addr(&g),
+        server_name: "localhost".into(),
+        ca: cert.clone(),
+        sessions: 4,
+    };
+    let cfg = gnomon_load::RunConfig {
+        target,
+        // Low: the debug builds' AES-SIV costs a few hundred microseconds, on a shared machine.
+        shape: gnomon_load::Shape::Fixed { rate: 200.0 },
+        duration: Duration::from_secs(2),
+        max_packets: 400,
+        drain: Duration::from_secs(2),
+        clients: 200,
+        nts: Some(plan.clone()),
+        ..gnomon_load::RunConfig::default()
+    };
+    let report = gnomon_load::run(&cfg).expect("load run");
+    assert!(report.sent >= 380, "sent only {}", report.sent);
+    assert_eq!(report.invalid_total, 0, "invalid replies {:?}", report.invalid);
+    assert_eq!(report.good, report.replies, "kisses {:?}", report.kiss);
+    assert!(
+        report.replies * 100 >= report.sent * 99,
+        "loss {} %: {}\n{}",
+        report.loss_pct,
+        report.human(),
+        String::from_utf8_lossy(&g.ctl(&["stats"]).stdout)
+    );
+    assert_eq!(g.wait_counter("nts_answered", report.replies), report.replies);
+    assert_eq!(g.counter("nts_nak"), 0);
+    // Against a server that does not know these cookies, every reply is a NAK, counted as such.
+    let loner = Gnomon::start(&format!(
+        "listen = [\"127.0.0.2:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.2", "")
+    ));
+    let SocketAddr::V4(other) = loner.addr() else {
+        unreachable!()
+    };
+    let report = gnomon_load::run(&gnomon_load::RunConfig {
+        target: other,
+        max_packets: 100,
+        ..cfg
+    })
+    .expect("load run");
+    let naks = report.kiss.get("NTSN").copied().unwrap_or(0);
+    assert!(
+        naks > 0 && naks == report.replies,
+        "NAKs {naks} of {} replies: {:?}",
+        report.replies,
+        report.kiss
+    );
+    assert_eq!(report.good, 0);
+}
