@@ -766,3 +766,112 @@ fn gnomon_load_nts_run_has_no_auth_failures() {
     );
     assert_eq!(report.good, 0);
 }
+
+/// A program `cargo install` put in `$CARGO_HOME/bin` (or `~/.cargo/bin`).
+fn cargo_bin(name: &str) -> String {
+    let home =
+        std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+    format!("{home}/bin/{name}")
+}
+
+/// Stops a child by its PID when dropped.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn ntpd_rs_measures_through_gnomon_with_nts() {
+    let (daemon, ctl) = (cargo_bin("ntp-daemon"), cargo_bin("ntp-ctl"));
+    if !have_tool(OPENSSL) || !have_tool(&daemon) || !have_tool("/usr/bin/cc") || !have_tool("/usr/bin/setpriv") {
+        return;
+    }
+    let dir = tempdir("nts-ntpd-rs");
+    let (cert, key) = certificate(&dir);
+    // ntpd-rs sends NTP where the KE response says, port 123 by default: announce ours.
+    let port = common::free_port();
+    let g = Gnomon::start(&format!(
+        "listen = [\"127.0.0.1:{port}\"]\nlocal_stratum = 1\n{}",
+        nts_table(&cert, &key, "127.0.0.1", &format!("ntp_port = {port}\n"))
+    ));
+    let ke = ke_addr(&g);
+    // ntpd-rs cannot be told to leave the clock alone: it runs under a shim that turns every
+    // adjustment into a read, and without CAP_SYS_TIME, so nothing it does can steer the clock.
+    let shim = dir.join("readonly_clock.so");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/readonly_clock.c");
+    let (ok, out) = run_bounded(
+        Command::new("/usr/bin/cc")
+            .args(["-shared", "-fPIC", "-O2", "-o"])
+            .arg(&shim)
+            .arg(&src),
+        Duration::from_secs(60),
+    );
+    assert!(ok, "cc: {out}");
+    let conf = dir.join("ntp.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[observability]\nlog-level = \"info\"\nobservation-path = \"{}\"\n\n\
+             [[source]]\nmode = \"nts\"\naddress = \"localhost:{}\"\ncertificate-authority = \"{}\"\n\n\
+             [source-defaults]\npoll-interval-limits = {{ min = 0, max = 1 }}\ninitial-poll-interval = 0\n\n\
+             # One source never makes the three agreeing ones it asks for: it measures, never steers.\n\
+             [synchronization]\nminimum-agreeing-sources = 3\n",
+            dir.join("observe.sock").display(),
+            ke.port(),
+            cert.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("ntpd-rs.log")).unwrap();
+    let child = Command::new("/usr/bin/setpriv")
+        .args(["--bounding-set", "-sys_time", "--inh-caps", "-sys_time", "--"])
+        .arg(&daemon)
+        .arg("-c")
+        .arg(&conf)
+        .env("LD_PRELOAD", &shim)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start ntp-daemon");
+    let mut child = Reaped(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        let (_, out) = run_bounded(
+            Command::new(&ctl).arg("status").arg("-c").arg(&conf),
+            Duration::from_secs(10),
+        );
+        if g.counter("nts_answered") >= 3 && out.contains("[NTS]") && out.contains("Offset:") {
+            break out;
+        }
+        if let Ok(Some(st)) = child.0.try_wait() {
+            panic!(
+                "ntp-daemon exited {st}: {}",
+                std::fs::read_to_string(dir.join("ntpd-rs.log")).unwrap_or_default()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no NTS measurement in 40 s; ntp-ctl status:\n{out}\nlog:\n{}",
+            std::fs::read_to_string(dir.join("ntpd-rs.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    say(&status);
+    let offset: f64 = status
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Offset:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no offset in:\n{status}"));
+    assert!(offset.abs() < 0.1, "offset {offset}");
+    assert!(
+        status.contains(&format!("localhost:{} 127.0.0.1:{port} [NTS]", ke.port())),
+        "{status}"
+    );
+    assert_eq!(g.counter("nts_nak") + g.counter("nts_dropped"), 0);
+    let answered = g.counter("nts_answered");
+    assert_eq!(g.counter("answered"), answered, "a plain reply went to ntpd-rs");
+}
