@@ -875,3 +875,58 @@ fn ntpd_rs_measures_through_gnomon_with_nts() {
     let answered = g.counter("nts_answered");
     assert_eq!(g.counter("answered"), answered, "a plain reply went to ntpd-rs");
 }
+
+#[test]
+fn an_nts_upstream_that_forgot_its_keys_gets_a_new_key_exchange() {
+    if !have_tool(OPENSSL) {
+        return;
+    }
+    let dir = tempdir("nts-rekey");
+    let (cert, key) = certificate(&dir);
+    let port = common::free_port();
+    let ke_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Each start without a secret file picks a new random secret: the restarted server NAKs
+    // every cookie of the old one.
+    let upstream = || {
+        Gnomon::start(&format!(
+            "listen = [\"127.0.0.1:{port}\"]\nlocal_stratum = 1\n{}",
+            nts_table(&cert, &key, "127.0.0.1", "").replace("127.0.0.1:0", &format!("127.0.0.1:{ke_port}"))
+        ))
+    };
+    let first = upstream();
+    let client = Gnomon::start(&nts_upstream(port, ke_port, &cert));
+    let authenticated = |v: &serde_json::Value| {
+        v["sources"][0]["nts"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("authenticated"))
+            && v["system"]["synced"] == true
+    };
+    wait_sources(
+        &client,
+        "synchronised through NTS",
+        Duration::from_secs(30),
+        authenticated,
+    );
+    drop(first);
+    let second = upstream();
+    // A NAK, then a new key exchange, then authenticated replies from the new server.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while second.counter("nts_answered") < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no authenticated exchange with the restarted server (NAKs {}):\n{}",
+            second.counter("nts_nak"),
+            String::from_utf8_lossy(&client.ctl(&["sources"]).stdout)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The first NAK ends the session: one refused cookie (two, if a poll was on its way), not
+    // the eight the jar held.
+    let naks = second.counter("nts_nak");
+    assert!((1..=2).contains(&naks), "{naks} NAKs before a new key exchange");
+    wait_sources(&client, "authenticated again", Duration::from_secs(10), authenticated);
+}
