@@ -891,9 +891,11 @@ fn an_nts_upstream_that_forgot_its_keys_gets_a_new_key_exchange() {
         .port();
     // Each start without a secret file picks a new random secret: the restarted server NAKs
     // every cookie of the old one.
+    // mmsg: an io_uring's socket can outlive its process for a moment, and the restart on the
+    // same port would then refuse to share it.
     let upstream = || {
         Gnomon::start(&format!(
-            "listen = [\"127.0.0.1:{port}\"]\nlocal_stratum = 1\n{}",
+            "listen = [\"127.0.0.1:{port}\"]\nio = \"mmsg\"\nlocal_stratum = 1\n{}",
             nts_table(&cert, &key, "127.0.0.1", "").replace("127.0.0.1:0", &format!("127.0.0.1:{ke_port}"))
         ))
     };
