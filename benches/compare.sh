@@ -13,6 +13,8 @@
 #   GNOMON_ARGS="..."                  extra arguments for `gnomon serve`
 #   QUICK=1                            short steps, for checking that the script works
 #   FIXED_RATE=150000                  the fixed run at this rate instead of half the maximum
+#   LOAD_ARGS="..."                    extra gnomon-load flags for gnomon's runs (--nts ...:
+#                                      benches/nts-e2e.sh); the readiness probe stays plain
 # Environment knobs below (PORT, CLIENTS, RAMP_START, ...) have defaults.
 set -euo pipefail
 
@@ -101,8 +103,11 @@ RESULTS=$TMP/results.tsv
 measure() {
     local name=$1 io=$2 echo_flag=$3 tag="$1-$2"
     [[ $io == - ]] && tag=$name
+    local extra=()
+    # shellcheck disable=SC2206
+    [[ $name == gnomon && -n ${LOAD_ARGS:-} ]] && extra=($LOAD_ARGS)
     echo "== $name ($io): ramp" >&2
-    "$LOAD" "127.0.0.1:$PORT" $echo_flag "${LOAD_FLAGS[@]}" --ramp --ramp-start "$RAMP_START" \
+    "$LOAD" "127.0.0.1:$PORT" $echo_flag "${LOAD_FLAGS[@]}" ${extra[@]+"${extra[@]}"} --ramp --ramp-start "$RAMP_START" \
         --ramp-factor "$RAMP_FACTOR" --step-duration "$STEP" --max-loss "$MAX_LOSS" --refine "$REFINE" \
         --duration "$RAMP_BOUND" --max-packets 100M --plot "$OUT/$tag-ramp.svg" >"$OUT/$tag-ramp.json"
     local max ended half
@@ -124,7 +129,7 @@ measure() {
     fi
     local cpu0 cpu1
     cpu0=$(cpu_ticks "$SERVER_PID")
-    "$LOAD" "127.0.0.1:$PORT" $echo_flag "${LOAD_FLAGS[@]}" --rate "$half" --duration "$FIXED" \
+    "$LOAD" "127.0.0.1:$PORT" $echo_flag "${LOAD_FLAGS[@]}" ${extra[@]+"${extra[@]}"} --rate "$half" --duration "$FIXED" \
         --max-packets 100M --hgrm "$OUT/$tag-half.hgrm" >"$OUT/$tag-half.json"
     cpu1=$(cpu_ticks "$SERVER_PID")
     local srv_p99=-

@@ -162,6 +162,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
     });
     let mut ctx = ControlContext::new(srv.stats.clone(), Some(extra));
     ctx.xdp = srv.xdp.clone();
+    ctx.ke = ke.as_ref().map(|k| k.stats.clone());
     let ctx = Arc::new(ctx);
     let control = match control_listener {
         Some(l) => {
@@ -181,6 +182,7 @@ pub fn serve(cfg: Config) -> io::Result<()> {
                 sync: Some(Box::new(move || reporter.report())),
                 started: std::time::Instant::now(),
                 xdp: srv.xdp.clone(),
+                ke: ke.as_ref().map(|k| k.stats.clone()),
             };
             let h = l.spawn(Arc::new(src), stop.clone())?;
             log::info!("metrics on {addr} (http://{addr}/metrics)");

@@ -45,9 +45,18 @@ enum Command {
         /// NTP version of the request (1-4).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=4))]
         ntp_version: u8,
-        /// Seconds to wait for the reply.
+        /// Seconds to wait for the reply (and for NTS-KE, with --nts).
         #[arg(long, default_value_t = 2.0)]
         timeout: f64,
+        /// Run NTS-KE first (TLS to HOST's NTS-KE port), then one authenticated exchange.
+        #[arg(long)]
+        nts: bool,
+        /// The NTS-KE port, with --nts.
+        #[arg(long, default_value_t = gnomon::nts::DEFAULT_KE_PORT)]
+        nts_port: u16,
+        /// Trust anchors for the NTS-KE certificate (PEM), with --nts; the system's by default.
+        #[arg(long)]
+        nts_ca: Option<PathBuf>,
     },
     /// Validate a config file without serving, and say what it sets up.
     CheckConfig {
@@ -259,10 +268,23 @@ fn run(cmd: Command) -> Result<ExitCode, String> {
             server,
             ntp_version,
             timeout,
+            nts,
+            nts_port,
+            nts_ca,
         } => {
             let addr = gnomon::query::resolve(&server).map_err(|e| e.to_string())?;
-            let r = gnomon::query::query(addr, ntp_version, Duration::from_secs_f64(timeout))
-                .map_err(|e| format!("{addr}: {e}"))?;
+            let timeout = Duration::from_secs_f64(timeout);
+            let r = if nts {
+                let q = gnomon::query::NtsQuery {
+                    server_name: gnomon::query::host_of(&server).to_string(),
+                    ke_port: nts_port,
+                    ca: nts_ca.unwrap_or_else(|| gnomon::nts::ke_client::SYSTEM_ROOTS.into()),
+                };
+                gnomon::query::query_nts(addr, &q, timeout)
+            } else {
+                gnomon::query::query(addr, ntp_version, timeout)
+            }
+            .map_err(|e| format!("{addr}: {e}"))?;
             print!("{}", gnomon::query::render(&r));
             // A refusal or an unsynchronised server is an answer, but not usable time: scripts
             // should see the difference (2 = Kiss-o'-Death refusal, 3 = unsynchronised).

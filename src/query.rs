@@ -16,6 +16,28 @@ pub struct QueryResult {
     pub offset: f64,
     /// Seconds, round trip minus server processing.
     pub delay: f64,
+    /// With `--nts`: what the key exchange and the authenticated reply gave.
+    pub nts: Option<NtsResult>,
+}
+
+/// The NTS side of a `query --nts`.
+#[derive(Clone, Debug)]
+pub struct NtsResult {
+    pub ke_server: SocketAddr,
+    pub aead: u16,
+    /// Cookies from the key exchange, and in the authenticated reply.
+    pub ke_cookies: usize,
+    pub reply_cookies: usize,
+}
+
+/// Where and how to run NTS-KE for `query --nts`.
+#[derive(Clone, Debug)]
+pub struct NtsQuery {
+    /// The name the certificate must carry (the host as given).
+    pub server_name: String,
+    pub ke_port: u16,
+    /// Trust anchors (PEM); the system's roots by default.
+    pub ca: std::path::PathBuf,
 }
 
 #[derive(Debug)]
@@ -25,6 +47,10 @@ pub enum QueryError {
     Timeout,
     /// A reply came that is not an answer to our request.
     BadReply(&'static str),
+    /// NTS-KE failed (TLS, certificate, records).
+    KeyExchange(String),
+    /// The server refused the cookie (NTS NAK, kiss code NTSN).
+    Nak,
 }
 
 impl std::fmt::Display for QueryError {
@@ -34,6 +60,8 @@ impl std::fmt::Display for QueryError {
             QueryError::Io(e) => write!(f, "{e}"),
             QueryError::Timeout => write!(f, "no reply (timed out)"),
             QueryError::BadReply(why) => write!(f, "invalid reply: {why}"),
+            QueryError::KeyExchange(why) => write!(f, "NTS-KE: {why}"),
+            QueryError::Nak => write!(f, "NTS NAK (kiss code NTSN): the server refused the cookie"),
         }
     }
 }
@@ -59,6 +87,58 @@ pub fn resolve(target: &str) -> Result<SocketAddr, QueryError> {
 
 /// Sends one NTPv`version` client request and waits for the matching reply.
 pub fn query(server: SocketAddr, version: u8, timeout: Duration) -> Result<QueryResult, QueryError> {
+    exchange(server, version, timeout, None)
+}
+
+/// The host part of `HOST`, `HOST:PORT` or `[V6]:PORT`: the name a certificate is checked for.
+pub fn host_of(target: &str) -> &str {
+    if let Some(rest) = target.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match target.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') && p.parse::<u16>().is_ok() => h,
+        _ => target,
+    }
+}
+
+/// One NTS-KE with `target`'s host at `nts.ke_port`, then one authenticated exchange with the NTP
+/// server it names (or `target` itself).
+pub fn query_nts(target: SocketAddr, nts: &NtsQuery, timeout: Duration) -> Result<QueryResult, QueryError> {
+    use crate::nts::ke_client;
+    let ke_server = SocketAddr::new(target.ip(), nts.ke_port);
+    let roots = ke_client::roots(&nts.ca).map_err(|e| QueryError::KeyExchange(e.to_string()))?;
+    let ke = ke_client::key_exchange(ke_server, &nts.server_name, roots, timeout)
+        .map_err(|e| QueryError::KeyExchange(e.to_string()))?;
+    let server = match &ke.ntp_server {
+        Some(host) => resolve_with_port(host, ke.ntp_port.unwrap_or(123))?,
+        None => SocketAddr::new(target.ip(), ke.ntp_port.unwrap_or(target.port())),
+    };
+    let (aead, ke_cookies) = (ke.aead, ke.cookies.len());
+    let mut session = crate::nts::client::Session::new(ke);
+    let mut r = exchange(server, 4, timeout, Some(&mut session))?;
+    if let Some(n) = &mut r.nts {
+        (n.ke_server, n.aead, n.ke_cookies) = (ke_server, aead, ke_cookies);
+    }
+    Ok(r)
+}
+
+fn resolve_with_port(host: &str, port: u16) -> Result<SocketAddr, QueryError> {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(SocketAddr::new(ip, port)),
+        Err(_) => (host, port)
+            .to_socket_addrs()
+            .map_err(|e| QueryError::Resolve(format!("{host}: {e}")))?
+            .next()
+            .ok_or_else(|| QueryError::Resolve(format!("{host}: no address"))),
+    }
+}
+
+fn exchange(
+    server: SocketAddr,
+    version: u8,
+    timeout: Duration,
+    mut nts: Option<&mut crate::nts::client::Session>,
+) -> Result<QueryResult, QueryError> {
     let bind: SocketAddr = if server.is_ipv4() {
         "0.0.0.0:0".parse().unwrap()
     } else {
@@ -75,8 +155,19 @@ pub fn query(server: SocketAddr, version: u8, timeout: Duration) -> Result<Query
         transmit_timestamp: t1,
         ..Header::default()
     };
-    sock.send(&req.to_bytes()).map_err(QueryError::Io)?;
+    let (bytes, pending) = match nts.as_deref_mut() {
+        Some(s) => {
+            let uid = crate::nts::ke_client::random();
+            let (b, p) = s
+                .request(&req.to_bytes(), uid, crate::nts::ke_client::random())
+                .ok_or_else(|| QueryError::KeyExchange("no cookie".into()))?;
+            (b, Some(p))
+        }
+        None => (req.to_bytes().to_vec(), None),
+    };
+    sock.send(&bytes).map_err(QueryError::Io)?;
     let mut buf = [0u8; 1500];
+    let mut nts_result = None;
     loop {
         let n = match sock.recv(&mut buf) {
             Ok(n) => n,
@@ -91,6 +182,21 @@ pub fn query(server: SocketAddr, version: u8, timeout: Duration) -> Result<Query
             // Not ours (late reply to someone else, or spoofed): keep waiting.
             continue;
         }
+        if let (Some(s), Some(p)) = (nts.as_deref_mut(), &pending) {
+            match s.reply(&buf[..n], p) {
+                Ok(cookies) => {
+                    nts_result = Some(NtsResult {
+                        ke_server: server,
+                        aead: s.ke.aead,
+                        ke_cookies: 0,
+                        reply_cookies: cookies,
+                    })
+                }
+                Err(crate::nts::client::ReplyError::Nak) => return Err(QueryError::Nak),
+                // An unauthenticated answer is no answer: a spoofer may have sent it.
+                Err(_) => continue,
+            }
+        }
         if reply.mode != Mode::Server {
             return Err(QueryError::BadReply("mode is not 4 (server)"));
         }
@@ -103,6 +209,7 @@ pub fn query(server: SocketAddr, version: u8, timeout: Duration) -> Result<Query
             reply,
             offset: ((t2 - t1s) + (t3 - t4s)) / 2.0,
             delay: (t4s - t1s) - (t3 - t2),
+            nts: nts_result,
         });
     }
 }
@@ -147,6 +254,18 @@ pub fn render(r: &QueryResult) -> String {
     );
     let _ = writeln!(out, "root delay      {}", fmt_secs(h.root_delay.to_seconds_f64()));
     let _ = writeln!(out, "root dispersion {}", fmt_secs(h.root_dispersion.to_seconds_f64()));
+    if let Some(n) = &r.nts {
+        let aead = match n.aead {
+            crate::nts::ke::AEAD_AES_SIV_CMAC_256 => "AEAD_AES_SIV_CMAC_256".to_string(),
+            id => format!("AEAD {id}"),
+        };
+        let _ = writeln!(out, "nts             authenticated ({aead}), NTS-KE {}", n.ke_server);
+        let _ = writeln!(
+            out,
+            "cookies         {} from NTS-KE, {} in the reply",
+            n.ke_cookies, n.reply_cookies
+        );
+    }
     out
 }
 

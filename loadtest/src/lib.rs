@@ -3,6 +3,7 @@
 //! fixed-rate, as-fast-as-possible and ramp shapes; every reply is checked.
 
 pub mod net;
+pub mod nts;
 pub mod population;
 pub mod report;
 pub mod run;

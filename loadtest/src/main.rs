@@ -151,6 +151,22 @@ struct Cli {
     /// Allow a target outside 127.0.0.0/8.
     #[arg(long)]
     allow_remote: bool,
+    /// Authenticated requests (NTS): key exchanges with the target first, then every reply's
+    /// authenticator checked; NAKs are counted as kiss code NTSN.
+    #[arg(long, conflicts_with = "echo")]
+    nts: bool,
+    /// NTS-KE port on the target's address.
+    #[arg(long, default_value_t = gnomon::nts::DEFAULT_KE_PORT)]
+    nts_port: u16,
+    /// Trust anchors (PEM) for the NTS-KE certificate (the system's roots by default).
+    #[arg(long)]
+    nts_ca: Option<std::path::PathBuf>,
+    /// The name the NTS-KE certificate must carry (default: the target's address).
+    #[arg(long)]
+    nts_name: Option<String>,
+    /// Key exchanges made before the run; their cookies are shared by all clients.
+    #[arg(long, default_value = "16")]
+    nts_sessions: usize,
 }
 
 fn main() -> ExitCode {
@@ -187,6 +203,15 @@ fn main() -> ExitCode {
         cpu: cli.cpu,
         progress: !cli.no_progress,
         snmp_check: cli.snmp_check,
+        nts: cli.nts.then(|| gnomon_load::nts::NtsPlan {
+            ke: std::net::SocketAddr::new((*cli.target.ip()).into(), cli.nts_port),
+            server_name: cli.nts_name.clone().unwrap_or_else(|| cli.target.ip().to_string()),
+            ca: cli
+                .nts_ca
+                .clone()
+                .unwrap_or_else(|| gnomon::nts::ke_client::SYSTEM_ROOTS.into()),
+            sessions: cli.nts_sessions,
+        }),
         ..RunConfig::default()
     };
     let report = match run(&cfg) {

@@ -58,9 +58,13 @@ impl GenSocket {
 /// A batch of 48-byte requests to one destination, each with its own source address.
 /// The header arrays are built once; `send` only refreshes the pointers, so nothing is
 /// allocated per batch.
+/// The longest request a batch holds: an NTS request with one cookie is 232 bytes.
+pub const MAX_SEND_LEN: usize = 512;
+
 pub struct SendBatch {
     dest: libc::sockaddr_in,
-    bufs: Vec<[u8; HEADER_LEN]>,
+    bufs: Vec<[u8; MAX_SEND_LEN]>,
+    lens: Vec<usize>,
     sources: Vec<Ipv4Addr>,
     iovs: Vec<libc::iovec>,
     cmsgs: Vec<CmsgBuf>,
@@ -74,7 +78,8 @@ impl SendBatch {
     pub fn new(capacity: usize, dest: SocketAddrV4, set_source: bool) -> SendBatch {
         SendBatch {
             dest: sockaddr_in(dest),
-            bufs: vec![[0; HEADER_LEN]; capacity],
+            bufs: vec![[0; MAX_SEND_LEN]; capacity],
+            lens: vec![HEADER_LEN; capacity],
             sources: vec![Ipv4Addr::LOCALHOST; capacity],
             iovs: vec![
                 libc::iovec {
@@ -112,7 +117,18 @@ impl SendBatch {
         let i = self.len;
         self.len += 1;
         self.sources[i] = source;
-        &mut self.bufs[i]
+        self.lens[i] = HEADER_LEN;
+        (&mut self.bufs[i][..HEADER_LEN]).try_into().expect("header-sized")
+    }
+
+    /// Appends a packet of up to [`MAX_SEND_LEN`] bytes (an NTS request), longer ones cut.
+    pub fn push_bytes(&mut self, source: Ipv4Addr, bytes: &[u8]) {
+        let i = self.len;
+        self.len += 1;
+        self.sources[i] = source;
+        let n = bytes.len().min(MAX_SEND_LEN);
+        self.bufs[i][..n].copy_from_slice(&bytes[..n]);
+        self.lens[i] = n;
     }
 
     /// Sends the whole batch with as few `sendmmsg` calls as the kernel allows. Returns how
@@ -122,7 +138,7 @@ impl SendBatch {
         for i in 0..self.len {
             self.iovs[i] = libc::iovec {
                 iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: HEADER_LEN,
+                iov_len: self.lens[i],
             };
             let h = &mut self.hdrs[i].msg_hdr;
             h.msg_name = (&mut self.dest as *mut libc::sockaddr_in).cast();

@@ -84,6 +84,8 @@ pub struct RunConfig {
     pub ring_bits: u32,
     pub socket_buffer: usize,
     pub seed: u64,
+    /// `--nts`: authenticated requests, with keys and cookies from key exchanges made first.
+    pub nts: Option<crate::nts::NtsPlan>,
 }
 
 impl Default for RunConfig {
@@ -109,6 +111,7 @@ impl Default for RunConfig {
             ring_bits: 21,
             socket_buffer: 4 << 20,
             seed: 0x9e37_79b9_7f4a_7c15,
+            nts: None,
         }
     }
 }
@@ -119,6 +122,8 @@ pub enum RunError {
     RemoteTarget(SocketAddrV4),
     Config(&'static str),
     Io(io::Error),
+    /// `--nts`: a key exchange failed before the run.
+    Nts(String),
 }
 
 impl std::fmt::Display for RunError {
@@ -127,6 +132,7 @@ impl std::fmt::Display for RunError {
             RunError::RemoteTarget(a) => write!(f, "{a} is not a loopback address; pass --allow-remote to load it"),
             RunError::Config(m) => write!(f, "{m}"),
             RunError::Io(e) => write!(f, "{e}"),
+            RunError::Nts(m) => write!(f, "{m}"),
         }
     }
 }
@@ -166,6 +172,9 @@ impl RunConfig {
         }
         if self.max_packets == 0 || self.max_packets > MAX_SEQ || self.duration.is_zero() {
             return Err(RunError::Config("--duration and --max-packets must be > 0"));
+        }
+        if self.nts.is_some() && self.kind == ReplyKind::Echo {
+            return Err(RunError::Config("--nts and --echo exclude each other"));
         }
         if !(10..=28).contains(&self.ring_bits) {
             return Err(RunError::Config("ring_bits must be 10..=28"));
@@ -265,6 +274,8 @@ struct RxOut {
     streams: Vec<(u64, u64)>,
     /// Invalid datagrams that cannot be tied to a request (and so to a step).
     loose: [u64; Invalid::COUNT],
+    /// `--nts`: where replies are decrypted.
+    scratch: Vec<u8>,
 }
 
 struct Receiver {
@@ -277,6 +288,7 @@ struct Receiver {
     start: Instant,
     tracker: Arc<Tracker>,
     shared: Arc<Shared>,
+    nts: Option<Arc<crate::nts::NtsKeys>>,
 }
 
 impl Receiver {
@@ -285,6 +297,7 @@ impl Receiver {
             steps: vec![Tally::new()],
             streams: vec![(0, 0); streams],
             loose: [0; Invalid::COUNT],
+            scratch: Vec::with_capacity(crate::net::RECV_BUF_LEN),
         };
         let mut poller = Poller::new(fds);
         let mut batch = RecvBatch::new(64);
@@ -358,6 +371,15 @@ impl Receiver {
         t.rtt.saturating_record(mono_ns.saturating_sub(sent.sent_ns).max(1));
         let stream = &mut out.streams[sent.stream as usize];
         stream.0 += 1;
+        // A NAK is a kiss (counted as NTSN below); anything else that does not verify is no
+        // answer of the server's to this request.
+        if let Some(nts) = &self.nts
+            && let Err(e) = nts.verify(bytes, seq, &mut out.scratch)
+            && e != gnomon::nts::client::ReplyError::Nak
+        {
+            t.invalid[Invalid::Unauthenticated as usize] += 1;
+            return;
+        }
         let verdict = match self.kind {
             ReplyKind::Ntp => check_server_reply(bytes, self.version, now, self.time_bound),
             ReplyKind::Echo => check_echo(bytes, &self.template, &self.codec, seq).map(|()| Verdict::Echo),
@@ -399,6 +421,9 @@ struct Sender<'a> {
     shared: Arc<Shared>,
     start: Instant,
     deadline: Instant,
+    nts: Option<Arc<crate::nts::NtsKeys>>,
+    /// `--nts`: where each request is built.
+    scratch: Vec<u8>,
     picker: Picker,
     seq: u64,
     stream_sent: Vec<u64>,
@@ -473,7 +498,15 @@ impl Sender<'_> {
                     let seq = self.seq;
                     self.seq += 1;
                     self.stream_of[self.batch.len()] = s as u16;
-                    fill_request(self.batch.push(addr), &self.template, &self.codec, seq);
+                    match &self.nts {
+                        None => fill_request(self.batch.push(addr), &self.template, &self.codec, seq),
+                        Some(nts) => {
+                            let mut header = [0u8; HEADER_LEN];
+                            fill_request(&mut header, &self.template, &self.codec, seq);
+                            nts.request(&mut self.scratch, &header, seq);
+                            self.batch.push_bytes(addr, &self.scratch);
+                        }
+                    }
                     self.tracker.record(
                         seq,
                         Sent {
@@ -629,6 +662,10 @@ pub fn run(cfg: &RunConfig) -> Result<Report, RunError> {
         base: NtpTimestamp::from_unix_nanos(realtime_ns() as i128),
     };
     let template = request_template(cfg.version);
+    let nts = match &cfg.nts {
+        Some(plan) => Some(Arc::new(crate::nts::NtsKeys::establish(plan).map_err(RunError::Nts)?)),
+        None => None,
+    };
     let start = Instant::now();
     let snmp_before = if cfg.snmp_check { read_udp() } else { None };
 
@@ -643,6 +680,7 @@ pub fn run(cfg: &RunConfig) -> Result<Report, RunError> {
             start,
             tracker: tracker.clone(),
             shared: shared.clone(),
+            nts: nts.clone(),
         };
         let rx_fds = fds.clone();
         let rx = scope.spawn(move || {
@@ -666,6 +704,8 @@ pub fn run(cfg: &RunConfig) -> Result<Report, RunError> {
                 shared: tx_shared.clone(),
                 start,
                 deadline: Instant::now() + cfg.duration,
+                nts: nts.clone(),
+                scratch: Vec::with_capacity(crate::net::MAX_SEND_LEN),
                 picker: match cfg.zipf {
                     Some(s) => Picker::zipf(cfg.clients, s, cfg.seed),
                     None => Picker::uniform(cfg.clients),

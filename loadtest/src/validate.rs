@@ -28,10 +28,12 @@ pub enum Invalid {
     OutOfBound = 7,
     /// Echo mode: the bytes are not the request we sent.
     EchoMismatch = 8,
+    /// `--nts`: the authenticator does not verify, or the Unique Identifier is not ours.
+    Unauthenticated = 9,
 }
 
 impl Invalid {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
     pub const ALL: [Invalid; Invalid::COUNT] = [
         Invalid::BadLength,
         Invalid::WrongSource,
@@ -42,6 +44,7 @@ impl Invalid {
         Invalid::TransmitBeforeReceive,
         Invalid::OutOfBound,
         Invalid::EchoMismatch,
+        Invalid::Unauthenticated,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -55,6 +58,7 @@ impl Invalid {
             Invalid::TransmitBeforeReceive => "t3_before_t2",
             Invalid::OutOfBound => "out_of_bound",
             Invalid::EchoMismatch => "echo_mismatch",
+            Invalid::Unauthenticated => "unauthenticated",
         }
     }
 }
@@ -67,17 +71,20 @@ pub enum Kiss {
     Deny = 1,
     Rstr = 2,
     Other = 3,
+    /// NTS NAK: the cookie was refused.
+    Ntsn = 4,
 }
 
 impl Kiss {
-    pub const COUNT: usize = 4;
-    pub const ALL: [Kiss; Kiss::COUNT] = [Kiss::Rate, Kiss::Deny, Kiss::Rstr, Kiss::Other];
+    pub const COUNT: usize = 5;
+    pub const ALL: [Kiss; Kiss::COUNT] = [Kiss::Rate, Kiss::Deny, Kiss::Rstr, Kiss::Other, Kiss::Ntsn];
 
     pub fn from_code(code: RefId) -> Kiss {
         match code {
             RefId::RATE => Kiss::Rate,
             RefId::DENY => Kiss::Deny,
             RefId::RSTR => Kiss::Rstr,
+            gnomon::nts::ntp::NTSN => Kiss::Ntsn,
             _ => Kiss::Other,
         }
     }
@@ -88,6 +95,7 @@ impl Kiss {
             Kiss::Deny => "DENY",
             Kiss::Rstr => "RSTR",
             Kiss::Other => "other",
+            Kiss::Ntsn => "NTSN",
         }
     }
 }

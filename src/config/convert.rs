@@ -408,7 +408,8 @@ const WHY_STATS: &str =
 const WHY_INCLUDE: &str = "included files are not read: convert each of them too and merge the results";
 const WHY_KEYS: &str =
     "gnomon has no symmetric-key authentication and no remote control (ntpq/ntpdc/chronyc): keys are not used";
-const WHY_NTS: &str = "gnomon has no NTS or Autokey";
+const WHY_NTS: &str = "gnomon has no Autokey, and its NTS is set in its own [nts] table (certificate, key) \
+                       and with `nts = true` on an [[upstream]]: not carried over";
 const WHY_LEAP: &str = "gnomon takes the leap indicator from its upstreams (the majority of the selected sources); \
                         it has no leap-second file setting";
 const WHY_RTC: &str = "gnomon never touches the real-time clock";
@@ -691,8 +692,9 @@ fn ntp_restrict(
                 out.note(
                     line,
                     words,
-                    "notrust: ntpd serves only authenticated clients, and gnomon has no authentication, so \
-                     none is served here: ignore",
+                    "notrust: ntpd serves only clients authenticated by symmetric keys or Autokey, which gnomon \
+                     lacks, so none is served here: ignore (with an [nts] table, action `nts-only` serves \
+                     NTS-authenticated clients only)",
                 );
                 flags.insert(f);
             }

@@ -82,6 +82,9 @@ struct RawUpstream {
     prefer: Option<bool>,
     trust: Option<bool>,
     max_sources: Option<Spanned<i64>>,
+    nts: Option<Spanned<bool>>,
+    nts_port: Option<Spanned<i64>>,
+    nts_ca: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -421,6 +424,15 @@ impl Config {
             }
         };
         let nts = raw.nts.as_ref().map(|n| parse_nts(&loc, n)).transpose()?;
+        // Without NTS an `nts-only` client could never be answered: a mistake, not a policy.
+        if nts.is_none()
+            && let Some(r) = raw
+                .restrict
+                .iter()
+                .find(|r| r.action.get_ref() == Action::NtsOnly.name())
+        {
+            return Err(loc.value(&r.action, "`nts-only` needs an [nts] table (NTS is off)"));
+        }
         Ok(Config {
             nts,
             run_as,
@@ -528,7 +540,10 @@ impl Config {
         };
         let _ = writeln!(out, "  clock mode   : {clock}");
         let rl = &p.rate_limit;
-        let limited = p.default == Action::Limited || p.rules.iter().any(|r| r.action == Action::Limited);
+        let limited = p.default.rate_limited() && p.default != Action::Deny
+            || p.rules
+                .iter()
+                .any(|r| matches!(r.action, Action::Limited | Action::NtsOnly));
         let leak = match rl.leak {
             0 => "no leak".to_string(),
             n => format!("1 in {n} over-limit answered"),
@@ -641,6 +656,23 @@ fn parse_upstream(loc: &Locator, u: &RawUpstream, pool: bool) -> Result<Upstream
             ));
         }
         up.max_sources = int_in(loc, m, 1, MAX_POOL_SOURCES.into(), "max_sources")?;
+    }
+    if u.nts.as_ref().is_some_and(|n| *n.get_ref()) {
+        let mut nts = crate::sync::NtsUpstream {
+            ke_port: crate::nts::DEFAULT_KE_PORT,
+            ca: u.nts_ca.as_ref().map(|c| PathBuf::from(c.get_ref())),
+        };
+        if let Some(p) = &u.nts_port {
+            nts.ke_port = int_in(loc, p, 1, 65535, "nts_port")?;
+        }
+        up.nts = Some(nts);
+    } else if let Some(span) = u
+        .nts_port
+        .as_ref()
+        .map(|p| p.span())
+        .or(u.nts_ca.as_ref().map(|c| c.span()))
+    {
+        return Err(loc.at(span, "nts_port and nts_ca need `nts = true`"));
     }
     Ok(up)
 }
@@ -1079,6 +1111,45 @@ mod tests {
         assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("keys_kept")));
         let e = Config::parse("[nts]\ncertificate = \"/c\"\n", "t.toml").unwrap_err();
         assert!(e.message.contains("private_key"), "{e}");
+    }
+
+    #[test]
+    fn nts_upstreams() {
+        let up = "[[upstream]]\naddress = \"time.example\"\nnts = true\n";
+        let c = Config::parse(up, "f").unwrap();
+        let nts = c.sync.upstreams[0].nts.clone().unwrap();
+        assert_eq!((nts.ke_port, nts.ca), (crate::nts::DEFAULT_KE_PORT, None));
+        let c = Config::parse(&format!("{up}nts_port = 4461\nnts_ca = \"/ca.pem\"\n"), "f").unwrap();
+        let nts = c.sync.upstreams[0].nts.clone().unwrap();
+        assert_eq!((nts.ke_port, nts.ca), (4461, Some(PathBuf::from("/ca.pem"))));
+        let e = Config::parse("[[upstream]]\naddress = \"a\"\nnts_port = 4461\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("nts_port")), "{e}");
+        let e = Config::parse(&format!("{up}nts_port = 0\n"), "f").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("nts_port"), "{e}");
+        assert!(
+            Config::parse("[[upstream]]\naddress = \"a\"\n", "f")
+                .unwrap()
+                .sync
+                .upstreams[0]
+                .nts
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn nts_only_needs_the_nts_table() {
+        let rule = "[[restrict]]\naddress = \"default\"\naction = \"nts-only\"\n";
+        let e = Config::parse(rule, "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("action")), "{e}");
+        assert!(e.message.contains("[nts]"), "{e}");
+        let c = Config::parse(
+            &format!("{rule}[nts]\ncertificate = \"/c.pem\"\nprivate_key = \"/k.pem\"\n"),
+            "f",
+        )
+        .unwrap();
+        assert_eq!(c.policy.default, Action::NtsOnly);
+        assert!(c.summary().contains("default nts-only"), "{}", c.summary());
+        assert!(!c.summary().contains("(no limited rule)"), "{}", c.summary());
     }
 
     #[test]

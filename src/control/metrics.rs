@@ -168,6 +168,8 @@ pub fn counter_metric(c: Counter) -> (&'static Family, Option<(&'static str, &'s
         Counter::NtsAnswered => (&NTS_ACCEPTED, None),
         Counter::NtsNak => (&NTS_NACK, None),
         Counter::NtsDropped => drop("nts_invalid"),
+        Counter::RuleNtsOnly => rule("nts-only"),
+        Counter::NotNts => drop("not_nts"),
     }
 }
 
@@ -186,6 +188,8 @@ pub struct MetricsSource {
     pub started: Instant,
     /// The AF_XDP program's and sockets' counters, when `io = "xdp"` runs.
     pub xdp: Option<Arc<crate::server::xdp::XdpCounters>>,
+    /// With `[nts]`: the KE server's counts.
+    pub ke: Option<Arc<crate::nts::server::KeStats>>,
 }
 
 impl MetricsSource {
@@ -195,8 +199,37 @@ impl MetricsSource {
         if let Some(x) = &self.xdp {
             out.push_str(&x.view().prometheus());
         }
+        if let Some(ke) = &self.ke {
+            out.push_str(&render_ke(ke));
+        }
         out
     }
+}
+
+/// The NTS-KE server's connections: accepted, and each one's outcome.
+pub fn render_ke(ke: &crate::nts::server::KeStats) -> String {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || {
+        for (name, v) in ke.counters() {
+            match name.strip_prefix("ke_") {
+                Some("accepted") => set_counter(
+                    "ntp_server_nts_ke_accepted_connections_total",
+                    "NTS-KE TCP connections accepted (ke_accepted); each ends in one outcome.",
+                    &[],
+                    v,
+                ),
+                Some(outcome) => set_counter(
+                    "ntp_server_nts_ke_connections_total",
+                    "NTS-KE connections by outcome: served, refused_busy, refused_policy, rate_limited, handshake_failed, timeout, bad_request, closed_early (ke_<outcome>).",
+                    &[Label::new("outcome", outcome)],
+                    v,
+                ),
+                None => {}
+            }
+        }
+    });
+    handle.render()
 }
 
 fn set_gauge(name: &'static str, help: &'static str, labels: &[Label], v: f64) {
@@ -721,6 +754,7 @@ mod tests {
                 offset_ms: Some(-0.25),
                 jitter_ms: Some(0.125),
                 why: None,
+                nts: None,
             }],
             system: SystemReport {
                 synced: true,
@@ -980,6 +1014,7 @@ mod tests {
             sync: Some(Box::new(report)),
             started: Instant::now(),
             xdp: None,
+            ke: None,
         });
         let stop = Arc::new(AtomicBool::new(false));
         let h = l.spawn(src, stop.clone()).unwrap();
@@ -1005,5 +1040,31 @@ mod tests {
         assert!(get(addr, &big).starts_with("HTTP/1.0 431"));
         stop.store(true, Ordering::Relaxed);
         h.join().unwrap();
+    }
+
+    #[test]
+    fn ke_outcomes_are_one_family_with_an_outcome_label() {
+        use crate::nts::server::{KeOutcome, KeStats};
+        let ke = KeStats::default();
+        ke.count(KeOutcome::Timeout);
+        ke.count(KeOutcome::Timeout);
+        ke.count(KeOutcome::RateLimited);
+        let out = render_ke(&ke);
+        assert!(
+            out.contains("ntp_server_nts_ke_connections_total{outcome=\"timeout\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("ntp_server_nts_ke_connections_total{outcome=\"rate_limited\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("ntp_server_nts_ke_connections_total{outcome=\"served\"} 0\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("ntp_server_nts_ke_accepted_connections_total 0\n"),
+            "{out}"
+        );
     }
 }

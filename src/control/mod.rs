@@ -31,6 +31,8 @@ pub struct ControlContext {
     pub clients: Mutex<clients::ClientTable>,
     /// The AF_XDP program's and sockets' counters, when `io = "xdp"` runs.
     pub xdp: Option<Arc<crate::server::xdp::XdpCounters>>,
+    /// With `[nts]`: the KE server's counts, shown by `stats`.
+    pub ke: Option<Arc<crate::nts::server::KeStats>>,
 }
 
 impl ControlContext {
@@ -43,6 +45,7 @@ impl ControlContext {
             extra,
             clients: Mutex::new(clients::ClientTable::new(n)),
             xdp: None,
+            ke: None,
         }
     }
 
@@ -193,13 +196,16 @@ pub fn explain(policy: &crate::policy::PolicySet, source: &str, arg: &str, now_n
         Action::Ignore => "dropped without an answer (counted as drop_ignored)",
         Action::Deny => "answered with Kiss-o'-Death DENY, those answers rate limited",
         Action::Limited => "answered within the rate limit",
+        Action::NtsOnly => {
+            "NTS-authenticated requests answered within the rate limit; plain ones dropped (counted as drop_not_nts)"
+        }
     };
     let mut out = format!(
         "client          {ip}\nrule            {rule}\naction          {}: {what}\n",
         m.action
     );
     let rl = &cfg.rate_limit;
-    if matches!(m.action, Action::Limited | Action::Deny) {
+    if m.action.rate_limited() {
         let p = policy.limiter.peek(ip, now_ns as u64);
         let state = if !p.tracked {
             format!("idle: a burst of {} may come at once", rl.burst)

@@ -85,6 +85,9 @@ pub struct StatsSnapshot {
     /// The XDP program's verdicts and the AF_XDP sockets' kernel counters (`io = "xdp"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub xdp: Option<crate::server::xdp::XdpView>,
+    /// NTS-KE connections by outcome (`ke_*`), with `[nts]` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nts_ke: Option<BTreeMap<&'static str, u64>>,
 }
 
 fn view(
@@ -140,6 +143,7 @@ pub fn collect(ctx: &ControlContext) -> StatsSnapshot {
         workers,
         total,
         xdp: ctx.xdp.as_ref().map(|x| x.view()),
+        nts_ke: ctx.ke.as_ref().map(|k| k.counters().into_iter().collect()),
     }
 }
 
@@ -187,6 +191,12 @@ pub fn render(s: &StatsSnapshot) -> String {
     }
     if let Some(x) = &s.xdp {
         out.push_str(&x.render());
+    }
+    if let Some(ke) = &s.nts_ke {
+        let _ = writeln!(out, "\nNTS-KE connections{:>13}", "total");
+        for (k, v) in ke {
+            let _ = writeln!(out, "{k:<22} {v:>9}");
+        }
     }
     out
 }

@@ -1,6 +1,6 @@
 //! The client's half of NTS on NTP, sans-IO: builds an authenticated request and checks a reply.
-//! Used by the tests now, and meant for `gnomon query --nts`, the sync thread and the load
-//! generator.
+//! Used by `gnomon query --nts`, the sync thread, the load generator and the tests; the
+//! randomness (unique identifiers, nonces) comes from the caller.
 
 use super::ntp::{NTSN, field};
 use crate::proto::{HEADER_LEN, RefId};
@@ -10,7 +10,13 @@ use aes_siv::siv::Aes128Siv;
 const TAG_LEN: usize = 16;
 
 fn put_field(out: &mut Vec<u8>, ty: u16, body: &[u8]) {
-    let len = (4 + body.len()).next_multiple_of(4).max(16);
+    put_field_zeroed(out, ty, body, body.len());
+}
+
+/// A field whose body is `body` and then zeros up to `body_len` bytes (a placeholder is all
+/// zeros), padded to a multiple of 4 and at least 16 bytes in all.
+fn put_field_zeroed(out: &mut Vec<u8>, ty: u16, body: &[u8], body_len: usize) {
+    let len = (4 + body_len).next_multiple_of(4).max(16);
     out.extend_from_slice(&ty.to_be_bytes());
     out.extend_from_slice(&(len as u16).to_be_bytes());
     out.extend_from_slice(body);
@@ -27,25 +33,41 @@ pub fn request(
     c2s: &[u8; 32],
     nonce: &[u8],
 ) -> Vec<u8> {
-    let mut out = header.to_vec();
-    put_field(&mut out, field::UNIQUE_IDENTIFIER, unique_id);
-    put_field(&mut out, field::NTS_COOKIE, cookie);
+    let mut out = Vec::new();
+    request_to(&mut out, header, unique_id, cookie, placeholders, c2s, nonce);
+    out
+}
+
+/// As [`request`], into `out` (cleared first): a caller that reuses `out` allocates nothing.
+pub fn request_to(
+    out: &mut Vec<u8>,
+    header: &[u8; HEADER_LEN],
+    unique_id: &[u8],
+    cookie: &[u8],
+    placeholders: usize,
+    c2s: &[u8; 32],
+    nonce: &[u8],
+) {
+    out.clear();
+    out.extend_from_slice(header);
+    put_field(out, field::UNIQUE_IDENTIFIER, unique_id);
+    put_field(out, field::NTS_COOKIE, cookie);
     for _ in 0..placeholders {
-        put_field(&mut out, field::COOKIE_PLACEHOLDER, &vec![0; cookie.len()]);
+        put_field_zeroed(out, field::COOKIE_PLACEHOLDER, &[], cookie.len());
     }
     let mut siv = Aes128Siv::new(c2s.into());
     let mut empty = [0u8; 0];
     let tag = siv
         .encrypt_in_place_detached([&out[..], nonce], &mut empty)
         .expect("empty plaintext");
-    let mut body = Vec::new();
-    body.extend_from_slice(&(nonce.len() as u16).to_be_bytes());
-    body.extend_from_slice(&(TAG_LEN as u16).to_be_bytes());
-    body.extend_from_slice(nonce);
-    body.resize(4 + nonce.len().next_multiple_of(4), 0);
-    body.extend_from_slice(&tag);
-    put_field(&mut out, field::AUTHENTICATOR, &body);
-    out
+    let mut body = [0u8; 4 + 64 + TAG_LEN];
+    let nl = nonce.len().min(64);
+    body[..2].copy_from_slice(&(nl as u16).to_be_bytes());
+    body[2..4].copy_from_slice(&(TAG_LEN as u16).to_be_bytes());
+    body[4..4 + nl].copy_from_slice(&nonce[..nl]);
+    let cs = 4 + nl.next_multiple_of(4);
+    body[cs..cs + TAG_LEN].copy_from_slice(&tag);
+    put_field(out, field::AUTHENTICATOR, &body[..cs + TAG_LEN]);
 }
 
 /// Why a reply is not accepted.
@@ -62,6 +84,20 @@ pub enum ReplyError {
 
 /// Checks a reply to a request with `unique_id`; returns the new cookies it carries.
 pub fn verify_reply(reply: &[u8], unique_id: &[u8], s2c: &[u8; 32]) -> Result<Vec<Vec<u8>>, ReplyError> {
+    let mut cookies = Vec::new();
+    verify_reply_with(reply, unique_id, s2c, &mut Vec::new(), |c| cookies.push(c.to_vec()))?;
+    Ok(cookies)
+}
+
+/// As [`verify_reply`], decrypting in `scratch` and handing each new cookie to `cookie`: a
+/// caller that reuses `scratch` allocates nothing (the load generator, once per reply).
+pub fn verify_reply_with(
+    reply: &[u8],
+    unique_id: &[u8],
+    s2c: &[u8; 32],
+    scratch: &mut Vec<u8>,
+    mut cookie: impl FnMut(&[u8]),
+) -> Result<usize, ReplyError> {
     if reply.len() < HEADER_LEN {
         return Err(ReplyError::Malformed);
     }
@@ -91,12 +127,14 @@ pub fn verify_reply(reply: &[u8], unique_id: &[u8], s2c: &[u8; 32]) -> Result<Ve
                 if cl < TAG_LEN || cs + cl > body.len() {
                     return Err(ReplyError::Malformed);
                 }
-                let mut data = body[cs + TAG_LEN..cs + cl].to_vec();
+                scratch.clear();
+                scratch.extend_from_slice(&body[cs + TAG_LEN..cs + cl]);
                 let tag = aes_siv::Tag::clone_from_slice(&body[cs..cs + TAG_LEN]);
                 let mut siv = Aes128Siv::new(s2c.into());
-                siv.decrypt_in_place_detached([&reply[..pos], &body[4..4 + nl]], &mut data, &tag)
+                siv.decrypt_in_place_detached([&reply[..pos], &body[4..4 + nl]], &mut scratch[..], &tag)
                     .map_err(|_| ReplyError::Unauthenticated)?;
-                let mut cookies = Vec::new();
+                let data = &scratch[..];
+                let mut n = 0;
                 let mut p = 0;
                 while p + 4 <= data.len() {
                     let t = u16::from_be_bytes([data[p], data[p + 1]]);
@@ -105,11 +143,12 @@ pub fn verify_reply(reply: &[u8], unique_id: &[u8], s2c: &[u8; 32]) -> Result<Ve
                         return Err(ReplyError::Malformed);
                     }
                     if t == field::NTS_COOKIE {
-                        cookies.push(data[p + 4..p + l].to_vec());
+                        cookie(&data[p + 4..p + l]);
+                        n += 1;
                     }
                     p += l;
                 }
-                return Ok(cookies);
+                return Ok(n);
             }
             _ => {}
         }
@@ -127,4 +166,66 @@ pub fn verify_reply(reply: &[u8], unique_id: &[u8], s2c: &[u8; 32]) -> Result<Ve
     } else {
         ReplyError::WrongUniqueId
     })
+}
+
+/// Cookies kept per server: what one KE gives (RFC 8915 section 4.1.6 asks for 8).
+pub const COOKIES_WANTED: usize = super::ke::COOKIES_PER_KE;
+
+/// One outstanding authenticated request: what checking its reply needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub unique_id: [u8; 32],
+}
+
+/// A client's NTS state for one server: the session keys and the cookies not yet spent. Each
+/// request spends one cookie and asks, with placeholders, for as many as keep the jar full.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub ke: super::ke_client::KeSession,
+}
+
+impl Session {
+    pub fn new(ke: super::ke_client::KeSession) -> Session {
+        Session { ke }
+    }
+
+    /// Cookies left; none means a new key exchange.
+    pub fn cookies(&self) -> usize {
+        self.ke.cookies.len()
+    }
+
+    /// An authenticated request for `header` (the caller's random `unique_id` and `nonce`), or
+    /// `None` when no cookie is left.
+    pub fn request(
+        &mut self,
+        header: &[u8; HEADER_LEN],
+        unique_id: [u8; 32],
+        nonce: [u8; 16],
+    ) -> Option<(Vec<u8>, Pending)> {
+        let cookie = self.ke.cookies.pop()?;
+        let placeholders = COOKIES_WANTED.saturating_sub(self.ke.cookies.len() + 1);
+        let req = request(header, &unique_id, &cookie, placeholders, &self.ke.c2s, &nonce);
+        Some((req, Pending { unique_id }))
+    }
+
+    /// Checks a reply to `pending`, keeping the cookies it brings; returns how many it brought.
+    /// A NAK empties the jar: the server refuses these cookies, so a new key exchange is due.
+    pub fn reply(&mut self, reply: &[u8], pending: &Pending) -> Result<usize, ReplyError> {
+        match verify_reply(reply, &pending.unique_id, &self.ke.s2c) {
+            Ok(cookies) => {
+                let n = cookies.len();
+                for c in cookies {
+                    if self.ke.cookies.len() < COOKIES_WANTED {
+                        self.ke.cookies.push(c);
+                    }
+                }
+                Ok(n)
+            }
+            Err(ReplyError::Nak) => {
+                self.ke.cookies.clear();
+                Err(ReplyError::Nak)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }

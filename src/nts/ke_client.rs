@@ -156,3 +156,10 @@ pub fn key_exchange(
         .map_err(io::Error::other)?;
     Ok(s)
 }
+
+/// Random bytes for unique identifiers and nonces (the OS's CSPRNG; off the hot path).
+pub fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).expect("the OS random source");
+    b
+}

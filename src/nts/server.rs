@@ -119,17 +119,88 @@ impl Certificate {
     }
 }
 
-/// Counts of the KE server, for logs and the control socket.
+/// What became of one KE connection. Flat and `Copy`, so each connection counts one.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(usize)]
+pub enum KeOutcome {
+    /// Cookies sent.
+    Served,
+    /// Closed at once: `max_connections` were in service.
+    RefusedBusy,
+    /// Closed at once by an `ignore` or `deny` rule.
+    RefusedPolicy,
+    /// Closed at once by the rate limiter (`limited`, `nts-only`).
+    RateLimited,
+    /// TLS failed: not TLS 1.3, no ALPN `ntske/1`, a bad ClientHello, a refused certificate.
+    HandshakeFailed,
+    /// The exchange did not end within `timeout` (a slow or silent client).
+    Timeout,
+    /// A malformed or too long KE request, or one answered with an Error record or no cookie.
+    BadRequest,
+    /// The client went away (EOF, reset) before the response was sent.
+    Closed,
+}
+
+impl KeOutcome {
+    pub const COUNT: usize = 8;
+    pub const ALL: [KeOutcome; KeOutcome::COUNT] = [
+        KeOutcome::Served,
+        KeOutcome::RefusedBusy,
+        KeOutcome::RefusedPolicy,
+        KeOutcome::RateLimited,
+        KeOutcome::HandshakeFailed,
+        KeOutcome::Timeout,
+        KeOutcome::BadRequest,
+        KeOutcome::Closed,
+    ];
+
+    /// The counter's name in `gnomon stats`; the metric's `outcome` label is the part after `ke_`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            KeOutcome::Served => "ke_served",
+            KeOutcome::RefusedBusy => "ke_refused_busy",
+            KeOutcome::RefusedPolicy => "ke_refused_policy",
+            KeOutcome::RateLimited => "ke_rate_limited",
+            KeOutcome::HandshakeFailed => "ke_handshake_failed",
+            KeOutcome::Timeout => "ke_timeout",
+            KeOutcome::BadRequest => "ke_bad_request",
+            KeOutcome::Closed => "ke_closed_early",
+        }
+    }
+
+    /// Why an exchange failed, from the I/O error it ended with.
+    fn of_io(e: &io::Error) -> KeOutcome {
+        match e.kind() {
+            // A socket timeout shows as EAGAIN (WouldBlock) on Linux.
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => KeOutcome::Timeout,
+            _ => KeOutcome::Closed,
+        }
+    }
+}
+
+/// Counts of the KE server, for the control socket and the metrics endpoint.
 #[derive(Default)]
 pub struct KeStats {
+    /// Connections accepted from the kernel; each ends in exactly one outcome.
     pub accepted: AtomicU64,
-    pub served: AtomicU64,
-    /// Refused at the connection cap.
-    pub refused_busy: AtomicU64,
-    /// Refused by the access table (ignore, deny) or the rate limiter (limited).
-    pub refused_policy: AtomicU64,
-    /// TLS failures, timeouts, bad requests.
-    pub failed: AtomicU64,
+    outcomes: [AtomicU64; KeOutcome::COUNT],
+}
+
+impl KeStats {
+    pub fn count(&self, o: KeOutcome) {
+        self.outcomes[o as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, o: KeOutcome) -> u64 {
+        self.outcomes[o as usize].load(Ordering::Relaxed)
+    }
+
+    /// `ke_accepted` and every outcome by name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let mut v = vec![("ke_accepted", self.accepted.load(Ordering::Relaxed))];
+        v.extend(KeOutcome::ALL.iter().map(|&o| (o.name(), self.get(o))));
+        v
+    }
 }
 
 /// Everything bound and read before privileges are dropped.
@@ -271,13 +342,13 @@ fn accept_loop(
             }
         };
         stats.accepted.fetch_add(1, Ordering::Relaxed);
-        if !admitted(&policy, peer.ip()) {
-            stats.refused_policy.fetch_add(1, Ordering::Relaxed);
+        if let Err(refused) = admitted(&policy, peer.ip()) {
+            stats.count(refused);
             drop(stream);
             continue;
         }
         if active.load(Ordering::Acquire) >= config.max_connections {
-            stats.refused_busy.fetch_add(1, Ordering::Relaxed);
+            stats.count(KeOutcome::RefusedBusy);
             drop(stream);
             continue;
         }
@@ -291,72 +362,80 @@ fn accept_loop(
         );
         let timeout = config.timeout;
         let spawned = std::thread::Builder::new().name("nts-ke-conn".into()).spawn(move || {
-            let ok = serve_connection(stream, c_tls, &c_keys, &c_negotiation, timeout).is_ok();
-            if ok { &c_stats.served } else { &c_stats.failed }.fetch_add(1, Ordering::Relaxed);
+            let outcome = serve_connection(stream, c_tls, &c_keys, &c_negotiation, timeout);
+            c_stats.count(outcome.err().unwrap_or(KeOutcome::Served));
             c_active.fetch_sub(1, Ordering::AcqRel);
         });
         if spawned.is_err() {
+            // No thread to be had: as good as busy.
             active.fetch_sub(1, Ordering::AcqRel);
-            stats.failed.fetch_add(1, Ordering::Relaxed);
+            stats.count(KeOutcome::RefusedBusy);
         }
     }
 }
 
 /// Whether the access table and the rate limiter let `ip` run a key exchange. A refused client
 /// gets its connection closed: a KoD has no meaning on TCP.
-fn admitted(policy: &SharedPolicy, ip: std::net::IpAddr) -> bool {
+fn admitted(policy: &SharedPolicy, ip: std::net::IpAddr) -> Result<(), KeOutcome> {
     let set = policy.load();
     match set.access.action(ip) {
-        Action::Serve | Action::Exempt => true,
-        Action::Ignore | Action::Deny => false,
-        Action::Limited => {
+        Action::Serve | Action::Exempt => Ok(()),
+        Action::Ignore | Action::Deny => Err(KeOutcome::RefusedPolicy),
+        // An nts-only client needs its cookies: its KE meets the limiter like its requests.
+        Action::Limited | Action::NtsOnly => {
             let now = crate::clock::realtime_ns() as u64;
             let mut random = [0u8; 4];
             let _ = getrandom::fill(&mut random);
-            matches!(
-                set.limiter.check_detail(ip, now, u32::from_le_bytes(random)).limit,
-                Limit::Allow | Limit::Leak
-            )
+            match set.limiter.check_detail(ip, now, u32::from_le_bytes(random)).limit {
+                Limit::Allow | Limit::Leak => Ok(()),
+                Limit::Drop | Limit::Kod => Err(KeOutcome::RateLimited),
+            }
         }
     }
 }
 
-/// One KE exchange: handshake, request, response, close, all before `timeout`.
+/// One KE exchange: handshake, request, response, close, all before `timeout`; an error is
+/// why it failed.
 fn serve_connection(
     stream: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     keys: &SharedKeys,
     negotiation: &Negotiation,
     timeout: Duration,
-) -> io::Result<()> {
+) -> Result<(), KeOutcome> {
+    let io = |e: io::Error| KeOutcome::of_io(&e);
     let deadline = Instant::now() + timeout;
-    stream.set_nonblocking(false)?;
-    stream.set_nodelay(true)?;
-    let mut conn = rustls::ServerConnection::new(tls).map_err(io::Error::other)?;
+    stream.set_nonblocking(false).map_err(io)?;
+    stream.set_nodelay(true).map_err(io)?;
+    let mut conn = rustls::ServerConnection::new(tls).map_err(|_| KeOutcome::HandshakeFailed)?;
     let mut sock = DeadlineStream { stream, deadline };
     let mut request = Vec::with_capacity(256);
     let mut buf = [0u8; 1024];
     let records_end = loop {
         while conn.wants_write() {
-            conn.write_tls(&mut sock)?;
+            conn.write_tls(&mut sock).map_err(io)?;
         }
         if !conn.is_handshaking() {
             if conn.alpn_protocol() != Some(ALPN) {
-                return Err(io::Error::other("client did not negotiate ALPN ntske/1"));
+                return Err(KeOutcome::HandshakeFailed);
             }
             match ke::decode(&request) {
                 Ok(_) => break request.len(),
-                Err(ke::DecodeError::Malformed) => return Err(io::Error::other("malformed NTS-KE request")),
+                Err(ke::DecodeError::Malformed) => return Err(KeOutcome::BadRequest),
                 Err(ke::DecodeError::Incomplete) => {}
             }
         }
-        if conn.read_tls(&mut sock)? == 0 {
-            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        if conn.read_tls(&mut sock).map_err(io)? == 0 {
+            return Err(KeOutcome::Closed);
         }
-        conn.process_new_packets().map_err(|e| {
+        conn.process_new_packets().map_err(|_| {
             // Tell the client why before closing.
             let _ = conn.write_tls(&mut sock);
-            io::Error::other(e)
+            if conn.is_handshaking() {
+                KeOutcome::HandshakeFailed
+            } else {
+                KeOutcome::BadRequest
+            }
         })?;
         loop {
             match conn.reader().read(&mut buf) {
@@ -364,34 +443,38 @@ fn serve_connection(
                 Ok(n) => {
                     request.extend_from_slice(&buf[..n]);
                     if request.len() > ke::MAX_REQUEST_LEN {
-                        return Err(io::Error::other("NTS-KE request too long"));
+                        return Err(KeOutcome::BadRequest);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+                Err(e) => return Err(io(e)),
             }
         }
     };
-    let records = ke::decode(&request[..records_end]).map_err(|_| io::Error::other("bad request"))?;
+    let records = ke::decode(&request[..records_end]).map_err(|_| KeOutcome::BadRequest)?;
     let (mut response, outcome) = ke::respond(&records, negotiation);
-    if let Outcome::Cookies { aead } = outcome {
-        let session = export_keys(&conn, aead)?;
-        let mut jar = CookieJar::new(&keys.load());
-        for _ in 0..ke::COOKIES_PER_KE {
-            let mut nonce = [0u8; 16];
-            getrandom::fill(&mut nonce).map_err(|e| io::Error::other(e.to_string()))?;
-            let mut cookie = [0u8; COOKIE_LEN];
-            jar.seal(&session, &nonce, &mut cookie);
-            ke::push_cookie(&mut response, &cookie);
+    let served = match outcome {
+        Outcome::Cookies { aead } => {
+            let session = export_keys(&conn, aead).map_err(io)?;
+            let mut jar = CookieJar::new(&keys.load());
+            for _ in 0..ke::COOKIES_PER_KE {
+                let mut nonce = [0u8; 16];
+                getrandom::fill(&mut nonce).map_err(|_| KeOutcome::Closed)?;
+                let mut cookie = [0u8; COOKIE_LEN];
+                jar.seal(&session, &nonce, &mut cookie);
+                ke::push_cookie(&mut response, &cookie);
+            }
+            ke::finish(&mut response);
+            true
         }
-        ke::finish(&mut response);
-    }
-    conn.writer().write_all(&response)?;
+        Outcome::NoCookies => false,
+    };
+    conn.writer().write_all(&response).map_err(io)?;
     conn.send_close_notify();
     while conn.wants_write() {
-        conn.write_tls(&mut sock)?;
+        conn.write_tls(&mut sock).map_err(io)?;
     }
-    Ok(())
+    if served { Ok(()) } else { Err(KeOutcome::BadRequest) }
 }
 
 /// C2S and S2C from the TLS exporter (RFC 8915 section 5.1).

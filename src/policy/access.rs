@@ -52,15 +52,20 @@ pub enum Action {
     Limited = 3,
     /// Answer, never rate-limited (pool monitors and measurement networks score a KoD as "down").
     Exempt = 4,
+    /// Answer NTS-authenticated requests, subject to the rate limiter; drop plain ones (as
+    /// ntpd-rs's `require-nts = "ignore"`): a DENY would be an unauthenticated answer to a
+    /// spoofable request, so a reflector, and tells an attacker nothing it needs.
+    NtsOnly = 5,
 }
 
 impl Action {
-    pub const ALL: [Action; 5] = [
+    pub const ALL: [Action; 6] = [
         Action::Serve,
         Action::Ignore,
         Action::Deny,
         Action::Limited,
         Action::Exempt,
+        Action::NtsOnly,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -70,7 +75,13 @@ impl Action {
             Action::Deny => "deny",
             Action::Limited => "limited",
             Action::Exempt => "exempt",
+            Action::NtsOnly => "nts-only",
         }
+    }
+
+    /// Whether the rate limiter applies to the answers of this action.
+    pub const fn rate_limited(self) -> bool {
+        matches!(self, Action::Limited | Action::Deny | Action::NtsOnly)
     }
 }
 
@@ -86,7 +97,7 @@ pub struct UnknownAction;
 
 impl fmt::Display for UnknownAction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("unknown action (expected serve, ignore, deny, limited or exempt)")
+        f.write_str("unknown action (expected serve, ignore, deny, limited, exempt or nts-only)")
     }
 }
 

@@ -137,6 +137,21 @@ impl NtpHandler {
                     (&self.kod_rate, Outcome::KodRate)
                 }
             },
+            Action::NtsOnly => {
+                // A 48-byte request has no room for NTS: dropped before it costs a limiter slot.
+                if d.len <= crate::proto::HEADER_LEN || self.nts.is_none() {
+                    self.local.add(Counter::NotNts, 1);
+                    return (0, Outcome::Ignored);
+                }
+                match self.rate_limit(ip, rx) {
+                    Limit::Allow | Limit::Leak => (&self.template, Outcome::Answered),
+                    Limit::Drop => return (0, Outcome::RateLimited),
+                    Limit::Kod => {
+                        self.local.add(Counter::KodRate, 1);
+                        (&self.kod_rate, Outcome::KodRate)
+                    }
+                }
+            }
         };
         let (template, outcome) = template;
         // Only a request being served normally (not one getting a KoD) is worth the crypto.
@@ -150,6 +165,11 @@ impl NtpHandler {
                 transmit: self.state.ntp_time(realtime_ns()),
             };
             match nts.handle(d.buf, d.len, &header) {
+                // Longer than 48 bytes but no NTS field in it (a MAC, another extension).
+                Verdict::NotNts if action == Action::NtsOnly => {
+                    self.local.add(Counter::NotNts, 1);
+                    return (0, Outcome::Ignored);
+                }
                 Verdict::NotNts => {}
                 Verdict::Reply(n) => {
                     self.local.add(Counter::Answered, 1);
@@ -359,5 +379,76 @@ mod tests {
         assert!((150..=240).contains(&denies), "{denies} DENY for 1000 requests");
         assert_eq!(stats.get(Counter::KodDeny), denies);
         assert_eq!(stats.get(Counter::RateLimited), 1000 - denies);
+    }
+
+    /// An NTS request with a cookie sealed under `keys`, 48-byte header first.
+    fn nts_request(keys: &crate::nts::cookie::KeySet) -> Vec<u8> {
+        use crate::nts::cookie::{COOKIE_LEN, CookieJar, SessionKeys};
+        let session = SessionKeys {
+            aead: crate::nts::ke::AEAD_AES_SIV_CMAC_256,
+            c2s: [1; 32],
+            s2c: [2; 32],
+        };
+        let mut cookie = [0u8; COOKIE_LEN];
+        CookieJar::new(keys).seal(&session, &[3; 16], &mut cookie);
+        let mut header = [0u8; crate::proto::HEADER_LEN];
+        header[0] = 0x23;
+        crate::nts::client::request(&header, &[4; 32], &cookie, 0, &session.c2s, &[5; 16])
+    }
+
+    #[test]
+    fn nts_only_answers_authenticated_requests_and_drops_plain_ones() {
+        use crate::nts::cookie::KeySet;
+        let keys = KeySet::derive(b"nts-only test", 1, 1);
+        let (h, stats) = handler(
+            &[("192.0.2.0/24", Action::NtsOnly)],
+            Action::Serve,
+            RateLimitConfig::default(),
+        );
+        let mut h = h.with_nts(Arc::new(SharedKeys::new(keys.clone())));
+        let now = realtime_ns();
+        h.begin_batch();
+        // Plain: 48 bytes, and 48 bytes plus an extension that is not NTS.
+        assert_eq!(ask(&mut h, "192.0.2.7:123", None, now).0, 0);
+        let mut buf = [0u8; 2048];
+        buf[0] = 0x23;
+        buf[48..52].copy_from_slice(&[0x20, 0x02, 0, 16]);
+        let other_ef = h.handle(Datagram {
+            buf: &mut buf,
+            len: 64,
+            truncated: false,
+            peer: "192.0.2.7:123".parse().unwrap(),
+            rx_realtime_ns: Some(now),
+            destination: None,
+        });
+        assert_eq!(other_ef, 0);
+        // Authenticated: answered.
+        let req = nts_request(&keys);
+        buf[..req.len()].copy_from_slice(&req);
+        let n = h.handle(Datagram {
+            buf: &mut buf,
+            len: req.len(),
+            truncated: false,
+            peer: "192.0.2.7:123".parse().unwrap(),
+            rx_realtime_ns: Some(now),
+            destination: None,
+        });
+        assert!(n > 48, "NTS request from an nts-only client not answered");
+        // Another client's plain request is still served.
+        assert_eq!(ask(&mut h, "198.51.100.1:123", None, now).0, 48);
+        h.idle();
+        assert_eq!(stats.get(Counter::RuleNtsOnly), 3);
+        assert_eq!(stats.get(Counter::NotNts), 2);
+        assert_eq!(stats.get(Counter::NtsAnswered), 1);
+        assert_eq!(stats.get(Counter::Answered), 2);
+    }
+
+    #[test]
+    fn nts_only_without_nts_answers_nobody() {
+        let (mut h, stats) = handler(&[], Action::NtsOnly, RateLimitConfig::default());
+        h.begin_batch();
+        assert_eq!(ask(&mut h, "192.0.2.7:123", None, realtime_ns()).0, 0);
+        h.idle();
+        assert_eq!(stats.get(Counter::NotNts), 1);
     }
 }

@@ -43,10 +43,12 @@ pub enum Counter {
     NtsAnswered,
     NtsNak,
     NtsDropped,
+    RuleNtsOnly,
+    NotNts,
 }
 
 impl Counter {
-    pub const COUNT: usize = 34;
+    pub const COUNT: usize = 36;
     pub const ALL: [Counter; Counter::COUNT] = [
         Counter::Received,
         Counter::Answered,
@@ -82,6 +84,8 @@ impl Counter {
         Counter::NtsAnswered,
         Counter::NtsNak,
         Counter::NtsDropped,
+        Counter::RuleNtsOnly,
+        Counter::NotNts,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -125,6 +129,9 @@ impl Counter {
             Counter::NtsAnswered => "nts_answered",
             Counter::NtsNak => "nts_nak",
             Counter::NtsDropped => "nts_dropped",
+            Counter::RuleNtsOnly => "rule_nts_only",
+            // Plain requests from a client whose rule is `nts-only`: dropped, never answered.
+            Counter::NotNts => "drop_not_nts",
         }
     }
 
@@ -137,6 +144,7 @@ impl Counter {
             A::Deny => Counter::RuleDeny,
             A::Limited => Counter::RuleLimited,
             A::Exempt => Counter::RuleExempt,
+            A::NtsOnly => Counter::RuleNtsOnly,
         }
     }
 

@@ -193,6 +193,13 @@ impl SyncCore {
         self.add_addresses(id, &[addr], now_ns) > 0
     }
 
+    /// The name a source at `addr` was configured as and its NTS settings, if it uses NTS.
+    pub fn nts_of(&self, addr: SocketAddr) -> Option<(&str, &super::NtsUpstream)> {
+        let e = self.entries.iter().find(|e| e.source.addr == addr)?;
+        let c = &self.names.get(e.name)?.config;
+        Some((c.address.as_str(), c.nts.as_ref()?))
+    }
+
     /// Configured entries that are host names, not addresses: what a resolver must serve.
     pub fn names_to_look_up(&self) -> usize {
         self.names.iter().filter(|n| !n.literal).count()
@@ -521,6 +528,8 @@ impl SyncCore {
                     offset_ms: est.map(|x| (x.offset - correction) * 1e3),
                     jitter_ms: est.map(|x| x.jitter * 1e3),
                     why: self.why(e, est.as_ref()),
+                    // The sync thread's shell fills in what its NTS session is doing.
+                    nts: None,
                 }
             })
             .collect();
@@ -543,6 +552,7 @@ impl SyncCore {
                         offset_ms: None,
                         jitter_ms: None,
                         why: Some(why),
+                        nts: c.nts.as_ref().map(|_| "NTS, address not resolved yet".to_string()),
                     }
                 }),
         );

@@ -67,6 +67,17 @@ pub struct UpstreamConfig {
     /// A pool: members at once (chrony's `maxsources`); a dead member is replaced, never added
     /// to. Between 1 and [`MAX_POOL_SOURCES`].
     pub max_sources: u8,
+    /// Authenticate with NTS (RFC 8915): NTS-KE first, then only authenticated replies count.
+    pub nts: Option<NtsUpstream>,
+}
+
+/// How to reach an upstream's NTS-KE server and whom to trust there.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct NtsUpstream {
+    /// TCP port of NTS-KE on the upstream's address (4460 by default).
+    pub ke_port: u16,
+    /// Trust anchors (PEM): a private CA; the system's roots when `None`.
+    pub ca: Option<std::path::PathBuf>,
 }
 
 impl UpstreamConfig {
@@ -82,6 +93,7 @@ impl UpstreamConfig {
             prefer: false,
             trust: false,
             max_sources: DEFAULT_POOL_SOURCES,
+            nts: None,
         }
     }
 }

@@ -29,6 +29,9 @@ pub struct SourceReport {
     pub jitter_ms: Option<f64>,
     /// Why this source is not the one in use, in words (None for the system peer).
     pub why: Option<String>,
+    /// An NTS source: its session in words ("authenticated, 8 cookies", or why not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nts: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Debug, serde::Serialize)]
@@ -152,6 +155,13 @@ pub fn render_sources(report: &SyncReport, why: bool) -> String {
     if report.sources.is_empty() {
         out.push_str("(no upstream sources configured)\n");
     }
+    let nts: Vec<_> = report.sources.iter().filter(|s| s.nts.is_some()).collect();
+    if !nts.is_empty() {
+        out.push('\n');
+        for s in nts {
+            let _ = writeln!(out, "NTS  {:<30} {}", remote(s), s.nts.as_deref().unwrap_or_default());
+        }
+    }
     out
 }
 
@@ -197,6 +207,25 @@ pub fn render_status(report: &SyncReport) -> String {
         (None, false) => "no".to_string(),
     };
     let _ = writeln!(out, "Synchronised    : {synced}");
+    let nts = report.sources.iter().filter(|s| s.nts.is_some()).count();
+    if nts > 0 {
+        let authenticated = report
+            .sources
+            .iter()
+            .filter(|s| s.nts.as_deref().is_some_and(|n| n.starts_with("authenticated")))
+            .count();
+        let peer = report.sources.iter().find(|s| s.tally == '*').map_or("", |s| {
+            if s.nts.is_some() {
+                ", system peer by NTS"
+            } else {
+                ", system peer not NTS"
+            }
+        });
+        let _ = writeln!(
+            out,
+            "NTS             : {nts} source(s), {authenticated} authenticated{peer}"
+        );
+    }
     let st = &report.stray;
     let _ = writeln!(
         out,
@@ -337,6 +366,7 @@ mod tests {
                     offset_ms: Some(-0.012),
                     jitter_ms: Some(0.004),
                     why: None,
+                    nts: None,
                 },
                 SourceReport {
                     name: "pool.example".into(),
@@ -352,6 +382,7 @@ mod tests {
                     offset_ms: None,
                     jitter_ms: None,
                     why: Some("DNS failure: no address".into()),
+                    nts: None,
                 },
             ],
             system: SystemReport {

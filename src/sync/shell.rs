@@ -107,6 +107,7 @@ pub fn spawn(
     // state goes out now, whatever DNS does.
     let core = SyncCore::new(&config, precision, now);
     let resolver = Resolver::start(core.names_to_look_up())?;
+    let nts = NtsClients::start(config.upstreams.iter().filter(|u| u.nts.is_some()).count())?;
     publisher.publish(timeline.snapshot(&core.state()));
     let report = Arc::new(Mutex::new(make_report(&core, &timeline, now)));
     let shared = report.clone();
@@ -115,7 +116,7 @@ pub fn spawn(
             core,
             timeline,
             kernel,
-            Net { socket, resolver },
+            Net { socket, resolver, nts },
             publisher,
             shared,
             &stop,
@@ -160,10 +161,224 @@ fn lookup(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
     Ok(addrs)
 }
 
-/// What the sync thread talks to: the upstreams' socket and the resolver.
+/// What the sync thread talks to: the upstreams' socket, the resolver and the NTS-KE thread.
 struct Net {
     socket: UdpSocket,
     resolver: Resolver,
+    nts: NtsClients,
+}
+
+/// A whole key exchange ends within this; a silent KE server delays only the key exchanges
+/// queued behind it, never a poll.
+const KE_TIMEOUT: Duration = Duration::from_secs(5);
+/// First retry after a failed key exchange; doubled up to [`KE_BACKOFF_MAX_NS`].
+const KE_BACKOFF_NS: i64 = 8_000_000_000;
+const KE_BACKOFF_MAX_NS: i64 = 1_024_000_000_000;
+
+struct KeJob {
+    addr: SocketAddr,
+    ke: SocketAddr,
+    server_name: String,
+    ca: std::path::PathBuf,
+}
+
+type KeAnswer = (SocketAddr, Result<crate::nts::ke_client::KeSession, String>);
+
+/// One NTS source's session: its cookies and keys, the request in flight, and KE's state.
+struct NtsPeer {
+    addr: SocketAddr,
+    session: Option<crate::nts::client::Session>,
+    pending: Option<crate::nts::client::Pending>,
+    ke_in_flight: bool,
+    next_ke_ns: i64,
+    backoff_ns: i64,
+    error: Option<String>,
+    /// Replies that did not authenticate (spoofed, or for an older request).
+    unauthenticated: u64,
+}
+
+/// NTS for the sources that ask for it (`nts = true`). Key exchanges run on a thread of their
+/// own, fed and drained through channels like the resolver, so TLS never stalls a poll.
+struct NtsClients {
+    peers: Vec<NtsPeer>,
+    jobs: mpsc::SyncSender<KeJob>,
+    answers: mpsc::Receiver<KeAnswer>,
+}
+
+impl NtsClients {
+    fn start(sources: usize) -> io::Result<NtsClients> {
+        let (jobs, job_rx) = mpsc::sync_channel::<KeJob>(sources.max(1));
+        let (answer_tx, answers) = mpsc::channel();
+        if sources > 0 {
+            std::thread::Builder::new()
+                .name("gnomon-nts-ke".into())
+                .spawn(move || {
+                    while let Ok(job) = job_rx.recv() {
+                        let result = crate::nts::ke_client::roots(&job.ca)
+                            .and_then(|roots| {
+                                crate::nts::ke_client::key_exchange(job.ke, &job.server_name, roots, KE_TIMEOUT)
+                            })
+                            .map_err(|e| format!("NTS-KE with {} ({}): {e}", job.server_name, job.ke));
+                        if answer_tx.send((job.addr, result)).is_err() {
+                            return;
+                        }
+                    }
+                })?;
+        }
+        Ok(NtsClients {
+            peers: Vec::new(),
+            jobs,
+            answers,
+        })
+    }
+
+    fn peer(&mut self, addr: SocketAddr) -> &mut NtsPeer {
+        let i = match self.peers.iter().position(|p| p.addr == addr) {
+            Some(i) => i,
+            None => {
+                self.peers.push(NtsPeer {
+                    addr,
+                    session: None,
+                    pending: None,
+                    ke_in_flight: false,
+                    next_ke_ns: i64::MIN,
+                    backoff_ns: KE_BACKOFF_NS,
+                    error: None,
+                    unauthenticated: 0,
+                });
+                self.peers.len() - 1
+            }
+        };
+        &mut self.peers[i]
+    }
+
+    /// The request to send to NTS source `addr` for the engine's `req`, or `None` (the poll is
+    /// lost) while it has no cookie, in which case a key exchange is started if none is due.
+    fn request(
+        &mut self,
+        addr: SocketAddr,
+        name: &str,
+        nts: &super::NtsUpstream,
+        req: &[u8; crate::proto::HEADER_LEN],
+        now: i64,
+    ) -> Option<Vec<u8>> {
+        let jobs = self.jobs.clone();
+        let p = self.peer(addr);
+        if let Some(s) = p.session.as_mut()
+            && let Some((bytes, pending)) =
+                s.request(req, crate::nts::ke_client::random(), crate::nts::ke_client::random())
+        {
+            p.pending = Some(pending);
+            return Some(bytes);
+        }
+        if !p.ke_in_flight && now >= p.next_ke_ns {
+            let job = KeJob {
+                addr,
+                ke: SocketAddr::new(addr.ip(), nts.ke_port),
+                server_name: name.to_string(),
+                ca: nts
+                    .ca
+                    .clone()
+                    .unwrap_or_else(|| crate::nts::ke_client::SYSTEM_ROOTS.into()),
+            };
+            p.ke_in_flight = jobs.try_send(job).is_ok();
+        }
+        None
+    }
+
+    /// Applies finished key exchanges; returns whether there was one.
+    fn drain(&mut self, now: i64) -> bool {
+        let mut any = false;
+        while let Ok((addr, result)) = self.answers.try_recv() {
+            any = true;
+            let p = self.peer(addr);
+            p.ke_in_flight = false;
+            match result {
+                Ok(ke) => {
+                    if ke.ntp_port.is_some_and(|port| port != addr.port()) || ke.ntp_server.is_some() {
+                        state_change(Event::warn(
+                            "nts",
+                            &addr.to_string(),
+                            format!(
+                                "NTS-KE for {addr} names NTP server {:?} port {:?}; gnomon keeps polling {addr} (set address and port to follow it)",
+                                ke.ntp_server, ke.ntp_port
+                            ),
+                        ));
+                    }
+                    state_change(Event::info(
+                        "nts",
+                        &addr.to_string(),
+                        format!("NTS-KE for {addr}: {} cookies", ke.cookies.len()),
+                    ));
+                    p.session = Some(crate::nts::client::Session::new(ke));
+                    p.error = None;
+                    p.backoff_ns = KE_BACKOFF_NS;
+                }
+                Err(e) => {
+                    if p.error.as_deref() != Some(e.as_str()) {
+                        state_change(Event::warn("nts", &addr.to_string(), e.clone()));
+                    }
+                    p.error = Some(e);
+                    p.next_ke_ns = now + p.backoff_ns;
+                    p.backoff_ns = (p.backoff_ns * 2).min(KE_BACKOFF_MAX_NS);
+                }
+            }
+        }
+        any
+    }
+
+    /// Checks a datagram from NTS source `from`: the NTP header to hand to the engine when it
+    /// authenticates, `None` otherwise (an NTS NAK ends the session: KE runs again).
+    fn reply<'a>(&mut self, from: SocketAddr, reply: &'a [u8]) -> Option<&'a [u8]> {
+        use crate::nts::client::ReplyError;
+        let p = self.peer(from);
+        let (Some(s), Some(pending)) = (p.session.as_mut(), p.pending) else {
+            p.unauthenticated += 1;
+            return None;
+        };
+        match s.reply(reply, &pending) {
+            Ok(_) => {
+                p.pending = None;
+                Some(&reply[..crate::proto::HEADER_LEN])
+            }
+            Err(ReplyError::Nak) => {
+                state_change(Event::warn(
+                    "nts",
+                    &from.to_string(),
+                    format!("NTS NAK from {from}: cookies refused, running NTS-KE again"),
+                ));
+                p.pending = None;
+                p.session = None;
+                p.next_ke_ns = i64::MIN;
+                None
+            }
+            Err(_) => {
+                p.unauthenticated += 1;
+                None
+            }
+        }
+    }
+
+    /// What each NTS source's session is doing, for `gnomon sources` and `status`.
+    fn fill(&self, core: &SyncCore, r: &mut SyncReport) {
+        for s in &mut r.sources {
+            let Some(addr) = s.addr else { continue };
+            if core.nts_of(addr).is_none() {
+                continue;
+            }
+            let p = self.peers.iter().find(|p| p.addr == addr);
+            let cookies = p.and_then(|p| p.session.as_ref()).map(|s| s.cookies());
+            let bad = p.map_or(0, |p| p.unauthenticated);
+            s.nts = Some(match (cookies, p.and_then(|p| p.error.as_deref())) {
+                (Some(c), _) if s.reach != 0 => {
+                    format!("authenticated, {c} cookies, {bad} unauthenticated replies dropped")
+                }
+                (Some(c), _) => format!("NTS-KE done ({c} cookies), no authenticated reply yet"),
+                (None, Some(e)) => format!("no cookies: {e}"),
+                (None, None) => "NTS-KE in progress".to_string(),
+            });
+        }
+    }
 }
 
 type Answer = (usize, Result<Vec<SocketAddr>, String>);
@@ -302,7 +517,11 @@ fn run(
     report: Arc<Mutex<SyncReport>>,
     stop: &AtomicBool,
 ) {
-    let Net { socket, mut resolver } = net;
+    let Net {
+        socket,
+        mut resolver,
+        mut nts,
+    } = net;
     let is_v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut out = Vec::new();
     let mut buf = [0u8; 1024];
@@ -342,11 +561,22 @@ fn run(
         let mut changed = republish;
         // Answers first, so that new sources are polled at once.
         changed |= resolver.drain(&mut core, now);
+        changed |= nts.drain(now);
         out.clear();
         core.poll(now, &mut || random_u64(&mut fallback), &mut out);
         for (addr, req) in &out {
-            // A failed send is a lost poll: the reachability register records it.
-            let _ = socket.send_to(req, wire_addr(is_v6, *addr));
+            // A failed send is a lost poll: the reachability register records it. So is an NTS
+            // source's poll while it waits for cookies.
+            match core.nts_of(*addr) {
+                Some((name, up)) => {
+                    if let Some(bytes) = nts.request(*addr, name, up, req, now) {
+                        let _ = socket.send_to(&bytes, wire_addr(is_v6, *addr));
+                    }
+                }
+                None => {
+                    let _ = socket.send_to(req, wire_addr(is_v6, *addr));
+                }
+            }
             changed = true;
         }
         core.lookups(now, &mut lookups);
@@ -354,7 +584,8 @@ fn run(
         resolver.submit(&mut core, &mut lookups, now);
         if changed || now - last_report >= REPORT_EVERY_NS {
             last_report = now;
-            let r = make_report(&core, &timeline, now);
+            let mut r = make_report(&core, &timeline, now);
+            nts.fill(&core, &mut r);
             for e in changes(&last, &r) {
                 state_change(e);
             }
@@ -376,7 +607,13 @@ fn run(
             // Through `observe`, so that a step since the top of the loop is neither in T4 nor
             // left in served time.
             let (t4, stepped) = timeline.observe(kernel.read());
-            let reply = core.handle_reply(source_addr(from), &buf[..n], t4);
+            let from = source_addr(from);
+            // An NTS source's reply counts only once it authenticates.
+            let datagram = match core.nts_of(from) {
+                Some(_) => nts.reply(from, &buf[..n]),
+                None => Some(&buf[..n]),
+            };
+            let reply = datagram.and_then(|d| core.handle_reply(from, d, t4));
             if let Some(s) = reply.as_ref().or(stepped.then_some(&core.state())) {
                 timeline.steer(&mut kernel, s, t4);
             }

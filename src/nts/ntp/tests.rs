@@ -253,3 +253,35 @@ proptest! {
         prop_assert!(!matches!(v, Verdict::Reply(_)), "{v:?}");
     }
 }
+
+#[test]
+fn a_client_session_refills_its_cookies_and_a_nak_empties_it() {
+    use crate::nts::client::Session;
+    use crate::nts::ke_client::KeSession;
+    let mut s = server(10);
+    let mut session = Session::new(KeSession {
+        cookies: vec![make_cookie(10), make_cookie(10), make_cookie(10)],
+        aead: 15,
+        c2s: C2S,
+        s2c: S2C,
+        ntp_server: None,
+        ntp_port: None,
+    });
+    let (req, pending) = session.request(&header(), UID, [9; 16]).unwrap();
+    let (v, reply) = run(&mut s, &req);
+    assert!(matches!(v, Verdict::Reply(_)), "{v:?}");
+    // Two left, so six asked for: the jar is full again.
+    assert_eq!(session.reply(&reply, &pending), Ok(6));
+    assert_eq!(session.cookies(), 8);
+    // A reply to another request is not accepted, and changes nothing.
+    let other = crate::nts::client::Pending { unique_id: [1; 32] };
+    assert_eq!(session.reply(&reply, &other), Err(ReplyError::WrongUniqueId));
+    assert_eq!(session.cookies(), 8);
+    // A server that rotated the key out answers NTSN: time for a new key exchange.
+    let (req, pending) = session.request(&header(), UID, [9; 16]).unwrap();
+    let (v, reply) = run(&mut server(99), &req);
+    assert!(matches!(v, Verdict::Nak(..)), "{v:?}");
+    assert_eq!(session.reply(&reply, &pending), Err(ReplyError::Nak));
+    assert_eq!(session.cookies(), 0);
+    assert!(session.request(&header(), UID, [9; 16]).is_none());
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# benches/nts-e2e.sh: NTS against plain NTP on the same pinned core, side by side in one run.
+# One gnomon config with [nts] (a test certificate made here), measured twice by
+# benches/compare.sh: with plain gnomon-load, then with `gnomon-load --nts` (key exchanges first,
+# cookies shared by the clients, every reply's authenticator checked). Prints each loss-free
+# maximum (< MAX_LOSS, default 1%) and the ratio NTS/plain (issue 15 asks for >= 0.8).
+#
+# Usage: benches/nts-e2e.sh             IOS="mmsg uring" for both backends (default mmsg)
+#   QUICK=1 benches/nts-e2e.sh          short steps, to check that the script works
+#   Other knobs (GEN_CPU, SRV_CPU, CLIENTS, RAMP_START, STEP, ...) as in benches/compare.sh;
+#   NTS_SESSIONS (default 16) key exchanges made by gnomon-load before each run.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/target/nts-e2e}
+IOS=${IOS:-mmsg}
+KE_PORT=${KE_PORT:-14460}
+NTS_SESSIONS=${NTS_SESSIONS:-16}
+mkdir -p "$OUT"
+
+# A self-signed P-256 certificate for localhost and 127.0.0.1, as tests/nts.rs makes.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$OUT/key.pem" -out "$OUT/cert.pem" -days 30 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE \
+    >/dev/null 2>&1
+cat >"$OUT/gnomon-nts.toml" <<CONF
+# As benches/gnomon-bench.toml, plus NTS: every client served, no rules, no rate limit.
+local_stratum = 1
+control_socket = "$OUT/gnomon.sock"
+
+[nts]
+certificate = "$OUT/cert.pem"
+private_key = "$OUT/key.pem"
+listen = "127.0.0.1:$KE_PORT"
+CONF
+
+NTS_FLAGS="--nts --nts-port $KE_PORT --nts-ca $OUT/cert.pem --nts-name localhost --nts-sessions $NTS_SESSIONS"
+max_of() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['ramp']['max_rate']), r['ramp']['ended_by'])" "$1"; }
+
+SUMMARY=$OUT/summary.txt
+: >"$SUMMARY"
+for io in $IOS; do
+    OUT=$OUT/plain ONLY=gnomon IOS=$io GNOMON_ARGS="--config $OUT/gnomon-nts.toml" benches/compare.sh
+    OUT=$OUT/nts ONLY=gnomon IOS=$io GNOMON_ARGS="--config $OUT/gnomon-nts.toml" LOAD_ARGS="$NTS_FLAGS" \
+        benches/compare.sh
+    read -r plain plain_end < <(max_of "$OUT/plain/gnomon-$io-ramp.json")
+    read -r nts nts_end < <(max_of "$OUT/nts/gnomon-$io-ramp.json")
+    bad=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r['invalid'].get('unauthenticated', 0), r['kiss'].get('NTSN', 0))" \
+        "$OUT/nts/gnomon-$io-ramp.json")
+    python3 - "$io" "$plain" "$plain_end" "$nts" "$nts_end" "$bad" <<'PY' | tee -a "$SUMMARY"
+import sys
+io, plain, plain_end, nts, nts_end, bad = sys.argv[1:]
+plain, nts = int(plain), int(nts)
+unauth, naks = bad.split()
+ratio = nts / plain if plain else 0.0
+print(f"{io:<6} plain {plain:>9}/s (ended by {plain_end})  NTS {nts:>9}/s (ended by {nts_end})  "
+      f"ratio {ratio:.2f}  (unauthenticated replies {unauth}, NAKs {naks})")
+PY
+done
+echo "== summary (also in $SUMMARY)"
+cat "$SUMMARY"
