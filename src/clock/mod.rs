@@ -38,6 +38,12 @@ pub struct ClockState {
     pub dispersion_rate: f64,
     /// Once root dispersion passes this many seconds (holdover ran out), replies say LI 3.
     pub max_root_dispersion: f64,
+    /// The realtime at which a leap second takes effect (`i64::MAX`: none due). From then on
+    /// replies say LI 0 and true time moves by `leap_step_ns`.
+    pub leap_at_ns: i64,
+    /// -1 s for an inserted second (23:59:59 repeats), +1 s for a deleted one; 0 where the
+    /// kernel clock steps itself (mode system).
+    pub leap_step_ns: i64,
 }
 
 impl ClockState {
@@ -57,6 +63,8 @@ impl ClockState {
             root_dispersion: 0.0,
             dispersion_rate: PHI,
             max_root_dispersion: f64::INFINITY,
+            leap_at_ns: i64::MAX,
+            leap_step_ns: 0,
         }
     }
 
@@ -87,7 +95,8 @@ impl ClockState {
     /// True time for a kernel realtime reading, as Unix nanoseconds.
     #[inline]
     pub fn true_time_ns(&self, realtime_ns: i64) -> i64 {
-        realtime_ns + self.offset_at(realtime_ns)
+        let leap = if realtime_ns >= self.leap_at_ns { self.leap_step_ns } else { 0 };
+        realtime_ns + self.offset_at(realtime_ns) + leap
     }
 
     #[inline]
@@ -109,7 +118,11 @@ impl ClockState {
             return ServerInfo::unsynchronized(self.precision);
         }
         ServerInfo {
-            leap: self.leap,
+            leap: if realtime_ns >= self.leap_at_ns {
+                LeapIndicator::NoWarning
+            } else {
+                self.leap
+            },
             stratum: self.stratum,
             precision: self.precision,
             root_delay: NtpShort::from_seconds_ceil(self.root_delay),
@@ -132,6 +145,8 @@ impl ClockState {
             self.root_dispersion.to_bits(),
             self.dispersion_rate.to_bits(),
             self.max_root_dispersion.to_bits(),
+            self.leap_at_ns as u64,
+            self.leap_step_ns as u64,
         ]
     }
 
@@ -150,11 +165,13 @@ impl ClockState {
             root_dispersion: f64::from_bits(w[8]),
             dispersion_rate: f64::from_bits(w[9]),
             max_root_dispersion: f64::from_bits(w[10]),
+            leap_at_ns: w[11] as i64,
+            leap_step_ns: w[12] as i64,
         }
     }
 }
 
-const WORDS: usize = 11;
+const WORDS: usize = 13;
 
 /// The seqlock cell. Only [`ClockPublisher`] writes it.
 struct Cell {

@@ -101,6 +101,15 @@ struct RawRateLimit {
 struct RawMakeStep {
     threshold: Option<Spanned<f64>>,
     limit: Option<Spanned<i64>>,
+    max_correction: Option<Spanned<f64>>,
+    allow_large_first: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLeap {
+    mode: Option<Spanned<String>>,
+    list: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +142,7 @@ struct RawConfig {
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     makestep: Option<RawMakeStep>,
+    leap: Option<RawLeap>,
     metrics: Option<RawMetrics>,
     nts: Option<RawNts>,
 }
@@ -353,7 +363,27 @@ impl Config {
             sync.max_root_dispersion = v;
         }
         if let Some(m) = &raw.makestep {
-            sync.makestep = Some(parse_makestep(&loc, m)?);
+            // The panic keys alone leave stepping as it is by default.
+            let panic_only = m.threshold.is_none()
+                && m.limit.is_none()
+                && (m.max_correction.is_some() || m.allow_large_first.is_some());
+            let step = parse_makestep(&loc, m)?;
+            if !panic_only {
+                sync.makestep = Some(step);
+            }
+            if let Some(c) = &m.max_correction {
+                let v = *c.get_ref();
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(loc.value(c, format!("max_correction must be 0 (no limit) or more seconds, got {v}")));
+                }
+                sync.panic.threshold = (v > 0.0).then_some(v);
+            }
+            if let Some(a) = m.allow_large_first {
+                sync.panic.allow_first = a;
+            }
+        }
+        if let Some(l) = &raw.leap {
+            sync.leap = parse_leap(&loc, l)?;
         }
         for (list, pool) in [(&raw.upstream, false), (&raw.pool, true)] {
             for u in list {
@@ -622,6 +652,24 @@ fn parse_makestep(loc: &Locator, m: &RawMakeStep) -> Result<MakeStep, ConfigErro
             -1 => None,
             _ => Some(int_in(loc, l, -1, 1_000_000, "limit")?),
         };
+    }
+    Ok(out)
+}
+
+fn parse_leap(loc: &Locator, l: &RawLeap) -> Result<crate::sync::LeapConfig, ConfigError> {
+    use crate::sync::{LeapList, LeapMode};
+    let mut out = crate::sync::LeapConfig::default();
+    if let Some(m) = &l.mode {
+        out.mode = match m.get_ref().as_str() {
+            "apply" => LeapMode::Apply,
+            "ignore" => LeapMode::Ignore,
+            other => return Err(loc.value(m, format!("unknown leap mode `{other}` (expected apply or ignore)"))),
+        };
+    }
+    if let Some(p) = &l.list {
+        let path = p.get_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| loc.value(p, format!("cannot read `{path}`: {e}")))?;
+        out.list = Some(LeapList::parse(&text, path).map_err(|e| loc.value(p, format!("`{path}`: {e}")))?);
     }
     Ok(out)
 }
