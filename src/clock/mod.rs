@@ -95,7 +95,11 @@ impl ClockState {
     /// True time for a kernel realtime reading, as Unix nanoseconds.
     #[inline]
     pub fn true_time_ns(&self, realtime_ns: i64) -> i64 {
-        let leap = if realtime_ns >= self.leap_at_ns { self.leap_step_ns } else { 0 };
+        let leap = if realtime_ns >= self.leap_at_ns {
+            self.leap_step_ns
+        } else {
+            0
+        };
         realtime_ns + self.offset_at(realtime_ns) + leap
     }
 

@@ -374,7 +374,10 @@ impl Config {
             if let Some(c) = &m.max_correction {
                 let v = *c.get_ref();
                 if !(v.is_finite() && v >= 0.0) {
-                    return Err(loc.value(c, format!("max_correction must be 0 (no limit) or more seconds, got {v}")));
+                    return Err(loc.value(
+                        c,
+                        format!("max_correction must be 0 (no limit) or more seconds, got {v}"),
+                    ));
                 }
                 sync.panic.threshold = (v > 0.0).then_some(v);
             }

@@ -8,8 +8,8 @@
 //! sources in total hold whatever DNS returns.
 
 use super::discipline::{Discipline, MIN_SAMPLES_TO_SYNC, SystemEstimate};
-use super::leap::{LEAP_CLOSE_NS, LeapControl};
 use super::filter::Estimate;
+use super::leap::{LEAP_CLOSE_NS, LeapControl};
 use super::report::{SourceReport, StrayReport, SyncReport, SystemReport};
 use super::select::{Candidate, Verdict, select};
 use super::source::{Rejection, Source};

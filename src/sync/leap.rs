@@ -182,7 +182,9 @@ impl LeapList {
                 return Err(err(n, format!("expected `NTP-seconds TAI-UTC`, got `{data}`")));
             };
             let t: i64 = t.parse().map_err(|_| err(n, format!("`{t}` is not NTP seconds")))?;
-            let dtai: i32 = dtai.parse().map_err(|_| err(n, format!("`{dtai}` is not a TAI-UTC offset")))?;
+            let dtai: i32 = dtai
+                .parse()
+                .map_err(|_| err(n, format!("`{dtai}` is not a TAI-UTC offset")))?;
             let unix = t - NTP_UNIX_OFFSET;
             if unix.rem_euclid(DAY_S) != 0 {
                 return Err(err(n, format!("{t} is not a midnight (UTC)")));
@@ -445,7 +447,10 @@ mod tests {
         let dec31 = (NY2017 - 3600) * NS;
         c.decide(LeapIndicator::AddSecond, dec31);
         let s = c.scheduled.unwrap();
-        assert_eq!((s.leap, s.at_unix_ns, s.by), (Leap::Insert, NY2017 * NS, Announcer::Sources));
+        assert_eq!(
+            (s.leap, s.at_unix_ns, s.by),
+            (Leap::Insert, NY2017 * NS, Announcer::Sources)
+        );
         assert_eq!(
             c.note(dec31).unwrap(),
             "insert 23:59:60 after 2016-12-31 23:59:59 UTC (announced by the majority of selected sources)"
@@ -497,7 +502,11 @@ mod tests {
         );
         c.decide(LeapIndicator::NoWarning, dec31);
         assert_eq!(c.scheduled, None);
-        assert!(c.note(dec31).unwrap().contains("expired on 2016-12-02 00:00:00 UTC"), "{:?}", c.note(dec31));
+        assert!(
+            c.note(dec31).unwrap().contains("expired on 2016-12-02 00:00:00 UTC"),
+            "{:?}",
+            c.note(dec31)
+        );
         let mut c = LeapControl::new(
             LeapConfig {
                 mode: LeapMode::Ignore,

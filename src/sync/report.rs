@@ -318,8 +318,18 @@ pub fn changes(old: &SyncReport, new: &SyncReport) -> Vec<Event> {
         });
     }
     for (kind, old, new, back) in [
-        ("panic", &o.refused, &n.refused, "correction no longer over the panic threshold"),
-        ("few", &o.few_sources, &n.few_sources, "enough sources selectable to outvote a falseticker"),
+        (
+            "panic",
+            &o.refused,
+            &n.refused,
+            "correction no longer over the panic threshold",
+        ),
+        (
+            "few",
+            &o.few_sources,
+            &n.few_sources,
+            "enough sources selectable to outvote a falseticker",
+        ),
     ] {
         match (old, new) {
             (None, Some(w)) => out.push(Event::warn(kind, "", w.clone())),
