@@ -988,6 +988,52 @@ mod tests {
     }
 
     #[test]
+    fn panic_threshold() {
+        use crate::sync::Panic;
+        assert_eq!(Config::parse("", "f").unwrap().sync.panic, Panic::default());
+        // The panic keys alone leave stepping as it is by default.
+        let c = Config::parse("[makestep]\nmax_correction = 50.0\nallow_large_first = true\n", "f").unwrap();
+        assert_eq!(c.sync.makestep, None);
+        assert_eq!(
+            c.sync.panic,
+            Panic {
+                threshold: Some(50.0),
+                allow_first: true
+            }
+        );
+        let c = Config::parse("[makestep]\nlimit = 2\nmax_correction = 0\n", "f").unwrap();
+        assert_eq!(c.sync.panic.threshold, None, "0: no limit, as ntpd's tinker panic 0");
+        assert_eq!(c.sync.makestep.map(|m| m.limit), Some(Some(2)));
+        let e = Config::parse("[makestep]\nmax_correction = -1.0\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("max_correction")), "{e}");
+    }
+
+    #[test]
+    fn leap_table() {
+        use crate::sync::LeapMode;
+        assert_eq!(Config::parse("", "f").unwrap().sync.leap.mode, LeapMode::Apply);
+        let c = Config::parse("[leap]\nmode = \"ignore\"\n", "f").unwrap();
+        assert_eq!(c.sync.leap.mode, LeapMode::Ignore);
+        let e = Config::parse("[leap]\nmode = \"smear\"\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("mode")), "{e}");
+        let dir = std::env::temp_dir().join(format!("gnomon-leap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.list");
+        std::fs::write(&good, "#@\t3991593600\n2272060800\t10\n3692217600\t11\n").unwrap();
+        let c = Config::parse(&format!("[leap]\nlist = \"{}\"\n", good.display()), "f").unwrap();
+        assert_eq!(c.sync.leap.list.map(|l| l.entries.len()), Some(2));
+        // A broken list names the config line and key, and the list's own line.
+        let bad = dir.join("bad.list");
+        std::fs::write(&bad, "#@\t3991593600\n2272060800\tten\n").unwrap();
+        let e = Config::parse(&format!("\n[leap]\nlist = \"{}\"\n", bad.display()), "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("list")), "{e}");
+        assert!(e.message.contains("line 2: `ten` is not a TAI-UTC offset"), "{e}");
+        let e = Config::parse("[leap]\nlist = \"/nonexistent/leap.list\"\n", "f").unwrap_err();
+        assert!(e.message.contains("cannot read"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn metrics_endpoint() {
         assert_eq!(Config::embedded().metrics, None, "off by default");
         let c = Config::parse("[metrics]\nlisten = \"127.0.0.1:9100\"\n", "f").unwrap();
