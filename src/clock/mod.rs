@@ -321,6 +321,30 @@ mod tests {
     }
 
     #[test]
+    fn a_leap_second_steps_served_time_and_clears_li_at_its_instant() {
+        let at = 1_000_500_000_000;
+        let s = ClockState {
+            leap: LeapIndicator::AddSecond,
+            leap_at_ns: at,
+            leap_step_ns: -1_000_000_000,
+            ..synced()
+        };
+        assert_eq!(ClockState::from_words(s.to_words()), s);
+        assert_eq!(s.server_info(at - 1).leap, LeapIndicator::AddSecond);
+        assert_eq!(s.server_info(at).leap, LeapIndicator::NoWarning);
+        let (before, after) = (s.true_time_ns(at - 1), s.true_time_ns(at));
+        assert!(
+            (after - before + 1_000_000_000).abs() <= 2,
+            "23:59:59 again: {}",
+            after - before
+        );
+        // Mode system: the kernel steps; the snapshot only clears LI.
+        let k = ClockState { leap_step_ns: 0, ..s };
+        assert!((k.true_time_ns(at) - k.true_time_ns(at - 1)).abs() <= 2);
+        assert_eq!(k.server_info(at).leap, LeapIndicator::NoWarning);
+    }
+
+    #[test]
     fn holdover_limit_makes_replies_unsynchronized() {
         let s = synced();
         assert_eq!(s.server_info(s.base_realtime_ns).stratum, 2);
