@@ -428,6 +428,11 @@ impl Timeline {
         let Some(frequency) = frequency.filter(|_| self.system && self.engaged) else {
             return Ok(());
         };
+        // Nobody is left to clear it after the leap, or to withdraw it.
+        if self.told_leap.is_some_and(|l| l != LeapIndicator::NoWarning) {
+            kernel.set_leap(LeapIndicator::NoWarning)?;
+            self.told_leap = Some(LeapIndicator::NoWarning);
+        }
         self.set_rate(kernel, frequency)?;
         self.slew_end = None;
         Ok(())
