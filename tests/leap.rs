@@ -47,6 +47,7 @@ fn a_leap_second_is_announced_inserted_and_cleared() {
     let end = start + LEAD_NS + 4 * NS;
     let deadline = Instant::now() + Duration::from_secs(50);
     let mut transmit = 1u64;
+    let mut status = String::new();
     while realtime_ns() < end && Instant::now() < deadline {
         transmit += 1;
         let sent = realtime_ns();
@@ -60,6 +61,9 @@ fn a_leap_second_is_announced_inserted_and_cleared() {
         {
             let served = h.transmit_timestamp.to_unix_nanos(MIDNIGHT / NS) as i64;
             seen.push((sent + (received - sent) / 2, served, h.leap as u8));
+            if h.leap == LeapIndicator::AddSecond && status.is_empty() {
+                status = String::from_utf8_lossy(&srv.ctl(&["status"]).stdout).to_string();
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -102,6 +106,13 @@ fn a_leap_second_is_announced_inserted_and_cleared() {
     assert!(k >= 5, "LI 1 served for a while before midnight\n{}", show());
     assert!(synced[k..].iter().all(|s| s.2 == 0), "LI after the leap\n{}", show());
     assert!(synced[k..].iter().any(|s| s.1 >= MIDNIGHT + NS), "{}", show());
+    assert!(
+        status.contains(
+            "Leap second     : insert 23:59:60 after 2016-12-31 23:59:59 UTC (announced by the majority of \
+             selected sources)"
+        ),
+        "{status}"
+    );
     assert!(
         log.iter().any(|l| l.contains("leap second announced: insert second")),
         "{log:#?}"
