@@ -330,6 +330,10 @@ mod tests {
             kernel_frequency_ppm: 0.0,
             external_steps: 0,
             kernel_event: None,
+            leap_note: None,
+            leaps_applied: 0,
+            refused: None,
+            few_sources: None,
         };
         assert_eq!(
             status_line(&r),

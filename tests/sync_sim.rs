@@ -9,7 +9,7 @@ use gnomon::proto::{
 };
 use gnomon::sync::kernel::KERNEL_SLEW;
 use gnomon::sync::{
-    MAX_SOURCES, SimulatedKernel, SyncConfig, SyncCore, SyncReport, Timeline, UpstreamConfig, render_status,
+    ClockMode, MAX_SOURCES, SimulatedKernel, SyncConfig, SyncCore, SyncReport, Timeline, UpstreamConfig, render_status,
 };
 use std::net::SocketAddr;
 
@@ -46,11 +46,13 @@ struct LocalClock {
     frequency: f64,
     /// Frequency change per second (s/s^2).
     drift: f64,
+    /// True time at the start of the simulation.
+    start: i64,
 }
 
 impl LocalClock {
     fn local_of_true(&self, true_ns: i64) -> i64 {
-        let dt = (true_ns - T0) as f64 * 1e-9;
+        let dt = (true_ns - self.start) as f64 * 1e-9;
         true_ns + ((self.offset + self.frequency * dt + 0.5 * self.drift * dt * dt) * 1e9).round() as i64
     }
     fn true_of_local(&self, local_ns: i64) -> i64 {
@@ -155,6 +157,9 @@ struct Sim {
     /// Mode system: the kernel clock steered by the timeline. The local clock above is then the
     /// oscillator (the raw timeline), and replies are served from the kernel clock.
     kernel: Option<SteeredKernel>,
+    /// A leap second the servers announce and make: (true time of the step, step of UTC).
+    leap: Option<(i64, i64)>,
+    leaps_seen: u32,
 }
 
 struct SteeredKernel {
@@ -198,7 +203,7 @@ impl Sim {
 
     /// Upstreams given by IP address are sources from the start; names go to `dns`.
     fn with_config(clock: LocalClock, config: &SyncConfig, servers: Vec<SimServer>, seed: u64) -> Sim {
-        let now = clock.local_of_true(T0);
+        let now = clock.local_of_true(clock.start);
         let core = SyncCore::new(config, -23, now);
         let state = core.state();
         Sim {
@@ -224,6 +229,16 @@ impl Sim {
             worst_margin: f64::NEG_INFINITY,
             published: 0,
             kernel: None,
+            leap: None,
+            leaps_seen: 0,
+        }
+    }
+
+    /// UTC (what a server's clock and served time read) at true time `true_ns`.
+    fn utc(&self, true_ns: i64) -> i64 {
+        match self.leap {
+            Some((at, step)) if true_ns >= at => true_ns + step,
+            _ => true_ns,
         }
     }
 
@@ -242,9 +257,19 @@ impl Sim {
     }
 
     fn publish(&mut self, new: ClockState) {
-        let at = new.base_realtime_ns;
+        // Compared where it takes over: a state moved across a leap second keeps its base.
+        let at = new.base_realtime_ns.max(self.now);
         if self.state.is_synchronized() {
-            if (new.offset_at(at) - self.state.offset_at(at)).abs() > 1 {
+            // Served time, a scheduled leap second included: moving the correction by the leap
+            // once it has been served is no jump. In mode system the kernel clock makes the
+            // leap, and the engine's correction of the raw timeline moves with it.
+            let leapt = self.core.leaps_applied() != self.leaps_seen;
+            self.leaps_seen = self.core.leaps_applied();
+            let expected = match (leapt, self.kernel.is_some(), self.leap) {
+                (true, true, Some((_, step))) => step,
+                _ => 0,
+            };
+            if (new.true_time_ns(at) - self.state.true_time_ns(at) - expected).abs() > 1 {
                 self.jumps += 1;
             }
         } else if new.is_synchronized() {
@@ -262,28 +287,38 @@ impl Sim {
     }
 
     fn probe(&mut self) {
+        // The kernel's own leap second (mode system) is seen as the sync thread would: at a
+        // wake-up, by the timeline; the engine then moves with it.
+        let leapt = self.kernel.as_mut().is_some_and(|k| {
+            k.kernel.oscillator_ns = self.now;
+            let (raw, stepped) = k.timeline.observe(gnomon::sync::KernelClock::read(&mut k.kernel));
+            assert!((raw - self.now).abs() <= 2, "raw {raw} vs oscillator {}", self.now);
+            k.timeline.take_kernel_leap() || {
+                if stepped {
+                    // Republish, and in system mode start slewing the kernel back.
+                    k.timeline.steer(&mut k.kernel, &self.state, raw);
+                    k.snapshot = k.timeline.snapshot(&self.state);
+                }
+                false
+            }
+        });
+        if leapt {
+            let s = self.core.kernel_leap(self.now).expect("a leap was due");
+            self.publish(s);
+        }
         let info = self.state.server_info(self.now);
         if info.stratum >= 16 {
             return;
         }
-        let error = (self.state.true_time_ns(self.now) - self.clock.true_of_local(self.now)) as f64 * 1e-9;
+        let utc = self.utc(self.clock.true_of_local(self.now));
+        let error = (self.state.true_time_ns(self.now) - utc) as f64 * 1e-9;
         let distance = self.state.root_delay / 2.0 + self.state.root_dispersion_at(self.now);
         self.worst_margin = self.worst_margin.max(error.abs() - distance);
         if self.now >= self.measure_from {
             self.max_error = self.max_error.max(error.abs());
         }
         if let Some(k) = &mut self.kernel {
-            // What the sync thread does on waking: map the kernel clock onto the raw timeline,
-            // noticing steps by others (and republishing then).
-            k.kernel.oscillator_ns = self.now;
-            let (raw, stepped) = k.timeline.observe(gnomon::sync::KernelClock::read(&mut k.kernel));
-            assert!((raw - self.now).abs() <= 2, "raw {raw} vs oscillator {}", self.now);
-            if stepped {
-                // Republish, and in system mode start slewing the kernel back.
-                k.timeline.steer(&mut k.kernel, &self.state, raw);
-                k.snapshot = k.timeline.snapshot(&self.state);
-            }
-            let true_ns = self.clock.true_of_local(self.now);
+            let true_ns = utc;
             let kernel_ns = k.kernel.realtime_at(self.now);
             // What a worker stamps: the kernel clock corrected by the snapshot.
             let served = (k.snapshot.true_time_ns(kernel_ns) - true_ns) as f64 * 1e-9;
@@ -304,7 +339,13 @@ impl Sim {
         let t2 = t1 + (fwd * 1e9) as i64;
         let t3 = t2 + 20_000;
         let t4 = t3 + (back * 1e9) as i64;
-        let server_ns = |t: i64| NtpTimestamp::from_unix_nanos((t + (s.offset * 1e9) as i64).into());
+        let server_ns = |t: i64| NtpTimestamp::from_unix_nanos((self.utc(t) + (s.offset * 1e9) as i64).into());
+        // Announced until it is made, as ntpd and chrony servers do.
+        let leap = match self.leap {
+            Some((at, step)) if t2 < at && step < 0 => LeapIndicator::AddSecond,
+            Some((at, _)) if t2 < at => LeapIndicator::DeleteSecond,
+            _ => LeapIndicator::NoWarning,
+        };
         let reply = match s.kiss {
             Some(code) => {
                 let mut b = *req;
@@ -314,7 +355,7 @@ impl Sim {
             }
             None => {
                 let info = ServerInfo {
-                    leap: LeapIndicator::NoWarning,
+                    leap,
                     stratum: 1,
                     precision: -20,
                     root_delay: NtpShort::ZERO,
@@ -472,6 +513,7 @@ fn cold_clock() -> LocalClock {
         offset: 0.1,
         frequency: 100e-6,
         drift: 1e-11,
+        start: T0,
     }
 }
 
@@ -913,4 +955,302 @@ fn stray_datagrams_are_counted_by_reason_and_change_nothing() {
     );
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["stray"]["too_short"], 1, "{json}");
+}
+
+/// 2017-01-01 00:00:00 UTC: the end of the last leap day so far (an inserted second).
+const NY2017: i64 = 1_483_228_800 * NS;
+
+/// Three upstreams that announce a leap second at the end of 2016-12-31 from the start and make
+/// it; the simulation starts on 2016-12-30 at 22:00 UTC.
+fn leap_sim(step: i64, config: SyncConfig, system: bool) -> (Sim, i64) {
+    let at = if step < 0 { NY2017 } else { NY2017 - NS };
+    let clock = LocalClock {
+        start: NY2017 - 26 * HOUR,
+        ..cold_clock()
+    };
+    let servers: Vec<SimServer> = (1..=3).map(SimServer::good).collect();
+    let config = SyncConfig {
+        upstreams: servers.iter().map(|s| upstream(s, true)).collect(),
+        mode: if system { ClockMode::System } else { ClockMode::Software },
+        ..config
+    };
+    let mut sim = Sim::with_config(clock, &config, servers, 21);
+    if system {
+        sim = sim.steer_kernel();
+    }
+    sim.leap = Some((at, step));
+    (sim, at)
+}
+
+impl Sim {
+    /// Runs until true time `true_ns`.
+    fn run_to_true(&mut self, true_ns: i64) {
+        let local = self.clock.local_of_true(true_ns);
+        self.run_for(local - self.now);
+    }
+
+    /// What a client is served now: the time (Unix ns) and the leap indicator. In mode system
+    /// through the kernel clock (which makes an armed leap second on its own) and the snapshot the
+    /// workers hold, which the sync thread refreshes only when it wakes.
+    fn served(&mut self) -> (i64, LeapIndicator) {
+        match &mut self.kernel {
+            None => (self.state.true_time_ns(self.now), self.state.server_info(self.now).leap),
+            Some(k) => {
+                k.kernel.oscillator_ns = self.now;
+                let rt = gnomon::sync::KernelClock::read(&mut k.kernel).realtime_ns;
+                (k.snapshot.true_time_ns(rt), k.snapshot.server_info(rt).leap)
+            }
+        }
+    }
+}
+
+/// The leap second in served time, in both clock modes: LI 1/2 only on the last day, the second
+/// repeated (insert) or skipped (delete) at its instant, LI 0 after, and served time within 1 ms
+/// of UTC on either side of it.
+fn leap_second(step: i64, system: bool) {
+    let (mut sim, at) = leap_sim(step, SyncConfig::default(), system);
+    let li = if step < 0 {
+        LeapIndicator::AddSecond
+    } else {
+        LeapIndicator::DeleteSecond
+    };
+    // Dec 30: the servers announce it already, but it is not the last day of the month.
+    sim.run_to_true(NY2017 - 25 * HOUR);
+    assert!(sim.state.is_synchronized());
+    assert_eq!(sim.served().1, LeapIndicator::NoWarning);
+    let note = sim.report().system.leap_note.unwrap_or_default();
+    assert!(note.contains("only on the last day"), "{note}");
+    // Dec 31: announced from the first clock update of the day.
+    sim.run_to_true(NY2017 - 23 * HOUR);
+    assert_eq!(sim.served().1, li, "{:?}", sim.report().system);
+    let before = sim.report();
+    assert_eq!(
+        before.system.leap,
+        if step < 0 { "insert second" } else { "delete second" }
+    );
+    assert!(
+        before
+            .system
+            .leap_note
+            .as_deref()
+            .unwrap_or_default()
+            .contains("majority of selected sources"),
+        "{:?}",
+        before.system.leap_note
+    );
+    sim.measure_from = sim.now;
+    // Half a second before the step and half a second after it.
+    sim.run_to_true(at - NS / 2);
+    let (t_before, li_before) = sim.served();
+    sim.run_to_true(at + NS / 2);
+    let (t_after, li_after) = sim.served();
+    let close = |t: i64, want: i64| (t - want).abs() < 1_000_000;
+    assert_eq!(li_before, li);
+    if step < 0 {
+        // 23:59:59.5, then 23:59:60.5 served as 23:59:59.5 again.
+        assert!(close(t_before, NY2017 - NS / 2), "{t_before}");
+        assert!(close(t_after, NY2017 - NS / 2), "{t_after}: 23:59:59 is not repeated");
+    } else {
+        // 23:59:58.5, then 00:00:00.5: 23:59:59 never shows.
+        assert!(close(t_before, NY2017 - 3 * NS / 2), "{t_before}");
+        assert!(close(t_after, NY2017 + NS / 2), "{t_after}: 23:59:59 is not skipped");
+    }
+    // Mode system: the snapshot the workers hold says LI 0 from the sync thread's next wake-up.
+    sim.run_to_true(at + PROBE_NS + NS);
+    assert_eq!(sim.served().1, LeapIndicator::NoWarning, "LI cleared after the leap");
+    if !system {
+        assert_eq!(li_after, LeapIndicator::NoWarning);
+    }
+    sim.run_for(4 * HOUR);
+    let after = sim.report();
+    assert_eq!(sim.served().1, LeapIndicator::NoWarning);
+    assert_eq!(sim.core.leaps_applied(), 1);
+    assert_eq!(after.system.leap, "normal");
+    let logged: Vec<String> = gnomon::sync::report::changes(&before, &after)
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    let applied = if step < 0 {
+        "23:59:60 inserted"
+    } else {
+        "23:59:59 deleted"
+    };
+    assert!(
+        logged.contains(&format!("leap second applied: {applied}")),
+        "{logged:?}"
+    );
+    assert!(sim.state.is_synchronized());
+    assert!(
+        sim.max_error < 1e-3,
+        "served time {} s off UTC around the leap",
+        sim.max_error
+    );
+    sim.assert_continuous();
+    if let Some(k) = &sim.kernel {
+        assert_eq!(k.kernel.leaps, 1, "the kernel made the leap second");
+        assert_eq!(
+            k.timeline.external_steps, 0,
+            "the kernel's leap is not someone else's step"
+        );
+        assert!(
+            k.max_kernel_error < 1e-3,
+            "kernel clock {} s off UTC",
+            k.max_kernel_error
+        );
+    }
+}
+
+#[test]
+fn leap_second_inserted_in_software_mode() {
+    leap_second(-NS, false);
+}
+
+#[test]
+fn leap_second_deleted_in_software_mode() {
+    leap_second(NS, false);
+}
+
+#[test]
+fn leap_second_inserted_in_system_mode_by_the_kernel() {
+    leap_second(-NS, true);
+}
+
+#[test]
+fn leap_second_deleted_in_system_mode_by_the_kernel() {
+    leap_second(NS, true);
+}
+
+/// A leap-seconds list that has not expired decides alone: the servers announce nothing, and
+/// the second is still inserted; with `leap = "ignore"` nothing is announced or applied.
+#[test]
+fn leap_second_from_the_list_and_ignored() {
+    let text = "#@\t3991593600\n2272060800\t10\n3692217600\t37\n".replace("\t37", "\t11");
+    let list = gnomon::sync::LeapList::parse(&text, "test.list").unwrap();
+    let config = SyncConfig {
+        leap: gnomon::sync::LeapConfig {
+            mode: gnomon::sync::LeapMode::Apply,
+            list: Some(list),
+        },
+        ..SyncConfig::default()
+    };
+    let (mut sim, _) = leap_sim(-NS, config, false);
+    // The servers never say so, and never make it: served time must then be a second behind
+    // theirs after midnight, as UTC is.
+    sim.leap = None;
+    sim.run_to_true(NY2017 - HOUR);
+    assert_eq!(sim.served().1, LeapIndicator::AddSecond);
+    let note = sim.report().system.leap_note.unwrap();
+    assert!(note.contains("from test.list"), "{note}");
+    sim.run_to_true(NY2017 + NS / 2);
+    assert!((sim.served().0 - (NY2017 - NS / 2)).abs() < 1_000_000);
+    assert_eq!(sim.core.leaps_applied(), 1);
+
+    let config = SyncConfig {
+        leap: gnomon::sync::LeapConfig {
+            mode: gnomon::sync::LeapMode::Ignore,
+            list: None,
+        },
+        ..SyncConfig::default()
+    };
+    let (mut sim, _) = leap_sim(-NS, config, false);
+    sim.run_to_true(NY2017 - HOUR);
+    assert_eq!(sim.served().1, LeapIndicator::NoWarning);
+    sim.run_to_true(NY2017 + NS / 2);
+    assert!((sim.served().0 - (NY2017 + NS / 2)).abs() < 1_000_000, "not applied");
+    assert_eq!(sim.core.leaps_applied(), 0);
+}
+
+/// Upstreams that all claim +10 years (a GPS rollover, a broken server): they agree, so they
+/// win selection, but the first correction is over the panic threshold and is refused, with the
+/// reason in status, sources --why and the log. Allowed, the first correction is taken; a later
+/// jump of the sources by 2000 s is refused again and served time stays put.
+#[test]
+fn insane_upstreams_are_refused_with_the_reason_shown() {
+    let ten_years = 10.0 * 365.25 * 86_400.0;
+    let servers: Vec<SimServer> = (1..=3)
+        .map(|i| SimServer {
+            offset: ten_years,
+            ..SimServer::good(i)
+        })
+        .collect();
+    let mut sim = Sim::new(cold_clock(), servers.clone(), true, 31);
+    let start = sim.report();
+    sim.run_for(HOUR);
+    assert_eq!(sim.synced_at, None, "+10 years must never be served as synchronised");
+    assert!(!sim.state.is_synchronized());
+    let r = sim.report();
+    let why = r.system.why_unsynced.clone().unwrap();
+    assert!(
+        why.contains("refused") && why.contains("+10.0 years") && why.contains("1000 s panic threshold"),
+        "{why}"
+    );
+    assert!(
+        render_status(&r).contains("Warning         : refused"),
+        "{}",
+        render_status(&r)
+    );
+    let peer_why = gnomon::sync::render_sources(&r, true);
+    assert!(peer_why.contains("allow_large_first"), "{peer_why}");
+    let logged = gnomon::sync::report::changes(&start, &r);
+    assert!(
+        logged
+            .iter()
+            .any(|e| e.level == log::Level::Warn && e.text.contains("panic threshold")),
+        "{logged:?}"
+    );
+
+    // The operator knows the local clock is wrong (no RTC): the first correction is taken.
+    let config = SyncConfig {
+        upstreams: servers.iter().map(|s| upstream(s, true)).collect(),
+        panic: gnomon::sync::Panic {
+            allow_first: true,
+            ..gnomon::sync::Panic::default()
+        },
+        ..SyncConfig::default()
+    };
+    let mut sim = Sim::with_config(cold_clock(), &config, servers, 32);
+    sim.run_for(HOUR);
+    assert!(sim.state.is_synchronized());
+    assert!(sim.report().system.refused.is_none());
+    let served_before = sim.state.true_time_ns(sim.now);
+    // Then they all jump by 2000 s more: refused, served time keeps its course (holdover).
+    for s in &mut sim.servers {
+        s.offset += 2000.0;
+    }
+    sim.run_for(HOUR);
+    let r = sim.report();
+    let refused = r.system.refused.clone().unwrap_or_default();
+    assert!(refused.contains("after synchronisation"), "{:?}", r.system);
+    let drift = (sim.state.true_time_ns(sim.now) - served_before) as f64 * 1e-9 - 3600.0;
+    assert!(drift.abs() < 1.0, "served time moved {drift} s off its course");
+}
+
+/// With 1 or 2 sources a falseticker cannot be outvoted: status says so (and the log, once).
+#[test]
+fn fewer_than_three_selectable_sources_are_warned_about() {
+    for (n, warned) in [(1, true), (2, true), (3, false)] {
+        let mut sim = Sim::new(
+            cold_clock(),
+            (1..=n).map(SimServer::good).collect(),
+            true,
+            40 + u64::from(n),
+        );
+        let start = sim.report();
+        sim.run_for(10 * MINUTE);
+        let r = sim.report();
+        assert!(r.system.synced);
+        assert_eq!(
+            r.system.few_sources.is_some(),
+            warned,
+            "{n}: {:?}",
+            r.system.few_sources
+        );
+        let status = render_status(&r);
+        assert_eq!(status.contains("a falseticker cannot be outvoted"), warned, "{status}");
+        let logged = gnomon::sync::report::changes(&start, &r);
+        assert_eq!(
+            logged.iter().filter(|e| e.text.contains("cannot be outvoted")).count(),
+            usize::from(warned)
+        );
+    }
 }

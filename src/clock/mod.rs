@@ -38,6 +38,12 @@ pub struct ClockState {
     pub dispersion_rate: f64,
     /// Once root dispersion passes this many seconds (holdover ran out), replies say LI 3.
     pub max_root_dispersion: f64,
+    /// The realtime at which a leap second takes effect (`i64::MAX`: none due). From then on
+    /// replies say LI 0 and true time moves by `leap_step_ns`.
+    pub leap_at_ns: i64,
+    /// -1 s for an inserted second (23:59:59 repeats), +1 s for a deleted one; 0 where the
+    /// kernel clock steps itself (mode system).
+    pub leap_step_ns: i64,
 }
 
 impl ClockState {
@@ -57,6 +63,8 @@ impl ClockState {
             root_dispersion: 0.0,
             dispersion_rate: PHI,
             max_root_dispersion: f64::INFINITY,
+            leap_at_ns: i64::MAX,
+            leap_step_ns: 0,
         }
     }
 
@@ -87,7 +95,12 @@ impl ClockState {
     /// True time for a kernel realtime reading, as Unix nanoseconds.
     #[inline]
     pub fn true_time_ns(&self, realtime_ns: i64) -> i64 {
-        realtime_ns + self.offset_at(realtime_ns)
+        let leap = if realtime_ns >= self.leap_at_ns {
+            self.leap_step_ns
+        } else {
+            0
+        };
+        realtime_ns + self.offset_at(realtime_ns) + leap
     }
 
     #[inline]
@@ -109,7 +122,11 @@ impl ClockState {
             return ServerInfo::unsynchronized(self.precision);
         }
         ServerInfo {
-            leap: self.leap,
+            leap: if realtime_ns >= self.leap_at_ns {
+                LeapIndicator::NoWarning
+            } else {
+                self.leap
+            },
             stratum: self.stratum,
             precision: self.precision,
             root_delay: NtpShort::from_seconds_ceil(self.root_delay),
@@ -132,6 +149,8 @@ impl ClockState {
             self.root_dispersion.to_bits(),
             self.dispersion_rate.to_bits(),
             self.max_root_dispersion.to_bits(),
+            self.leap_at_ns as u64,
+            self.leap_step_ns as u64,
         ]
     }
 
@@ -150,11 +169,13 @@ impl ClockState {
             root_dispersion: f64::from_bits(w[8]),
             dispersion_rate: f64::from_bits(w[9]),
             max_root_dispersion: f64::from_bits(w[10]),
+            leap_at_ns: w[11] as i64,
+            leap_step_ns: w[12] as i64,
         }
     }
 }
 
-const WORDS: usize = 11;
+const WORDS: usize = 13;
 
 /// The seqlock cell. Only [`ClockPublisher`] writes it.
 struct Cell {
@@ -297,6 +318,30 @@ mod tests {
         assert_eq!(s.offset_at(s.base_realtime_ns + 1_000_000_000), 6_000);
         let d = s.root_dispersion_at(s.base_realtime_ns + 1_000_000_000);
         assert!((d - (0.001 + PHI)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_leap_second_steps_served_time_and_clears_li_at_its_instant() {
+        let at = 1_000_500_000_000;
+        let s = ClockState {
+            leap: LeapIndicator::AddSecond,
+            leap_at_ns: at,
+            leap_step_ns: -1_000_000_000,
+            ..synced()
+        };
+        assert_eq!(ClockState::from_words(s.to_words()), s);
+        assert_eq!(s.server_info(at - 1).leap, LeapIndicator::AddSecond);
+        assert_eq!(s.server_info(at).leap, LeapIndicator::NoWarning);
+        let (before, after) = (s.true_time_ns(at - 1), s.true_time_ns(at));
+        assert!(
+            (after - before + 1_000_000_000).abs() <= 2,
+            "23:59:59 again: {}",
+            after - before
+        );
+        // Mode system: the kernel steps; the snapshot only clears LI.
+        let k = ClockState { leap_step_ns: 0, ..s };
+        assert!((k.true_time_ns(at) - k.true_time_ns(at - 1)).abs() <= 2);
+        assert_eq!(k.server_info(at).leap, LeapIndicator::NoWarning);
     }
 
     #[test]

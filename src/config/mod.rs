@@ -104,6 +104,15 @@ struct RawRateLimit {
 struct RawMakeStep {
     threshold: Option<Spanned<f64>>,
     limit: Option<Spanned<i64>>,
+    max_correction: Option<Spanned<f64>>,
+    allow_large_first: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLeap {
+    mode: Option<Spanned<String>>,
+    list: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -144,6 +153,7 @@ struct RawConfig {
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     makestep: Option<RawMakeStep>,
+    leap: Option<RawLeap>,
     metrics: Option<RawMetrics>,
     nts: Option<RawNts>,
     xdp: Option<Spanned<RawXdp>>,
@@ -376,7 +386,30 @@ impl Config {
             sync.max_root_dispersion = v;
         }
         if let Some(m) = &raw.makestep {
-            sync.makestep = Some(parse_makestep(&loc, m)?);
+            // The panic keys alone leave stepping as it is by default.
+            let panic_only = m.threshold.is_none()
+                && m.limit.is_none()
+                && (m.max_correction.is_some() || m.allow_large_first.is_some());
+            let step = parse_makestep(&loc, m)?;
+            if !panic_only {
+                sync.makestep = Some(step);
+            }
+            if let Some(c) = &m.max_correction {
+                let v = *c.get_ref();
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(loc.value(
+                        c,
+                        format!("max_correction must be 0 (no limit) or more seconds, got {v}"),
+                    ));
+                }
+                sync.panic.threshold = (v > 0.0).then_some(v);
+            }
+            if let Some(a) = m.allow_large_first {
+                sync.panic.allow_first = a;
+            }
+        }
+        if let Some(l) = &raw.leap {
+            sync.leap = parse_leap(&loc, l)?;
         }
         for (list, pool) in [(&raw.upstream, false), (&raw.pool, true)] {
             for u in list {
@@ -720,6 +753,24 @@ fn parse_makestep(loc: &Locator, m: &RawMakeStep) -> Result<MakeStep, ConfigErro
             -1 => None,
             _ => Some(int_in(loc, l, -1, 1_000_000, "limit")?),
         };
+    }
+    Ok(out)
+}
+
+fn parse_leap(loc: &Locator, l: &RawLeap) -> Result<crate::sync::LeapConfig, ConfigError> {
+    use crate::sync::{LeapList, LeapMode};
+    let mut out = crate::sync::LeapConfig::default();
+    if let Some(m) = &l.mode {
+        out.mode = match m.get_ref().as_str() {
+            "apply" => LeapMode::Apply,
+            "ignore" => LeapMode::Ignore,
+            other => return Err(loc.value(m, format!("unknown leap mode `{other}` (expected apply or ignore)"))),
+        };
+    }
+    if let Some(p) = &l.list {
+        let path = p.get_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| loc.value(p, format!("cannot read `{path}`: {e}")))?;
+        out.list = Some(LeapList::parse(&text, path).map_err(|e| loc.value(p, format!("`{path}`: {e}")))?);
     }
     Ok(out)
 }
@@ -1075,6 +1126,52 @@ mod tests {
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("limit")), "{e}");
         let e = Config::parse("[makestep]\nthreshold = -1.0\n", "f").unwrap_err();
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("threshold")), "{e}");
+    }
+
+    #[test]
+    fn panic_threshold() {
+        use crate::sync::Panic;
+        assert_eq!(Config::parse("", "f").unwrap().sync.panic, Panic::default());
+        // The panic keys alone leave stepping as it is by default.
+        let c = Config::parse("[makestep]\nmax_correction = 50.0\nallow_large_first = true\n", "f").unwrap();
+        assert_eq!(c.sync.makestep, None);
+        assert_eq!(
+            c.sync.panic,
+            Panic {
+                threshold: Some(50.0),
+                allow_first: true
+            }
+        );
+        let c = Config::parse("[makestep]\nlimit = 2\nmax_correction = 0\n", "f").unwrap();
+        assert_eq!(c.sync.panic.threshold, None, "0: no limit, as ntpd's tinker panic 0");
+        assert_eq!(c.sync.makestep.map(|m| m.limit), Some(Some(2)));
+        let e = Config::parse("[makestep]\nmax_correction = -1.0\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("max_correction")), "{e}");
+    }
+
+    #[test]
+    fn leap_table() {
+        use crate::sync::LeapMode;
+        assert_eq!(Config::parse("", "f").unwrap().sync.leap.mode, LeapMode::Apply);
+        let c = Config::parse("[leap]\nmode = \"ignore\"\n", "f").unwrap();
+        assert_eq!(c.sync.leap.mode, LeapMode::Ignore);
+        let e = Config::parse("[leap]\nmode = \"smear\"\n", "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("mode")), "{e}");
+        let dir = std::env::temp_dir().join(format!("gnomon-leap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.list");
+        std::fs::write(&good, "#@\t3991593600\n2272060800\t10\n3692217600\t11\n").unwrap();
+        let c = Config::parse(&format!("[leap]\nlist = \"{}\"\n", good.display()), "f").unwrap();
+        assert_eq!(c.sync.leap.list.map(|l| l.entries.len()), Some(2));
+        // A broken list names the config line and key, and the list's own line.
+        let bad = dir.join("bad.list");
+        std::fs::write(&bad, "#@\t3991593600\n2272060800\tten\n").unwrap();
+        let e = Config::parse(&format!("\n[leap]\nlist = \"{}\"\n", bad.display()), "f").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("list")), "{e}");
+        assert!(e.message.contains("line 2: `ten` is not a TAI-UTC offset"), "{e}");
+        let e = Config::parse("[leap]\nlist = \"/nonexistent/leap.list\"\n", "f").unwrap_err();
+        assert!(e.message.contains("cannot read"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

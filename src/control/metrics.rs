@@ -775,6 +775,10 @@ mod tests {
                 kernel_frequency_ppm: 0.0,
                 external_steps: 2,
                 kernel_event: None,
+                leap_note: None,
+                leaps_applied: 0,
+                refused: None,
+                few_sources: None,
             },
             stray: StrayReport {
                 unknown_source: 4,

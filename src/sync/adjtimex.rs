@@ -4,6 +4,7 @@
 //! cancelled (as chrony does), so nothing but gnomon moves the clock's phase.
 
 use super::kernel::{ClockReading, KernelClock, combined_frequency, split_frequency};
+use crate::proto::LeapIndicator;
 use std::io;
 
 /// A reading pair whose two CLOCK_REALTIME reads are further apart was preempted: retried.
@@ -136,6 +137,19 @@ impl KernelClock for LinuxClock {
         // Microseconds; the kernel caps them at 16 s (NTP_PHASE_LIMIT).
         tx.maxerror = (max_error * 1e6).clamp(0.0, 16e6) as _;
         tx.esterror = (est_error * 1e6).clamp(0.0, 16e6) as _;
+        adjtime(&mut tx).map(drop)
+    }
+
+    fn set_leap(&mut self, leap: LeapIndicator) -> io::Result<()> {
+        let mut read = timex(0);
+        adjtime(&mut read)?;
+        let mut tx = timex(libc::ADJ_STATUS);
+        let armed = match leap {
+            LeapIndicator::AddSecond => libc::STA_INS,
+            LeapIndicator::DeleteSecond => libc::STA_DEL,
+            _ => 0,
+        };
+        tx.status = (read.status & !(libc::STA_INS | libc::STA_DEL)) | armed;
         adjtime(&mut tx).map(drop)
     }
 

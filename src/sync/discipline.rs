@@ -216,6 +216,15 @@ impl Discipline {
         self.state
     }
 
+    /// Moves the correction and the estimate followed by `delta_ns` at once: a leap second
+    /// took effect (the published state already served it from its instant on).
+    pub fn shift(&mut self, delta_ns: i64) {
+        self.state.offset_ns += delta_ns;
+        if let Some(t) = &mut self.target {
+            t.offset += nanos_to_secs(delta_ns);
+        }
+    }
+
     /// When [`Discipline::tick`] has something to do: the end of a slew, or a local refresh.
     pub fn deadline(&self) -> Option<i64> {
         match self.local_stratum {

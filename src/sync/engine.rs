@@ -9,10 +9,11 @@
 
 use super::discipline::{Discipline, MIN_SAMPLES_TO_SYNC, SystemEstimate};
 use super::filter::Estimate;
+use super::leap::{LEAP_CLOSE_NS, LeapControl};
 use super::report::{SourceReport, StrayReport, SyncReport, SystemReport};
 use super::select::{Candidate, Verdict, select};
 use super::source::{Rejection, Source};
-use super::{ClockMode, MAX_DISTANCE, MAX_SOURCES, SyncConfig, UpstreamConfig, nanos_to_secs};
+use super::{ClockMode, MAX_DISTANCE, MAX_SOURCES, Panic, SyncConfig, UpstreamConfig, nanos_to_secs};
 use crate::clock::ClockState;
 use crate::proto::{HEADER_LEN, LeapIndicator, RefId};
 use std::collections::VecDeque;
@@ -32,6 +33,8 @@ const DEAD_MEMORY_LEN: usize = 64;
 
 /// Polls a source that never answered counts as still starting up (one reach register).
 const FIRST_POLLS: u32 = 8;
+/// With fewer sources than this to select from, one falseticker cannot be outvoted.
+pub const MIN_SOURCES_TO_OUTVOTE: usize = 3;
 
 /// Where the last selection ended, for "why not synchronised".
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -45,6 +48,12 @@ pub enum SelectState {
     /// A majority agrees but the system peer has too few samples for the first step.
     Waiting {
         samples: usize,
+    },
+    /// The sources agree, but on a correction over the panic threshold: not followed.
+    Refused {
+        correction_s: f64,
+        threshold_s: f64,
+        first: bool,
     },
     Selected,
 }
@@ -106,6 +115,12 @@ pub struct SyncCore {
     system_peer: Option<SocketAddr>,
     select_state: SelectState,
     stray: StrayReport,
+    leap: LeapControl,
+    panic: Panic,
+    /// Sources that were candidates at the last selection.
+    selectable: usize,
+    /// The raw time the last leap second took effect at.
+    last_leap_raw: Option<i64>,
 }
 
 impl SyncCore {
@@ -130,6 +145,10 @@ impl SyncCore {
             system_peer: None,
             select_state: SelectState::NotYet,
             stray: StrayReport::default(),
+            leap: LeapControl::new(config.leap.clone(), config.mode),
+            panic: config.panic,
+            selectable: 0,
+            last_leap_raw: None,
         };
         for up in &config.upstreams {
             let id = core.add_name(up, now_ns);
@@ -156,7 +175,56 @@ impl SyncCore {
 
     /// The state to publish now (the initial one, or the last returned).
     pub fn state(&self) -> ClockState {
-        *self.discipline.state()
+        self.leap.stamp(*self.discipline.state())
+    }
+
+    /// The raw time at which the scheduled leap second takes effect in served time.
+    fn leap_at(&self) -> Option<i64> {
+        self.leap.scheduled?;
+        Some(self.state().leap_at_ns)
+    }
+
+    /// When the engine itself moves its samples across the leap: at its instant in software
+    /// mode; in system mode once the kernel has stepped ([`SyncCore::kernel_leap`]), or, should
+    /// it not, when samples from the far side start to count.
+    fn leap_due_at(&self) -> Option<i64> {
+        let at = self.leap_at()?;
+        Some(match self.mode {
+            ClockMode::Software => at,
+            ClockMode::System => at.saturating_add(LEAP_CLOSE_NS),
+        })
+    }
+
+    /// Carries samples and correction across the leap second, once it is due. Returns whether
+    /// it did (a state to publish).
+    fn leap_if_due(&mut self, now_ns: i64) -> bool {
+        if self.leap_due_at().is_none_or(|t| now_ns < t) {
+            return false;
+        }
+        self.apply_leap()
+    }
+
+    fn apply_leap(&mut self) -> bool {
+        let at = self.leap_at();
+        let Some(s) = self.leap.done() else { return false };
+        self.last_leap_raw = at;
+        let step = s.leap.step_ns();
+        self.discipline.shift(step);
+        for e in &mut self.entries {
+            e.source.filter.shift(nanos_to_secs(step));
+        }
+        true
+    }
+
+    /// Mode system: the kernel clock has just made the scheduled leap (the timeline saw its step),
+    /// so samples and correction move with it now. Returns the state to publish, if it was due.
+    pub fn kernel_leap(&mut self, _now_ns: i64) -> Option<ClockState> {
+        self.apply_leap().then(|| self.state())
+    }
+
+    /// Leap seconds applied since start.
+    pub fn leaps_applied(&self) -> u32 {
+        self.leap.applied
     }
 
     pub fn sources(&self) -> impl Iterator<Item = &Source> {
@@ -337,6 +405,7 @@ impl SyncCore {
             .filter_map(|e| e.source.next_poll_at())
             .chain((0..self.names.len()).filter_map(|id| self.lookup_due_at(id)))
             .chain(self.discipline.deadline())
+            .chain(self.leap_due_at())
             .min()
     }
 
@@ -373,21 +442,32 @@ impl SyncCore {
             return None;
         }
         let precision = self.precision;
+        let leapt = self.leap_if_due(t4_ns);
+        // An exchange near the leap measures one side of it or the other, or both.
+        let keep = self
+            .leap_at()
+            .or(self.last_leap_raw)
+            .is_none_or(|at| (t4_ns - at).abs() > LEAP_CLOSE_NS);
         let Some(e) = self.entries.iter_mut().find(|e| e.source.addr == from) else {
             self.stray.unknown_source += 1;
-            return None;
+            return leapt.then(|| self.state());
         };
-        match e.source.receive(reply, t4_ns, precision) {
-            Ok(()) => self.reselect(t4_ns),
+        let result = e.source.receive_sampling(reply, t4_ns, precision, keep);
+        let state = match result {
+            Ok(()) if keep => self.reselect(t4_ns),
+            _ => None,
+        };
+        match result {
+            Ok(()) => state.or(leapt.then(|| self.state())),
             Err(Rejection::OriginMismatch) => {
                 self.stray.wrong_origin += 1;
-                None
+                leapt.then(|| self.state())
             }
             Err(Rejection::NotExpected) => {
                 self.stray.unexpected += 1;
-                None
+                leapt.then(|| self.state())
             }
-            Err(_) => None,
+            Err(_) => leapt.then(|| self.state()),
         }
     }
 
@@ -398,7 +478,9 @@ impl SyncCore {
 
     /// Ends slews and refreshes the local clock; returns a state to publish if one is due.
     pub fn tick(&mut self, now_ns: i64) -> Option<ClockState> {
-        self.discipline.tick(now_ns)
+        let leapt = self.leap_if_due(now_ns);
+        let ticked = self.discipline.tick(now_ns).is_some();
+        (leapt || ticked).then(|| self.state())
     }
 
     fn precision_s(&self) -> f64 {
@@ -438,6 +520,7 @@ impl SyncCore {
         for e in &mut self.entries {
             e.verdict = None;
         }
+        self.selectable = cands.len();
         if cands.is_empty() {
             self.select_state = SelectState::NoCandidates;
             return None;
@@ -468,8 +551,20 @@ impl SyncCore {
             self.select_state = SelectState::Waiting { samples: pe.samples };
             return None;
         }
+        let first = !self.discipline.has_synced();
+        let correction_s = out.offset - nanos_to_secs(self.discipline.state().offset_at(now_ns));
+        if self.panic.refuses(first, correction_s) {
+            self.select_state = SelectState::Refused {
+                correction_s,
+                threshold_s: self.panic.threshold.unwrap_or(f64::INFINITY),
+                first,
+            };
+            return None;
+        }
         self.select_state = SelectState::Selected;
         self.system_peer = Some(peer.source.addr);
+        let true_now_ns = now_ns + super::secs_to_nanos(out.offset);
+        self.leap.decide(out.leap, true_now_ns);
         let est = SystemEstimate {
             offset: out.offset,
             frequency: out.frequency,
@@ -484,7 +579,8 @@ impl SyncCore {
             reference_id: RefId::from_upstream(peer.source.addr.ip()),
             leap: out.leap,
         };
-        Some(self.discipline.update(now_ns, &est))
+        self.discipline.update(now_ns, &est);
+        Some(self.state())
     }
 
     /// Before the first synchronisation, while some source is still polled for its first
@@ -504,7 +600,8 @@ impl SyncCore {
 
     /// Everything `gnomon sources` and `gnomon status` show, as of `now_ns`.
     pub fn report(&self, now_ns: i64) -> SyncReport {
-        let state = self.discipline.state();
+        let stamped = self.state();
+        let state = &stamped;
         let correction = nanos_to_secs(state.offset_at(now_ns));
         let mut sources: Vec<SourceReport> = self
             .entries
@@ -604,8 +701,48 @@ impl SyncCore {
                 kernel_frequency_ppm: 0.0,
                 external_steps: 0,
                 kernel_event: None,
+                leap_note: self.leap.note(state.true_time_ns(now_ns)),
+                leaps_applied: self.leap.applied,
+                refused: self.refusal(),
+                few_sources: self.few_sources(synced && !has_local),
             },
         }
+    }
+
+    /// The panic threshold's refusal in words, while it holds.
+    fn refusal(&self) -> Option<String> {
+        let SelectState::Refused {
+            correction_s,
+            threshold_s,
+            first,
+        } = self.select_state
+        else {
+            return None;
+        };
+        let years = correction_s / (365.25 * 86_400.0);
+        let size = if years.abs() >= 0.1 {
+            format!("{correction_s:+.0} s ({years:+.1} years)")
+        } else {
+            format!("{correction_s:+.3} s")
+        };
+        let allow = if first {
+            "set [makestep] allow_large_first = true if the local clock is known to be that wrong"
+        } else {
+            "the sources moved after synchronisation; raise [makestep] max_correction to follow them"
+        };
+        Some(format!(
+            "refused: the selected sources want a correction of {size}, over the {threshold_s} s panic threshold ({allow})"
+        ))
+    }
+
+    /// The warning that a falseticker cannot be outvoted, when it applies.
+    fn few_sources(&self, synced: bool) -> Option<String> {
+        (synced && self.selectable < MIN_SOURCES_TO_OUTVOTE).then(|| {
+            format!(
+                "only {} source(s) selectable: with fewer than {MIN_SOURCES_TO_OUTVOTE} a falseticker cannot be outvoted",
+                self.selectable
+            )
+        })
     }
 
     fn why_unsynced(&self, now_ns: i64) -> String {
@@ -637,6 +774,7 @@ impl SyncCore {
             SelectState::Waiting { samples } => {
                 format!("waiting for samples ({samples} of {MIN_SAMPLES_TO_SYNC})")
             }
+            SelectState::Refused { .. } => self.refusal().unwrap_or_default(),
             SelectState::Selected => "synchronised".to_string(),
         }
     }
@@ -707,6 +845,9 @@ impl SyncCore {
             ));
         }
         match e.verdict {
+            Some(Verdict::SystemPeer | Verdict::Combined) if self.refusal().is_some() => {
+                parts.push(self.refusal().unwrap_or_default());
+            }
             Some(Verdict::SystemPeer) if !self.discipline.has_synced() => {
                 parts.push(format!(
                     "system peer, waiting for {MIN_SAMPLES_TO_SYNC} samples before the first step"

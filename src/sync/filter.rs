@@ -122,6 +122,14 @@ impl ClockFilter {
         }
     }
 
+    /// Moves every sample's offset by `seconds`: the clock they were measured against leapt (a
+    /// leap second), so the regression carries on across it.
+    pub fn shift(&mut self, seconds: f64) {
+        for s in &mut self.samples {
+            s.offset += seconds;
+        }
+    }
+
     /// The offset-against-delay slope in use (0: none corrected).
     pub fn asymmetry(&self) -> f64 {
         self.asymmetry

@@ -26,7 +26,7 @@
 use super::MakeStep;
 use super::report::SystemReport;
 use crate::clock::ClockState;
-use crate::proto::RefId;
+use crate::proto::{LeapIndicator, RefId};
 use core::fmt;
 use std::io;
 
@@ -89,6 +89,9 @@ pub trait KernelClock {
     /// Tells the kernel whether time is synchronised and how good it is (seconds), which other
     /// programs read and which lets the kernel copy the time to the RTC.
     fn set_sync_status(&mut self, synced: bool, max_error: f64, est_error: f64) -> io::Result<()>;
+    /// Arms the kernel's own leap second for the coming midnight (STA_INS for LI 1, STA_DEL for
+    /// LI 2), or disarms it (LI 0). The kernel then steps CLOCK_REALTIME itself at 23:59:60.
+    fn set_leap(&mut self, leap: LeapIndicator) -> io::Result<()>;
     /// Before the first change: cancels phase corrections another program left running in the
     /// kernel (a PLL offset, an adjtime() slew), which would move the clock behind gnomon's back.
     fn take_over(&mut self) -> io::Result<()>;
@@ -105,6 +108,8 @@ pub enum KernelEvent {
     Stepped { raw_ns: i64, delta_ns: i64 },
     /// An adjtimex call failed (mode system); the snapshot keeps served time right regardless.
     Failed { raw_ns: i64, errno: i32 },
+    /// The kernel made the leap second it was told to (mode system): an expected step.
+    Leap { raw_ns: i64, delta_ns: i64 },
 }
 
 impl fmt::Display for KernelEvent {
@@ -124,6 +129,11 @@ impl fmt::Display for KernelEvent {
             KernelEvent::Stepped { delta_ns, .. } => {
                 write!(f, "stepped the kernel clock by {:+.6} s", delta_ns as f64 * 1e-9)
             }
+            KernelEvent::Leap { delta_ns, .. } => write!(
+                f,
+                "the kernel clock made the leap second as scheduled (stepped {:+.6} s)",
+                delta_ns as f64 * 1e-9
+            ),
             KernelEvent::Failed { errno, .. } => write!(
                 f,
                 "adjtimex failed: {} (served time stays right; the kernel clock is not steered)",
@@ -160,7 +170,17 @@ pub struct Timeline {
     told_synced: Option<bool>,
     pub last_event: Option<KernelEvent>,
     pub external_steps: u32,
+    /// The leap flag last given to the kernel.
+    told_leap: Option<LeapIndicator>,
+    /// The kernel's leap step expected: (raw time, step).
+    expected_leap: Option<(i64, i64)>,
+    /// The kernel made the expected leap since [`Timeline::take_kernel_leap`] was last asked.
+    kernel_leapt: bool,
 }
+
+/// A step this close to the expected leap (in time and size) is the kernel's leap second.
+const LEAP_MATCH_NS: i64 = 1_000_000;
+const LEAP_WINDOW_NS: i64 = super::leap::LEAP_CLOSE_NS;
 
 impl Timeline {
     /// `frequency`: the kernel's setting now. In system mode nothing is changed until the first
@@ -183,7 +203,16 @@ impl Timeline {
             told_synced: None,
             last_event: None,
             external_steps: 0,
+            told_leap: None,
+            expected_leap: None,
+            kernel_leapt: false,
         }
+    }
+
+    /// Whether the kernel made the scheduled leap second since the last call: the engine must
+    /// then move its samples too ([`super::SyncCore::kernel_leap`]).
+    pub fn take_kernel_leap(&mut self) -> bool {
+        std::mem::take(&mut self.kernel_leapt)
     }
 
     /// What has been applied to the kernel clock at raw time `raw_ns`.
@@ -217,11 +246,24 @@ impl Timeline {
             let raw = self.raw_of_kernel(reading.realtime_ns - delta);
             self.rebase(raw);
             self.applied_base += delta;
-            self.external_steps += 1;
-            self.last_event = Some(KernelEvent::ExternalStep {
-                raw_ns: raw,
-                delta_ns: delta,
-            });
+            let leap = self
+                .expected_leap
+                .is_some_and(|(at, step)| (delta - step).abs() <= LEAP_MATCH_NS && (raw - at).abs() <= LEAP_WINDOW_NS);
+            if leap {
+                // Served time follows the kernel through it: the engine moves by the same second.
+                self.expected_leap = None;
+                self.kernel_leapt = true;
+                self.last_event = Some(KernelEvent::Leap {
+                    raw_ns: raw,
+                    delta_ns: delta,
+                });
+            } else {
+                self.external_steps += 1;
+                self.last_event = Some(KernelEvent::ExternalStep {
+                    raw_ns: raw,
+                    delta_ns: delta,
+                });
+            }
             changed = true;
         }
         self.raw_now = self.raw_of_kernel(reading.realtime_ns);
@@ -268,6 +310,10 @@ impl Timeline {
             // d(offset)/d(kernel) = (d correction - d applied) / d raw * d raw / d kernel.
             frequency: (state.frequency - self.slope) / (1.0 + self.slope),
             root_dispersion: state.root_dispersion_at(anchor),
+            leap_at_ns: match state.leap_at_ns {
+                i64::MAX => i64::MAX,
+                at => self.kernel_of_raw(at),
+            },
             ..*state
         }
     }
@@ -349,6 +395,19 @@ impl Timeline {
             kernel.set_sync_status(synced, state.root_delay / 2.0 + dispersion, dispersion)?;
             self.told_synced = Some(synced);
         }
+        let leap = match state.leap_at_ns {
+            i64::MAX => LeapIndicator::NoWarning,
+            _ => state.leap,
+        };
+        self.expected_leap = match leap {
+            LeapIndicator::AddSecond => Some((state.leap_at_ns, -1_000_000_000)),
+            LeapIndicator::DeleteSecond => Some((state.leap_at_ns, 1_000_000_000)),
+            _ => None,
+        };
+        if self.told_leap != Some(leap) {
+            kernel.set_leap(leap)?;
+            self.told_leap = Some(leap);
+        }
         Ok(())
     }
 
@@ -369,6 +428,11 @@ impl Timeline {
         let Some(frequency) = frequency.filter(|_| self.system && self.engaged) else {
             return Ok(());
         };
+        // Nobody is left to clear it after the leap, or to withdraw it.
+        if self.told_leap.is_some_and(|l| l != LeapIndicator::NoWarning) {
+            kernel.set_leap(LeapIndicator::NoWarning)?;
+            self.told_leap = Some(LeapIndicator::NoWarning);
+        }
         self.set_rate(kernel, frequency)?;
         self.slew_end = None;
         Ok(())
@@ -384,6 +448,7 @@ impl Timeline {
                 KernelEvent::ExternalStep { raw_ns, .. }
                 | KernelEvent::FrequencyChanged { raw_ns, .. }
                 | KernelEvent::Stepped { raw_ns, .. }
+                | KernelEvent::Leap { raw_ns, .. }
                 | KernelEvent::Failed { raw_ns, .. } => raw_ns,
             };
             format!("{e}, {} s ago", (raw_ns - at).max(0) / 1_000_000_000)
@@ -420,6 +485,10 @@ pub struct SimulatedKernel {
     pub synced: bool,
     pub max_error: f64,
     pub calls: u32,
+    /// The armed leap second: (realtime it happens at, step).
+    leap: Option<(i64, i64)>,
+    /// Leap seconds made.
+    pub leaps: u32,
 }
 
 impl SimulatedKernel {
@@ -433,6 +502,19 @@ impl SimulatedKernel {
             synced: false,
             max_error: 16.0,
             calls: 0,
+            leap: None,
+            leaps: 0,
+        }
+    }
+
+    /// Makes an armed leap second whose instant has come, as the kernel does at 23:59:60.
+    fn settle(&mut self) {
+        if let Some((at, step)) = self.leap
+            && self.realtime_at(self.oscillator_ns) >= at
+        {
+            self.external_step(step);
+            self.leap = None;
+            self.leaps += 1;
         }
     }
 
@@ -454,6 +536,7 @@ impl SimulatedKernel {
 
 impl KernelClock for SimulatedKernel {
     fn read(&mut self) -> ClockReading {
+        self.settle();
         let realtime_ns = self.realtime_at(self.oscillator_ns);
         ClockReading {
             realtime_ns,
@@ -489,6 +572,17 @@ impl KernelClock for SimulatedKernel {
 
     fn take_over(&mut self) -> io::Result<()> {
         self.calls += 1;
+        Ok(())
+    }
+
+    fn set_leap(&mut self, leap: LeapIndicator) -> io::Result<()> {
+        const DAY: i64 = 86_400_000_000_000;
+        let midnight = (self.realtime_at(self.oscillator_ns).div_euclid(DAY) + 1) * DAY;
+        self.leap = match leap {
+            LeapIndicator::AddSecond => Some((midnight, -1_000_000_000)),
+            LeapIndicator::DeleteSecond => Some((midnight - 1_000_000_000, 1_000_000_000)),
+            _ => None,
+        };
         Ok(())
     }
 }
@@ -724,6 +818,9 @@ mod tests {
             }
             fn take_over(&mut self) -> io::Result<()> {
                 self.0.take_over()
+            }
+            fn set_leap(&mut self, leap: LeapIndicator) -> io::Result<()> {
+                self.0.set_leap(leap)
             }
         }
         let mut k = Failing(SimulatedKernel::new(O0, 0.0), false);

@@ -12,6 +12,7 @@ pub mod discipline;
 pub mod engine;
 pub mod filter;
 pub mod kernel;
+pub mod leap;
 pub mod report;
 pub mod select;
 pub mod shell;
@@ -21,6 +22,7 @@ pub use discipline::{ClockModeError, Discipline, SystemEstimate, check_system_mo
 pub use engine::{LookupRequest, SyncCore};
 pub use filter::{ClockFilter, Estimate, Sample};
 pub use kernel::{ClockReading, KernelClock, KernelEvent, SimulatedKernel, Timeline};
+pub use leap::{LeapConfig, LeapList, LeapListError, LeapMode};
 pub use report::{SourceReport, StrayReport, SyncReport, SystemReport, render_sources, render_status};
 pub use select::{Candidate, Outcome, Selection, Verdict, select};
 pub use shell::{SyncHandle, SyncReporter, spawn};
@@ -111,6 +113,40 @@ pub struct SyncConfig {
     /// configured: the kernel clock (mode system) follows [`MakeStep::DEFAULT`], and served time
     /// steps only at its first update, before anything was served as synchronised.
     pub makestep: Option<MakeStep>,
+    /// The largest correction followed (ntpd's panic threshold), as `[makestep]` sets it.
+    pub panic: Panic,
+    /// `[leap]`: whether and how leap seconds are announced and applied.
+    pub leap: LeapConfig,
+}
+
+/// ntpd's panic threshold: an upstream that wants the clock moved further than this at once is
+/// insane (a GPS week rollover, a misconfigured server, a spoofer), so the correction is refused
+/// and the reason shown, rather than served.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct Panic {
+    /// Seconds; `None`: no limit.
+    pub threshold: Option<f64>,
+    /// The first correction may be of any size (ntpd's `-g`): for a machine whose clock is known
+    /// to start wrong (no RTC). Later ones still meet the threshold.
+    pub allow_first: bool,
+}
+
+impl Panic {
+    pub const DEFAULT_THRESHOLD: f64 = 1000.0;
+
+    /// Whether a correction of `error_s` is refused (`first`: nothing served as synchronised yet).
+    pub fn refuses(&self, first: bool, error_s: f64) -> bool {
+        !(first && self.allow_first) && self.threshold.is_some_and(|t| error_s.abs() > t)
+    }
+}
+
+impl Default for Panic {
+    fn default() -> Self {
+        Panic {
+            threshold: Some(Panic::DEFAULT_THRESHOLD),
+            allow_first: false,
+        }
+    }
 }
 
 /// chrony's `makestep THRESHOLD LIMIT`: in the first `limit` clock updates, an error larger than
@@ -152,6 +188,8 @@ impl Default for SyncConfig {
             max_root_dispersion: 1.0,
             local_stratum: None,
             makestep: None,
+            panic: Panic::default(),
+            leap: LeapConfig::default(),
         }
     }
 }

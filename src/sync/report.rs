@@ -69,6 +69,14 @@ pub struct SystemReport {
     pub external_steps: u32,
     /// The last thing that happened to the kernel clock, in words, with when.
     pub kernel_event: Option<String>,
+    /// The leap second scheduled, or why an announcement or list is not used, in words.
+    pub leap_note: Option<String>,
+    /// Leap seconds applied since start.
+    pub leaps_applied: u32,
+    /// The sources' correction refused as over the panic threshold, in words.
+    pub refused: Option<String>,
+    /// Fewer than 3 sources to select from, in words.
+    pub few_sources: Option<String>,
 }
 
 /// Datagrams at the sync socket that were not a reply to a request of ours, by reason. None of
@@ -190,6 +198,9 @@ pub fn render_status(report: &SyncReport) -> String {
     let _ = writeln!(out, "Root delay      : {:.9} seconds", s.root_delay_s);
     let _ = writeln!(out, "Root dispersion : {:.9} seconds", s.root_dispersion_s);
     let _ = writeln!(out, "Leap status     : {}", s.leap);
+    if let Some(n) = &s.leap_note {
+        let _ = writeln!(out, "Leap second     : {n}");
+    }
     let _ = writeln!(out, "Clock mode      : {}", s.mode);
     let kernel = if s.mode == "system" { "steered" } else { "left alone" };
     let _ = writeln!(
@@ -226,6 +237,9 @@ pub fn render_status(report: &SyncReport) -> String {
             "NTS             : {nts} source(s), {authenticated} authenticated{peer}"
         );
     }
+    for w in [&s.refused, &s.few_sources].into_iter().flatten() {
+        let _ = writeln!(out, "Warning         : {w}");
+    }
     let st = &report.stray;
     let _ = writeln!(
         out,
@@ -239,26 +253,9 @@ pub fn render_status(report: &SyncReport) -> String {
     out
 }
 
-/// Unix seconds as `YYYY-MM-DD hh:mm:ss` (UTC), civil-from-days after Howard Hinnant.
+/// Unix seconds as `YYYY-MM-DD hh:mm:ss` (UTC).
 fn utc(unix_s: f64) -> String {
-    let secs = unix_s.floor() as i64;
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        sod / 3600,
-        sod / 60 % 60,
-        sod % 60
-    )
+    super::leap::utc_text(unix_s.floor() as i64)
 }
 
 /// The state changes between two reports, one [`Event`] each, for the log: a pure function, so
@@ -332,7 +329,14 @@ pub fn changes(old: &SyncReport, new: &SyncReport) -> Vec<Event> {
         _ => {}
     }
     let leap = |l: &str| l == "insert second" || l == "delete second";
-    if o.leap != n.leap && (leap(&o.leap) || leap(&n.leap)) {
+    if n.leaps_applied > o.leaps_applied {
+        let what = if o.leap == "delete second" {
+            "23:59:59 deleted"
+        } else {
+            "23:59:60 inserted"
+        };
+        out.push(Event::info("leap", "", format!("leap second applied: {what}")));
+    } else if o.leap != n.leap && (leap(&o.leap) || leap(&n.leap)) {
         out.push(match leap(&n.leap) {
             true => Event::warn("leap", "", format!("leap second announced: {}", n.leap)),
             false => Event::info(
@@ -341,6 +345,26 @@ pub fn changes(old: &SyncReport, new: &SyncReport) -> Vec<Event> {
                 format!("leap second announcement withdrawn (leap {})", n.leap),
             ),
         });
+    }
+    for (kind, old, new, back) in [
+        (
+            "panic",
+            &o.refused,
+            &n.refused,
+            "correction no longer over the panic threshold",
+        ),
+        (
+            "few",
+            &o.few_sources,
+            &n.few_sources,
+            "enough sources selectable to outvote a falseticker",
+        ),
+    ] {
+        match (old, new) {
+            (None, Some(w)) => out.push(Event::warn(kind, "", w.clone())),
+            (Some(_), None) => out.push(Event::info(kind, "", back.to_string())),
+            _ => {}
+        }
     }
     out
 }
@@ -406,6 +430,10 @@ mod tests {
                 kernel_event: Some(
                     "kernel clock stepped by +5.000000 s by another program (compensated), 3 s ago".into(),
                 ),
+                leap_note: None,
+                leaps_applied: 0,
+                refused: None,
+                few_sources: None,
             },
             stray: StrayReport {
                 unknown_source: 4,

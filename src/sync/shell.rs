@@ -536,6 +536,11 @@ fn run(
     };
     while !stop.load(Ordering::Relaxed) {
         let (now, stepped) = timeline.observe(kernel.read());
+        // The kernel's own leap second (mode system): the engine moves with it before anything
+        // is steered or published.
+        if timeline.take_kernel_leap() {
+            core.kernel_leap(now);
+        }
         // A new state, a step by someone else, or a change of the kernel's steering all move
         // the correction the workers apply. After someone else's step or frequency change, the
         // kernel is put back on course at once (system mode).
@@ -607,6 +612,9 @@ fn run(
             // Through `observe`, so that a step since the top of the loop is neither in T4 nor
             // left in served time.
             let (t4, stepped) = timeline.observe(kernel.read());
+            if timeline.take_kernel_leap() {
+                core.kernel_leap(t4);
+            }
             let from = source_addr(from);
             // An NTS source's reply counts only once it authenticates.
             let datagram = match core.nts_of(from) {
@@ -649,7 +657,10 @@ impl EventLog {
             return;
         }
         self.last = Some((kind, now));
-        log::warn!("{e}");
+        match e {
+            KernelEvent::Leap { .. } => log::info!("{e}"),
+            _ => log::warn!("{e}"),
+        }
     }
 }
 

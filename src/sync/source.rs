@@ -259,6 +259,12 @@ impl Source {
 
     /// Feeds a datagram from this source's address. A valid reply lands in the filter.
     pub fn receive(&mut self, reply: &[u8], t4_ns: i64, precision: i8) -> Result<(), Rejection> {
+        self.receive_sampling(reply, t4_ns, precision, true)
+    }
+
+    /// As [`Source::receive`]; with `keep` false a valid reply counts for reachability but its
+    /// sample is dropped (it was taken across a leap second).
+    pub fn receive_sampling(&mut self, reply: &[u8], t4_ns: i64, precision: i8, keep: bool) -> Result<(), Rejection> {
         let Some(out) = self.outstanding else {
             self.mismatched += 1;
             return Err(Rejection::NotExpected);
@@ -283,6 +289,9 @@ impl Source {
                 self.reach |= 1;
                 self.missed = 0;
                 self.last_reply_ns = Some(t4_ns);
+                if !keep {
+                    return Ok(());
+                }
                 let precision_s = 2f64.powi(precision.into());
                 // How far the sample is from what the source predicted, against its distance.
                 let miss = self

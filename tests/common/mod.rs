@@ -436,17 +436,31 @@ pub fn fake_server(
 /// What [`fake_server`] answers: stratum 1, `offset_s` ahead of the kernel clock.
 pub fn fake_answer(offset_s: i64) -> impl Fn(&[u8]) -> Option<[u8; 48]> + Send + 'static {
     use gnomon::clock::realtime_ns;
-    use gnomon::proto::{LeapIndicator, NtpShort, NtpTimestamp, RefId, ServerInfo, respond};
+    fake_answer_with(move || {
+        (
+            realtime_ns() + offset_s * 1_000_000_000,
+            gnomon::proto::LeapIndicator::NoWarning,
+        )
+    })
+}
+
+/// A stratum-1 answer from a clock of the test's own: `clock` gives its time (Unix ns) and
+/// leap indicator at each call (a clock near a leap second, say).
+pub fn fake_answer_with(
+    clock: impl Fn() -> (i64, gnomon::proto::LeapIndicator) + Send + 'static,
+) -> impl Fn(&[u8]) -> Option<[u8; 48]> + Send + 'static {
+    use gnomon::proto::{NtpShort, NtpTimestamp, RefId, ServerInfo, respond};
     move |req| {
-        let ts = || NtpTimestamp::from_unix_nanos((realtime_ns() + offset_s * 1_000_000_000).into());
+        let (now, leap) = clock();
+        let ts = || NtpTimestamp::from_unix_nanos(clock().0.into());
         let info = ServerInfo {
-            leap: LeapIndicator::NoWarning,
+            leap,
             stratum: 1,
             precision: -20,
             root_delay: NtpShort::ZERO,
             root_dispersion: NtpShort::from_seconds_ceil(1e-4),
             reference_id: RefId(*b"FAKE"),
-            reference_timestamp: ts(),
+            reference_timestamp: NtpTimestamp::from_unix_nanos(now.into()),
         };
         respond(req, &info, ts(), ts()).ok()
     }
