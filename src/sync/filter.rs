@@ -14,8 +14,11 @@ use crate::clock::PHI;
 use crate::proto::{LeapIndicator, RefId};
 use std::collections::VecDeque;
 
-/// Samples kept per source: 16 polls (17 minutes at 64 s, 4.5 hours at 1024 s).
-pub const MAX_SAMPLES: usize = 16;
+/// Samples kept per source, as chrony: 64 polls (68 minutes at 64 s, 18 hours at 1024 s). When
+/// the jitter dominates (the clock is predictable for longer than the samples are precise), a
+/// long window averages it down and lets the poll grow; when the clock wanders, the runs test
+/// keeps the window short.
+pub const MAX_SAMPLES: usize = 64;
 /// Frequency estimates beyond this (s/s) are clamped: no working clock is that far off. Wider
 /// than the kernel's `timex.freq` (500 ppm): clocks 5000 ppm off exist (chrony's scenario 003),
 /// and the kernel's tick reaches 10% (see [`super::kernel::KERNEL_MAX_FREQUENCY`]).
@@ -168,11 +171,20 @@ impl ClockFilter {
             *p = (nanos_to_secs(s.local_ns - last.local_ns), offset, 1.0 / (e * e));
         }
         // Like chrony's runs test: while the residuals' signs form too few runs, the line does
-        // not fit (the frequency wandered), so older samples are dropped.
+        // not fit (the frequency wandered), so older samples are dropped. As chrony, the signs
+        // are counted over up to twice the window, the line extended back over older samples:
+        // a window whose line does not also fit the samples before it is following a frequency
+        // that has since moved, and a wandering clock then keeps a short window (and so a
+        // short poll) instead of one as long as its line happens to pass the test.
         let mut fit = Fit::new(points);
         for start in 1..points.len().saturating_sub(MIN_WINDOW - 1) {
-            // A fit already inside the noise floor has nothing left to explain.
-            if fit.runs >= min_runs(fit.n) || fit.rss / fit.sw <= 0.25 * floor * floor {
+            let from = points.len().saturating_sub(RUNS_RATIO * fit.n);
+            let runs = fit.runs(&points[from..]);
+            // Residuals down at the clock's resolution have nothing left to explain. (Not the
+            // weights' noise floor: once jitter asymmetry is corrected, the offsets are far
+            // better than their delays say, and a line through them can be off by a wander
+            // several times their noise while still inside that floor.)
+            if runs >= min_runs(points.len() - from) || fit.rss / fit.sw <= 0.25 * precision.max(1e-9).powi(2) {
                 break;
             }
             fit = Fit::new(&points[start..]);
@@ -238,6 +250,9 @@ fn offset_delay_slope(samples: &VecDeque<Sample>) -> Option<f64> {
 
 /// The regression never drops below this many samples.
 const MIN_WINDOW: usize = 4;
+/// The runs test looks at this many times the regression's samples (chrony's
+/// REGRESS_RUNS_RATIO), older ones included where there are any.
+const RUNS_RATIO: usize = 2;
 
 /// Fewest sign runs that n residuals of a good fit show (one-sided 5%, normal approximation of
 /// the Wald-Wolfowitz runs test with equal signs: mean (n+1)/2, variance (n-1)/4).
@@ -255,7 +270,6 @@ struct Fit {
     stt: f64,
     frequency: f64,
     rss: f64,
-    runs: usize,
 }
 
 impl Fit {
@@ -272,10 +286,6 @@ impl Fit {
         };
         let residual = |p: &(f64, f64, f64)| p.1 - ybar - frequency * (p.0 - tbar);
         let rss = points.iter().map(|p| p.2 * residual(p).powi(2)).sum();
-        let runs = 1 + points
-            .windows(2)
-            .filter(|w| (residual(&w[0]) >= 0.0) != (residual(&w[1]) >= 0.0))
-            .count();
         Fit {
             n: points.len(),
             sw,
@@ -284,8 +294,20 @@ impl Fit {
             stt: if points.len() >= 2 { stt } else { 0.0 },
             frequency,
             rss,
-            runs,
         }
+    }
+
+    fn residual(&self, p: &(f64, f64, f64)) -> f64 {
+        p.1 - self.ybar - self.frequency * (p.0 - self.tbar)
+    }
+
+    /// Runs of equal sign among the residuals of `points` (which may reach back before the
+    /// points fitted) from this line.
+    fn runs(&self, points: &[(f64, f64, f64)]) -> usize {
+        1 + points
+            .windows(2)
+            .filter(|w| (self.residual(&w[0]) >= 0.0) != (self.residual(&w[1]) >= 0.0))
+            .count()
     }
 }
 
@@ -405,6 +427,102 @@ mod tests {
         assert!((e.frequency - 20e-6).abs() < 2e-6, "{}", e.frequency);
         assert!(e.samples <= 9, "{}", e.samples);
         assert!((e.offset - 20e-6 * 7.0 * 64.0).abs() < 2e-4, "{}", e.offset);
+    }
+
+    /// Normal deviates from a fixed LCG (Box-Muller), so the tests are reproducible.
+    struct Normal(u64);
+
+    impl Normal {
+        fn uniform(&mut self) -> f64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        }
+
+        fn next(&mut self) -> f64 {
+            let (u, v) = (self.uniform(), self.uniform());
+            (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+        }
+    }
+
+    #[test]
+    fn white_noise_is_averaged_over_a_long_window() {
+        // chrony's scenario 006: jitter dominates and the clock is steady, so every sample
+        // kept helps. A regression's offset at its newest sample has an error of about
+        // 2 sigma / sqrt(n): 0.5 sigma with 16 samples, 0.25 with 64.
+        let sigma = 1e-3;
+        let mut rng = Normal(11);
+        let (mut sum, mut count) = (0.0, 0);
+        for _ in 0..40 {
+            let mut f = ClockFilter::default();
+            for i in 0..80i64 {
+                f.add(sample(i * 64_000_000_000, sigma * rng.next(), 0.01));
+            }
+            let e = f.estimate(79 * 64_000_000_000, 1e-7).unwrap();
+            sum += e.offset * e.offset;
+            count += 1;
+        }
+        let rms = (sum / f64::from(count)).sqrt();
+        assert!(rms < 0.37 * sigma, "rms {rms:e} of sigma {sigma:e}");
+    }
+
+    #[test]
+    fn wandering_frequency_is_followed() {
+        // chrony's scenario 007: the frequency takes a random walk of 1e-7/sqrt(s), polled
+        // every 64 s, with 10 us of jitter. A line fitted over a window only as long as its
+        // own residuals allow lags the walk; the runs test over twice the window (the line
+        // extended back over older samples) notices sooner that it no longer fits.
+        let mut rng = Normal(5);
+        let (mut sum, mut count) = (0.0, 0);
+        for _ in 0..10 {
+            let mut f = ClockFilter::default();
+            let (mut offset, mut freq) = (0.0f64, 0.0f64);
+            for i in 0..400i64 {
+                for _ in 0..64 {
+                    freq += 1e-7 * rng.next();
+                    offset += freq;
+                }
+                f.add(sample(i * 64_000_000_000, offset + 1e-5 * rng.next(), 0.01));
+                if i >= 100 {
+                    let e = f.estimate(i * 64_000_000_000, 1e-7).unwrap();
+                    sum += (e.offset - offset).powi(2);
+                    count += 1;
+                }
+            }
+        }
+        let rms = (sum / f64::from(count)).sqrt();
+        assert!(rms < 6e-5, "rms {rms:e}");
+    }
+
+    #[test]
+    fn corrected_asymmetry_still_lets_the_window_follow_wander() {
+        // chrony's scenario 011: jitter 0.5 ms, 97% of it on the way back, and the default
+        // wander (a random walk of the frequency, 1e-9/sqrt(s)), polled every 512 s. Corrected
+        // for the asymmetry, the offsets are good to about 40 us although their delays vary by
+        // a millisecond: the runs test must still cut the window where the wander shows.
+        let mut rng = Normal(3);
+        let (mut offset, mut freq) = (0.0f64, 0.0f64);
+        let mut f = ClockFilter::default();
+        let (mut sum, mut count) = (0.0, 0);
+        for i in 0..400i64 {
+            for _ in 0..512 {
+                freq += 1e-9 * rng.next();
+                offset += freq;
+            }
+            let (e1, e2) = (-rng.uniform().ln(), -rng.uniform().ln());
+            let (up, down) = (1e-4 + 0.06 * 5e-4 * e1, 1e-4 + 1.94 * 5e-4 * e2);
+            f.add(sample(i * 512_000_000_000, offset + (up - down) / 2.0, up + down));
+            if i >= 100 {
+                let e = f.estimate(i * 512_000_000_000, 1e-7).unwrap();
+                sum += (e.offset - offset).powi(2);
+                count += 1;
+            }
+        }
+        assert!(f.asymmetry() < -0.45, "{}", f.asymmetry());
+        let rms = (sum / f64::from(count)).sqrt();
+        assert!(rms < 7e-5, "rms {rms:e}");
     }
 
     #[test]

@@ -543,11 +543,11 @@ mod tests {
         }
         let steady = s.poll;
         assert!(steady >= 6, "{steady}");
-        // Then a sample 50 ms off the prediction, 10 times its distance (the clock's frequency
-        // jumped, say): the interval comes down by log2(10) steps at once.
+        // Then a sample 100 ms off the prediction, 10 times its distance (half the 20 ms delay;
+        // the clock's frequency jumped, say): the interval comes down by log2(10) steps at once.
         let now = s.next_poll_at().unwrap();
         let req = s.poll(now, 1000).unwrap();
-        let (reply, t4) = exchange_ahead(&req, now, &info(1), 50_000_000);
+        let (reply, t4) = exchange_ahead(&req, now, &info(1), 100_000_000);
         s.receive(&reply, t4, PREC).unwrap();
         assert!(s.poll <= steady - 3, "{} after {steady}", s.poll);
     }

@@ -16,11 +16,12 @@
 # release build made here). Runs are exactly reproducible per seed; they are serialised with a
 # lock on $CLK_BUILD because chrony's scenario library works in one tmp/ directory.
 #
-# Columns: ok = chrony's check_sync (sync time within the scenario's min/max, max and rms time and
-# frequency errors within its limits; rms and max as chrony measures them, from max_sync_time
-# on) and check_packet_interval; sync = the first second from which the clock stays
-# synchronised (chrony's find_sync); rms = offset rms of the measured node from FROM seconds on
-# (after convergence; FROM per row); ratio = gnomon rms / chronyd rms.
+# The table is markdown, for an issue or a closing note. Columns: checks = chrony's check_sync
+# (sync time within the scenario's min/max, max and rms time and frequency errors within its
+# limits; rms and max as chrony measures them, from max_sync_time on) and check_packet_interval
+# (FAIL:sync or FAIL:interval says which failed); sync = the first second from which the clock
+# stays synchronised (chrony's find_sync); rms = offset rms of the measured node from FROM
+# seconds on (after convergence; FROM per row); ratio = gnomon rms / chronyd rms.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 # ../shared/clknetsim next to the repo; from a git worktree, next to its main checkout.
@@ -133,7 +134,11 @@ run_one() {
 		st=$(find_sync tmp/log.offset tmp/log.freq "$node" "$time_max_limit" "$freq_max_limit" 1.0)
 		steady=$(cut -f "$node" tmp/log.offset | awk -v from="$from" \
 			'NR > from { s += $1 * $1; k++ } END { printf "%.3e", k ? sqrt(s / k) : -1 }')
-		ok=$([ "${sync:-1}" = 0 ] && [ "${pkt:-1}" = 0 ] && echo pass || echo FAIL)
+		# FAIL names what failed: check_sync (sync time, max/rms time and frequency errors) or the
+		# packet intervals.
+		ok=pass
+		[ "${pkt:-1}" = 0 ] || ok=FAIL:interval
+		[ "${sync:-1}" = 0 ] || ok=FAIL:sync
 		echo "RESULT $label $seed $impl $ok $st $(get_stat 'Maximum absolute offset' "$node")" \
 			"$(get_stat 'Maximum absolute frequency' "$node") $(get_stat 'RMS offset' "$node")" \
 			"$(get_stat 'RMS frequency' "$node") $steady $from $([ "${pkt:-1}" = 0 ] && echo pkt-ok || echo pkt-BAD)" \
@@ -180,7 +185,8 @@ command -v chronyd >/dev/null || [ -x /usr/sbin/chronyd ] || die "chronyd is not
 locked
 build
 gnomon_binary
-printf '%-18s %4s | %-4s %7s %9s | %-4s %7s %9s | %6s\n' scenario seed ok sync rms ok sync rms ratio
+echo "| scenario | seed | chronyd checks | chronyd sync (s) | chronyd rms (s) | gnomon checks | gnomon sync (s) | gnomon rms (s) | ratio |"
+echo "|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "$ROWS" | while IFS= read -r line; do
 	label=${line%%|*}
 	if [ $# -gt 0 ]; then
@@ -193,7 +199,9 @@ printf '%s\n' "$ROWS" | while IFS= read -r line; do
 	read -r _ _ seed _ cok csync _ _ _ _ crms _ <<<"$c"
 	read -r _ _ _ _ gok gsync _ _ _ _ grms _ <<<"$g"
 	ratio=$(awk -v a="$grms" -v b="$crms" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
-	printf '%-18s %4s | %-4s %7s %9s | %-4s %7s %9s | %6s\n' "$label" "$seed" "$cok" "$csync" "$crms" \
-		"$gok" "$gsync" "$grms" "$ratio"
+	echo "| $label | $seed | $cok | $csync | $crms | $gok | $gsync | $grms | $ratio |"
 done
-echo "(details: $CLK_BUILD/results/LABEL.SEED.IMPL/checks)"
+echo
+echo "checks: chrony's check_sync and check_packet_interval as the scenario sets them (FAIL:sync or"
+echo "FAIL:interval says which failed); rms: offset rms of the measured node after convergence; ratio:"
+echo "gnomon rms / chronyd rms. Details: $CLK_BUILD/results/LABEL.SEED.IMPL/checks"
