@@ -69,6 +69,21 @@ fn second_instance_on_the_same_port_refuses_and_names_the_first() {
 }
 
 #[test]
+fn a_restart_right_after_sigkill_is_not_refused() {
+    // The kernel closes an io_uring's sockets after the process is gone, so for a moment the old
+    // server's sockets are still in the UDP table: a restart must wait for them, not refuse.
+    // Before the wait, 4 of 10 restarts here were refused as "already served".
+    let port = free_port();
+    let body = format!("listen = [\"127.0.0.1:{port}\"]\nworkers = 2\nlocal_stratum = 5\n");
+    for _ in 0..10 {
+        let mut srv = Gnomon::start(&body);
+        assert!(answers(srv.addr()));
+        srv.child.kill().unwrap();
+        srv.child.wait().unwrap();
+    }
+}
+
+#[test]
 fn second_instance_with_the_same_control_socket_refuses() {
     let first = Gnomon::start("");
     let dir = tempdir("samectl");

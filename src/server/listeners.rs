@@ -168,18 +168,28 @@ fn describe_all(entries: &[&UdpEntry]) -> String {
 
 /// Refuses `ours` when another socket than `own` would share it.
 pub fn check_unshared(ours: SocketAddr, own: &[u64]) -> io::Result<()> {
-    let table = match read_udp_table() {
-        Ok(t) => t,
-        Err(e) => {
-            // The instance lock still keeps a second gnomon out; other servers go unnoticed.
-            log::warn!("cannot check who else listens on {ours}: {e}");
+    // A server that just exited can leave its sockets behind for a moment: the kernel tears an
+    // io_uring down after the process is gone, and its sockets go with it. A restart must not
+    // take those for another server, so a conflict is looked at again for up to 2 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let table = loop {
+        let table = match read_udp_table() {
+            Ok(t) => t,
+            Err(e) => {
+                // The instance lock still keeps a second gnomon out; other servers go unnoticed.
+                log::warn!("cannot check who else listens on {ours}: {e}");
+                return Ok(());
+            }
+        };
+        if conflicts(ours, &table, own).is_empty() {
             return Ok(());
         }
+        if std::time::Instant::now() >= deadline {
+            break table;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let others = conflicts(ours, &table, own);
-    if others.is_empty() {
-        return Ok(());
-    }
     Err(io::Error::new(
         io::ErrorKind::AddrInUse,
         format!(
