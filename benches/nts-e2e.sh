@@ -35,14 +35,15 @@ private_key = "$OUT/key.pem"
 listen = "127.0.0.1:$KE_PORT"
 CONF
 
+CONF=$OUT/gnomon-nts.toml
 NTS_FLAGS="--nts --nts-port $KE_PORT --nts-ca $OUT/cert.pem --nts-name localhost --nts-sessions $NTS_SESSIONS"
 max_of() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['ramp']['max_rate']), r['ramp']['ended_by'])" "$1"; }
 
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
 for io in $IOS; do
-    OUT=$OUT/plain ONLY=gnomon IOS=$io GNOMON_ARGS="--config $OUT/gnomon-nts.toml" benches/compare.sh
-    OUT=$OUT/nts ONLY=gnomon IOS=$io GNOMON_ARGS="--config $OUT/gnomon-nts.toml" LOAD_ARGS="$NTS_FLAGS" \
+    OUT=$OUT/plain ONLY=gnomon IOS=$io GNOMON_ARGS="--config $CONF" benches/compare.sh
+    OUT=$OUT/nts ONLY=gnomon IOS=$io GNOMON_ARGS="--config $CONF" LOAD_ARGS="$NTS_FLAGS" \
         benches/compare.sh
     read -r plain plain_end < <(max_of "$OUT/plain/gnomon-$io-ramp.json")
     read -r nts nts_end < <(max_of "$OUT/nts/gnomon-$io-ramp.json")

@@ -210,7 +210,7 @@ gnomon_config() {
 listen = ["$SERVER:123"]
 io = "$1"
 workers = 1
-# No `cpus`: taskset leaves the process one CPU, and the worker is pinned to it.
+# No cpus key: taskset leaves the process one CPU, and the worker is pinned to it.
 local_stratum = 1
 control_socket = "$TMP/gnomon-$1.sock"
 EOF
