@@ -15,6 +15,17 @@ use std::time::Duration;
 
 const OPENSSL: &str = "/usr/bin/openssl";
 
+/// A test's directory `tag` with a certificate in it: (directory, certificate, key); `None`
+/// (skipped, visibly) without openssl.
+fn fixture(tag: &str) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    if !have_tool(OPENSSL) {
+        return None;
+    }
+    let dir = tempdir(tag);
+    let (cert, key) = certificate(&dir);
+    Some((dir, cert, key))
+}
+
 /// A self-signed P-256 certificate for localhost and 127.0.0.1: (certificate, key).
 fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -96,11 +107,9 @@ fn nts_exchange(
 
 #[test]
 fn rustls_client_gets_cookies_and_authenticated_replies() {
-    if !have_tool(OPENSSL) {
+    let Some((_dir, cert, key)) = fixture("nts") else {
         return;
-    }
-    let dir = tempdir("nts");
-    let (cert, key) = certificate(&dir);
+    };
     let g = Gnomon::start(&format!(
         "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
         nts_table(&cert, &key, "127.0.0.1", "")
@@ -126,11 +135,9 @@ fn rustls_client_gets_cookies_and_authenticated_replies() {
 
 #[test]
 fn fleet_servers_accept_each_others_cookies() {
-    if !have_tool(OPENSSL) {
+    let Some((dir, cert, key)) = fixture("nts-fleet") else {
         return;
-    }
-    let dir = tempdir("nts-fleet");
-    let (cert, key) = certificate(&dir);
+    };
     let secret = dir.join("secret");
     std::fs::write(&secret, [0x5a; 48]).unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -175,7 +182,7 @@ fn fleet_servers_accept_each_others_cookies() {
 
 #[test]
 fn chronyd_measures_through_gnomon_with_nts() {
-    if !have_tool(OPENSSL) || !have_tool(CHRONYD) {
+    if !have_tool(CHRONYD) {
         return;
     }
     let (_, version) = run_bounded(Command::new(CHRONYD).arg("-v"), Duration::from_secs(5));
@@ -183,8 +190,9 @@ fn chronyd_measures_through_gnomon_with_nts() {
         common::skip(&format!("this chronyd has no NTS: {}", version.trim()));
         return;
     }
-    let dir = tempdir("nts-chrony");
-    let (cert, key) = certificate(&dir);
+    let Some((dir, cert, key)) = fixture("nts-chrony") else {
+        return;
+    };
     let g = Gnomon::start(&format!(
         "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
         nts_table(&cert, &key, "127.0.0.1", "")
@@ -234,11 +242,9 @@ fn threads(pid: u32) -> usize {
 
 #[test]
 fn a_ke_flood_is_bounded_and_ntp_goes_on() {
-    if !have_tool(OPENSSL) {
+    let Some((_dir, cert, key)) = fixture("nts-flood") else {
         return;
-    }
-    let dir = tempdir("nts-flood");
-    let (cert, key) = certificate(&dir);
+    };
     let g = Gnomon::start(&format!(
         "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
         nts_table(&cert, &key, "127.0.0.1", "max_connections = 4\ntimeout = 1.0\n")
@@ -279,11 +285,9 @@ fn a_ke_flood_is_bounded_and_ntp_goes_on() {
 
 #[test]
 fn a_renewed_certificate_is_served_after_reload() {
-    if !have_tool(OPENSSL) {
+    let Some((dir, cert, key)) = fixture("nts-renew") else {
         return;
-    }
-    let dir = tempdir("nts-renew");
-    let (cert, key) = certificate(&dir);
+    };
     let renewed_dir = dir.join("renewed");
     std::fs::create_dir_all(&renewed_dir).unwrap();
     let (new_cert, new_key) = certificate(&renewed_dir);
@@ -317,11 +321,9 @@ fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
 
 #[test]
 fn the_access_table_applies_to_key_exchange() {
-    if !have_tool(OPENSSL) {
+    let Some((_dir, cert, key)) = fixture("nts-access") else {
         return;
-    }
-    let dir = tempdir("nts-access");
-    let (cert, key) = certificate(&dir);
+    };
     let g = Gnomon::start(&format!(
         "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n\
          [[restrict]]\naddress = \"127.0.6.0/24\"\naction = \"ignore\"\n\
@@ -362,11 +364,9 @@ fn sleep_until(t: f64) {
 
 #[test]
 fn old_cookies_work_for_the_window_after_a_rotation_then_get_ntsn() {
-    if !have_tool(OPENSSL) {
+    let Some((_dir, cert, key)) = fixture("nts-rotate") else {
         return;
-    }
-    let dir = tempdir("nts-rotate");
-    let (cert, key) = certificate(&dir);
+    };
     // A 4 s key period, one old key kept: a cookie lives through the next period, not the one
     // after. Key epochs are aligned to the wall clock (every server of a fleet agrees), and the
     // server looks for a new epoch every 200 ms: each step below keeps about a second clear of
@@ -410,11 +410,9 @@ fn plain_answered(from: &str, to: SocketAddr) -> bool {
 
 #[test]
 fn nts_only_clients_get_authenticated_answers_and_nothing_else() {
-    if !have_tool(OPENSSL) {
+    let Some((_dir, cert, key)) = fixture("nts-only") else {
         return;
-    }
-    let dir = tempdir("nts-only");
-    let (cert, key) = certificate(&dir);
+    };
     let g = Gnomon::start(&format!(
         "listen = [\"0.0.0.0:0\"]\nlocal_stratum = 1\n\
          [[restrict]]\naddress = \"127.0.0.0/8\"\naction = \"nts-only\"\n\
@@ -467,11 +465,9 @@ fn ke_raw(ke: SocketAddr, cert: &Path, records: &[u8]) {
 
 #[test]
 fn ke_outcomes_are_counted_by_reason() {
-    if !have_tool(OPENSSL) {
+    let Some((_dir, cert, key)) = fixture("nts-ke-reasons") else {
         return;
-    }
-    let dir = tempdir("nts-ke-reasons");
-    let (cert, key) = certificate(&dir);
+    };
     let g = Gnomon::start(&format!(
         "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n\
          [[restrict]]\naddress = \"127.0.5.0/24\"\naction = \"deny\"\n\
@@ -584,11 +580,9 @@ fn query_nts(ntp: SocketAddr, ke_port: u16, cert: &Path) -> String {
 
 #[test]
 fn gnomon_query_nts_against_gnomon_and_chronyd() {
-    if !have_tool(OPENSSL) {
+    let Some((dir, cert, key)) = fixture("nts-query") else {
         return;
-    }
-    let dir = tempdir("nts-query");
-    let (cert, key) = certificate(&dir);
+    };
     let g = Gnomon::start(&format!(
         "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
         nts_table(&cert, &key, "127.0.0.1", "")
@@ -657,11 +651,12 @@ fn nts_upstream(port: u16, ke_port: u16, ca: &Path) -> String {
 
 #[test]
 fn gnomon_syncs_to_chronyd_serving_nts() {
-    if !have_tool(OPENSSL) || !have_tool(CHRONYD) {
+    if !have_tool(CHRONYD) {
         return;
     }
-    let dir = tempdir("nts-upstream");
-    let (cert, key) = certificate(&dir);
+    let Some((dir, cert, key)) = fixture("nts-upstream") else {
+        return;
+    };
     let Some((c, ke_port)) = start_chronyd_nts(&dir, &cert, &key) else {
         return;
     };
@@ -698,11 +693,9 @@ fn gnomon_syncs_to_chronyd_serving_nts() {
 
 #[test]
 fn gnomon_load_nts_run_has_no_auth_failures() {
-    if !have_tool(OPENSSL) {
+    let Some((_dir, cert, key)) = fixture("nts-load") else {
         return;
-    }
-    let dir = tempdir("nts-load");
-    let (cert, key) = certificate(&dir);
+    };
     let g = Gnomon::start(&format!(
         // mmsg: this checks authentication, not the backend. On the shared test machine under
         // load an io_uring worker was seen to fall seconds behind (plain traffic too, in
@@ -789,11 +782,12 @@ impl Drop for Reaped {
 #[test]
 fn ntpd_rs_measures_through_gnomon_with_nts() {
     let (daemon, ctl) = (cargo_bin("ntp-daemon"), cargo_bin("ntp-ctl"));
-    if !have_tool(OPENSSL) || !have_tool(&daemon) || !have_tool("/usr/bin/cc") || !have_tool("/usr/bin/setpriv") {
+    if !have_tool(&daemon) || !have_tool("/usr/bin/cc") || !have_tool("/usr/bin/setpriv") {
         return;
     }
-    let dir = tempdir("nts-ntpd-rs");
-    let (cert, key) = certificate(&dir);
+    let Some((dir, cert, key)) = fixture("nts-ntpd-rs") else {
+        return;
+    };
     // ntpd-rs sends NTP where the KE response says, port 123 by default: announce ours.
     let port = common::free_port();
     let g = Gnomon::start(&format!(
@@ -880,11 +874,9 @@ fn ntpd_rs_measures_through_gnomon_with_nts() {
 
 #[test]
 fn an_nts_upstream_that_forgot_its_keys_gets_a_new_key_exchange() {
-    if !have_tool(OPENSSL) {
+    let Some((_dir, cert, key)) = fixture("nts-rekey") else {
         return;
-    }
-    let dir = tempdir("nts-rekey");
-    let (cert, key) = certificate(&dir);
+    };
     let port = common::free_port();
     let ke_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
