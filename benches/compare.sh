@@ -46,19 +46,9 @@ LOAD=$ROOT/target/release/gnomon-load
 # GNOMON may point at another build (or a stand-in) to check the script.
 GNOMON=${GNOMON:-$ROOT/target/release/gnomon}
 TMP=$(mktemp -d)
-SERVER_PID=
-
-cleanup() {
-    if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    SERVER_PID=
-}
+. "$ROOT/benches/common.sh"
 trap 'cleanup; rm -rf "$TMP"' EXIT
 trap 'exit 130' INT TERM
-
-wants() { [[ " $ONLY " == *" $1 "* ]]; }
 
 mkdir -p "$OUT"
 echo "== building release binaries" >&2

@@ -35,13 +35,9 @@ TMP=$(mktemp -d)
 SERVER_PID=
 SCRAPER_PID=
 
+. "$ROOT/benches/common.sh"
 cleanup() {
-    for pid in $SCRAPER_PID $SERVER_PID; do
-        if kill -0 "$pid" 2>/dev/null; then
-            kill "$pid" 2>/dev/null || true
-            wait "$pid" 2>/dev/null || true
-        fi
-    done
+    stop_pids "$SCRAPER_PID" "$SERVER_PID"
     SCRAPER_PID=
     SERVER_PID=
 }

@@ -58,19 +58,9 @@ CDEV=bc$$
 NS_S=gnomon-bench-s$$
 NS_C=gnomon-bench-c$$
 TMP=$(mktemp -d)
-SERVER_PID=
-
-cleanup() {
-    if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    SERVER_PID=
-}
+. "$ROOT/benches/common.sh"
 trap 'cleanup; ip netns del "$NS_S" 2>/dev/null; ip netns del "$NS_C" 2>/dev/null; rm -rf "$TMP"' EXIT
 trap 'exit 130' INT TERM
-
-wants() { [[ " $ONLY " == *" $1 "* ]]; }
 
 mkdir -p "$OUT"
 echo "== building $PROFILE binaries" >&2
