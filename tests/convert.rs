@@ -120,7 +120,9 @@ fn debian_ntpsec_conf() {
     assert_eq!(cfg.policy.rate_limit.interval, 8.0);
     assert_eq!(rules(&cfg).iter().filter(|r| r.1 == Action::Exempt).count(), 2);
     assert_eq!(cfg.sync.upstreams.iter().filter(|u| u.pool && u.iburst).count(), 4);
-    assert_listed(&notes, &f, &[(3, "drift"), (4, "leap"), (20, "fixed")]);
+    assert_listed(&notes, &f, &[(3, "drift"), (20, "fixed")]);
+    // `leapfile` becomes [leap] list (tzdata's file, read when the converted config is).
+    assert!(cfg.sync.leap.list.is_some());
     // Installed too? Then it converts as well (ntpsec is not something .ci/run installs).
     let installed = Path::new("/etc/ntpsec/ntp.conf");
     if installed.exists() {

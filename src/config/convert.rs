@@ -282,6 +282,10 @@ struct Out {
     rate_limit: Vec<(&'static str, String, String)>,
     /// chrony's `makestep THRESHOLD LIMIT`, and the line it came from.
     makestep: Option<(f64, i64, usize, String)>,
+    /// ntpd's `tinker panic N`: the largest correction accepted (s; 0: any), and its line.
+    panic: Option<(f64, usize, String)>,
+    /// `[leap]` keys in output order: key, TOML value, origin.
+    leap: Vec<(&'static str, String, String)>,
     notes: Vec<Note>,
 }
 
@@ -292,6 +296,11 @@ impl Out {
             directive: words.join(" "),
             why: why.into(),
         });
+    }
+
+    fn leap(&mut self, key: &'static str, value: String, origin: String) {
+        self.leap.retain(|(k, _, _)| *k != key);
+        self.leap.push((key, value, origin));
     }
 
     fn rate(&mut self, key: &'static str, value: String, origin: String) {
@@ -380,11 +389,22 @@ impl Out {
             }
             t.push('\n');
         }
-        if let Some((threshold, limit, line, text)) = &self.makestep {
-            let _ = writeln!(
-                t,
-                "[makestep]\n# line {line}: {text}\nthreshold = {threshold:?}\nlimit = {limit}\n"
-            );
+        if self.makestep.is_some() || self.panic.is_some() {
+            t.push_str("[makestep]\n");
+            if let Some((threshold, limit, line, text)) = &self.makestep {
+                let _ = writeln!(t, "# line {line}: {text}\nthreshold = {threshold:?}\nlimit = {limit}");
+            }
+            if let Some((panic, line, text)) = &self.panic {
+                let _ = writeln!(t, "# line {line}: {text}\nmax_correction = {panic:?}");
+            }
+            t.push('\n');
+        }
+        if !self.leap.is_empty() {
+            t.push_str("[leap]\n");
+            for (k, v, origin) in &self.leap {
+                let _ = writeln!(t, "{k} = {v}   # {origin}");
+            }
+            t.push('\n');
         }
         if !self.notes.is_empty() {
             t.push_str("# Not carried over:\n");
@@ -410,8 +430,8 @@ const WHY_KEYS: &str =
     "gnomon has no symmetric-key authentication and no remote control (ntpq/ntpdc/chronyc): keys are not used";
 const WHY_NTS: &str = "gnomon has no Autokey, and its NTS is set in its own [nts] table (certificate, key) \
                        and with `nts = true` on an [[upstream]]: not carried over";
-const WHY_LEAP: &str = "gnomon takes the leap indicator from its upstreams (the majority of the selected sources); \
-                        it has no leap-second file setting";
+const WHY_LEAP: &str = "gnomon takes a leap second from its upstreams (the majority of the selected sources) or \
+                        from a leap-seconds list ([leap] list); it has no time-zone database setting";
 const WHY_RTC: &str = "gnomon never touches the real-time clock";
 const WHY_MCAST: &str = "gnomon does no broadcast, multicast or manycast: unicast client/server only";
 const WHY_TUNE: &str = "the selection and discipline constants are fixed in gnomon (a strict majority of sources, \
@@ -574,8 +594,22 @@ fn ntp(text: &str, out: &mut Out) {
             "includefile" => out.note(line, &words, WHY_INCLUDE),
             "keys" | "trustedkey" | "requestkey" | "controlkey" | "revoke" => out.note(line, &words, WHY_KEYS),
             "crypto" | "nts" => out.note(line, &words, WHY_NTS),
-            "leapfile" => out.note(line, &words, WHY_LEAP),
-            "tos" | "tinker" => out.note(line, &words, WHY_TUNE),
+            "leapfile" => match words.get(1) {
+                Some(path) if words.len() == 2 => out.leap("list", quote(path), format!("line {line}: leapfile")),
+                _ => out.note(line, &words, "expected `leapfile PATH`: skipped"),
+            },
+            "tinker" => {
+                let mut it = words.iter().skip(1);
+                while let Some(w) = it.next() {
+                    let v = it.next().copied().unwrap_or("");
+                    match (*w, v.parse::<f64>()) {
+                        // ntpd's `panic 0` disables the check, as gnomon's 0 does.
+                        ("panic", Ok(p)) if p.is_finite() && p >= 0.0 => out.panic = Some((p, line, words.join(" "))),
+                        _ => out.note(line, &words, format!("`tinker {w} {v}`: {WHY_TUNE}")),
+                    }
+                }
+            }
+            "tos" => out.note(line, &words, WHY_TUNE),
             "interface" | "nic" => out.note(
                 line,
                 &words,
@@ -1219,7 +1253,22 @@ fn chrony(text: &str, out: &mut Out) {
             "rtcsync" | "rtcfile" | "rtconutc" | "rtcdevice" | "rtcautotrim" => out.note(line, &words, WHY_RTC),
             "keyfile" => out.note(line, &words, WHY_KEYS),
             "logdir" | "log" | "logbanner" | "logchange" | "mailonchange" => out.note(line, &words, WHY_LOG),
-            "leapsectz" | "leapseclist" | "leapsecmode" => out.note(line, &words, WHY_LEAP),
+            "leapseclist" => match words.get(1) {
+                Some(path) if words.len() == 2 => out.leap("list", quote(path), format!("line {line}: leapseclist")),
+                _ => out.note(line, &words, "expected `leapseclist PATH`: skipped"),
+            },
+            "leapsecmode" => match words.get(1).copied() {
+                Some("ignore") => out.leap("mode", quote("ignore"), format!("line {line}: leapsecmode ignore")),
+                // gnomon's default: the kernel makes the second in system mode, served time in software mode.
+                Some("system" | "step") => {}
+                Some(m) => out.note(
+                    line,
+                    &words,
+                    format!("leapsecmode {m}: gnomon never slews or smears a leap second (public servers must not)"),
+                ),
+                None => out.note(line, &words, "expected `leapsecmode MODE`: skipped"),
+            },
+            "leapsectz" => out.note(line, &words, WHY_LEAP),
             "include" | "confdir" => out.note(line, &words, WHY_INCLUDE),
             "sourcedir" => out.note(
                 line,
@@ -1500,14 +1549,14 @@ mod tests {
     fn ntp_files_and_keys_are_listed() {
         let (_, c) = conv(
             "driftfile /var/lib/ntp/drift\nincludefile /etc/ntp/crypto/pw\nkeys /etc/ntp/keys\n\
-             leapfile /x\nstatsdir /var/log/\nlogfile /var/log/ntp.log\ntinker panic 0\nfoo bar\n",
+             tos maxclock 7\nstatsdir /var/log/\nlogfile /var/log/ntp.log\ntinker stepout 60\nfoo bar\n",
             Format::Ntp,
         );
         for (line, what) in [
             (1, "drift"),
             (2, "included"),
             (3, "authentication"),
-            (4, "leap"),
+            (4, "fixed"),
             (5, "statistics"),
             (6, "logs"),
             (7, "fixed"),
@@ -1562,6 +1611,42 @@ mod tests {
         let (cfg, c) = conv("ratelimit interval -19 leak 0\n", Format::Chrony);
         assert_eq!((cfg.policy.rate_limit.interval, cfg.policy.rate_limit.leak), (0.001, 0));
         assert!(noted(&c, 1, "below"), "{:?}", c.notes);
+    }
+
+    #[test]
+    fn panic_threshold_and_leap_settings_are_carried_over() {
+        let (cfg, c) = conv("tinker panic 0 step 0.5\nserver 10.0.0.1\n", Format::Ntp);
+        assert_eq!(cfg.sync.panic.threshold, None, "panic 0: no limit, as in ntpd");
+        assert!(noted(&c, 1, "tinker step 0.5"), "{:?}", c.notes);
+        let (cfg, _) = conv("tinker panic 600\nserver 10.0.0.1\n", Format::Ntp);
+        assert_eq!(cfg.sync.panic.threshold, Some(600.0));
+        assert!(cfg.sync.makestep.is_none(), "a panic threshold alone turns no steps on");
+        // The list is read when the config is, so only the text is looked at here.
+        let c = convert("leapfile /var/lib/ntp/leap-seconds.list\n", "x.conf", Some(Format::Ntp)).unwrap();
+        assert!(
+            c.toml.contains("[leap]\nlist = \"/var/lib/ntp/leap-seconds.list\""),
+            "{}",
+            c.toml
+        );
+        let c = convert(
+            "leapseclist /usr/share/zoneinfo/leap-seconds.list\nleapsecmode slew\n",
+            "x.conf",
+            Some(Format::Chrony),
+        )
+        .unwrap();
+        assert!(
+            c.toml.contains("list = \"/usr/share/zoneinfo/leap-seconds.list\""),
+            "{}",
+            c.toml
+        );
+        assert!(noted(&c, 2, "never slews"), "{:?}", c.notes);
+        let (cfg, c) = conv("leapsecmode ignore\nleapsecmode system\n", Format::Chrony);
+        assert_eq!(cfg.sync.leap.mode, crate::sync::leap::LeapMode::Ignore);
+        assert!(
+            c.notes.is_empty() || !c.notes.iter().any(|n| n.line == 2),
+            "{:?}",
+            c.notes
+        );
     }
 
     #[test]
