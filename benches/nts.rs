@@ -3,23 +3,16 @@
 //! the plain reply of the same handler.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use gnomon::nts::client;
-use gnomon::nts::cookie::{COOKIE_LEN, CookieJar, KeySet, SessionKeys};
+use gnomon::nts::cookie::CookieJar;
 use gnomon::nts::ntp::{NtsServer, ReplyHeader, Verdict};
 use gnomon::proto::{NtpTimestamp, ReplyTemplate, ServerInfo};
 use std::hint::black_box;
 
+#[path = "../tests/common/nts_fixture.rs"]
+mod nts_fixture;
+
 fn nts(c: &mut Criterion) {
-    let keys = KeySet::derive(b"bench secret", 1, 2);
-    let session = SessionKeys {
-        aead: 15,
-        c2s: [3; 32],
-        s2c: [4; 32],
-    };
-    let mut cookie = [0u8; COOKIE_LEN];
-    CookieJar::new(&keys).seal(&session, &[1; 16], &mut cookie);
-    let mut header = [0u8; 48];
-    header[0] = 0x23;
+    let nts_fixture::Fixture { keys, cookie, .. } = nts_fixture::request(b"bench secret", 0);
     let template = ReplyTemplate::new(&ServerInfo::unsynchronized(-20));
     let reply_header = ReplyHeader {
         template: &template,
@@ -30,7 +23,7 @@ fn nts(c: &mut Criterion) {
     let mut g = c.benchmark_group("nts");
     g.throughput(Throughput::Elements(1));
     for placeholders in [0usize, 7] {
-        let request = client::request(&header, &[7; 32], &cookie, placeholders, &session.c2s, &[8; 16]);
+        let request = nts_fixture::request(b"bench secret", placeholders).request;
         let mut buf = [0u8; 1024];
         g.bench_function(format!("request_{}_cookies", 1 + placeholders), |b| {
             b.iter(|| {

@@ -4,7 +4,6 @@
 
 use gnomon::clock::{self, ClockState};
 use gnomon::nts::client;
-use gnomon::nts::cookie::{COOKIE_LEN, CookieJar, KeySet, SessionKeys};
 use gnomon::nts::server::SharedKeys;
 use gnomon::policy::{Action, PolicyConfig, PolicySet, SharedPolicy};
 use gnomon::server::ntp::NtpHandler;
@@ -13,6 +12,8 @@ use gnomon::server::{Datagram, Handler};
 use std::sync::Arc;
 
 mod common;
+#[path = "common/nts_fixture.rs"]
+mod nts_fixture;
 
 #[global_allocator]
 static GLOBAL: common::alloc::Counting = common::alloc::Counting;
@@ -29,17 +30,9 @@ fn nts_requests_do_not_allocate() {
         lines: Default::default(),
     };
     let policy = Arc::new(SharedPolicy::new(PolicySet::build(config, None)));
-    let keys = KeySet::derive(b"no-alloc secret", 1, 2);
-    let session = SessionKeys {
-        aead: 15,
-        c2s: [3; 32],
-        s2c: [4; 32],
-    };
-    let mut cookie = [0u8; COOKIE_LEN];
-    CookieJar::new(&keys).seal(&session, &[1; 16], &mut cookie);
-    let mut header = [0u8; 48];
-    header[0] = 0x23;
-    let request = client::request(&header, &[7; 32], &cookie, 3, &session.c2s, &[8; 16]);
+    let nts_fixture::Fixture {
+        keys, session, request, ..
+    } = nts_fixture::request(b"no-alloc secret", 3);
     let stats = Arc::new(WorkerStats::new(0, None, "test"));
     let mut h = NtpHandler::new(reader, policy, stats.clone()).with_nts(Arc::new(SharedKeys::new(keys)));
     let mut bufs = vec![[0u8; 1025]; 16];
