@@ -54,6 +54,14 @@ fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// gnomon serving NTP on `ip` (any port) as stratum 1, with [`nts_table`]'s `[nts]` for `ip`.
+fn nts_server(cert: &Path, key: &Path, ip: &str, extra: &str) -> Gnomon {
+    Gnomon::start(&format!(
+        "listen = [\"{ip}:0\"]\nlocal_stratum = 1\n{}",
+        nts_table(cert, key, ip, extra)
+    ))
+}
+
 /// `[nts]` lines for a KE server on `ke_ip`, port chosen by the kernel.
 fn nts_table(cert: &Path, key: &Path, ke_ip: &str, extra: &str) -> String {
     format!(
@@ -110,10 +118,7 @@ fn rustls_client_gets_cookies_and_authenticated_replies() {
     let Some((_dir, cert, key)) = fixture("nts") else {
         return;
     };
-    let g = Gnomon::start(&format!(
-        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
-        nts_table(&cert, &key, "127.0.0.1", "")
-    ));
+    let g = nts_server(&cert, &key, "127.0.0.1", "");
     let s = key_exchange(ke_addr(&g), &cert);
     assert_eq!((s.aead, s.cookies.len()), (15, 8));
     assert_eq!((s.ntp_server.as_deref(), s.ntp_port), (None, None));
@@ -142,18 +147,9 @@ fn fleet_servers_accept_each_others_cookies() {
     std::fs::write(&secret, [0x5a; 48]).unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let fleet = format!("secret_file = \"{}\"\n", secret.display());
-    let a = Gnomon::start(&format!(
-        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
-        nts_table(&cert, &key, "127.0.0.1", &fleet)
-    ));
-    let b = Gnomon::start(&format!(
-        "listen = [\"127.0.0.2:0\"]\nlocal_stratum = 1\n{}",
-        nts_table(&cert, &key, "127.0.0.2", &fleet)
-    ));
-    let loner = Gnomon::start(&format!(
-        "listen = [\"127.0.0.3:0\"]\nlocal_stratum = 1\n{}",
-        nts_table(&cert, &key, "127.0.0.3", "")
-    ));
+    let a = nts_server(&cert, &key, "127.0.0.1", &fleet);
+    let b = nts_server(&cert, &key, "127.0.0.2", &fleet);
+    let loner = nts_server(&cert, &key, "127.0.0.3", "");
     let s = key_exchange(ke_addr(&a), &cert);
     assert!(
         nts_exchange(b.addr(), &s, &s.cookies[0], 0).0.is_ok(),
@@ -193,10 +189,7 @@ fn chronyd_measures_through_gnomon_with_nts() {
     let Some((dir, cert, key)) = fixture("nts-chrony") else {
         return;
     };
-    let g = Gnomon::start(&format!(
-        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
-        nts_table(&cert, &key, "127.0.0.1", "")
-    ));
+    let g = nts_server(&cert, &key, "127.0.0.1", "");
     let ke = ke_addr(&g);
     let dump = dir.join("dump");
     std::fs::create_dir_all(&dump).unwrap();
@@ -245,10 +238,7 @@ fn a_ke_flood_is_bounded_and_ntp_goes_on() {
     let Some((_dir, cert, key)) = fixture("nts-flood") else {
         return;
     };
-    let g = Gnomon::start(&format!(
-        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
-        nts_table(&cert, &key, "127.0.0.1", "max_connections = 4\ntimeout = 1.0\n")
-    ));
+    let g = nts_server(&cert, &key, "127.0.0.1", "max_connections = 4\ntimeout = 1.0\n");
     let ke = ke_addr(&g);
     let baseline = threads(g.child.id());
     // Clients that send garbage instead of a ClientHello, then slow clients that never speak:
@@ -291,10 +281,7 @@ fn a_renewed_certificate_is_served_after_reload() {
     let renewed_dir = dir.join("renewed");
     std::fs::create_dir_all(&renewed_dir).unwrap();
     let (new_cert, new_key) = certificate(&renewed_dir);
-    let g = Gnomon::start(&format!(
-        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
-        nts_table(&cert, &key, "127.0.0.1", "")
-    ));
+    let g = nts_server(&cert, &key, "127.0.0.1", "");
     let ke = ke_addr(&g);
     // The files are replaced (as a renewal does); until the reload the old certificate is served.
     let old_cert = dir.join("old.pem");
@@ -372,10 +359,7 @@ fn old_cookies_work_for_the_window_after_a_rotation_then_get_ntsn() {
     // server looks for a new epoch every 200 ms: each step below keeps about a second clear of
     // the boundaries, since a loaded CI machine can be late by hundreds of milliseconds.
     let period = 4.0;
-    let g = Gnomon::start(&format!(
-        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
-        nts_table(&cert, &key, "127.0.0.1", "key_rotation = 4\nkeys_kept = 1\n")
-    ));
+    let g = nts_server(&cert, &key, "127.0.0.1", "key_rotation = 4\nkeys_kept = 1\n");
     // The key exchange a second into a period, when the server has surely rotated into it.
     let now = unix_secs();
     if !(1.0..2.0).contains(&(now % period)) {
@@ -583,10 +567,7 @@ fn gnomon_query_nts_against_gnomon_and_chronyd() {
     let Some((dir, cert, key)) = fixture("nts-query") else {
         return;
     };
-    let g = Gnomon::start(&format!(
-        "listen = [\"127.0.0.1:0\"]\nlocal_stratum = 1\n{}",
-        nts_table(&cert, &key, "127.0.0.1", "")
-    ));
+    let g = nts_server(&cert, &key, "127.0.0.1", "");
     let out = query_nts(g.addr(), ke_addr(&g).port(), &cert);
     say(&out);
     assert!(
@@ -739,10 +720,7 @@ fn gnomon_load_nts_run_has_no_auth_failures() {
     assert_eq!(g.wait_counter("nts_answered", report.replies), report.replies);
     assert_eq!(g.counter("nts_nak"), 0);
     // Against a server that does not know these cookies, every reply is a NAK, counted as such.
-    let loner = Gnomon::start(&format!(
-        "listen = [\"127.0.0.2:0\"]\nlocal_stratum = 1\n{}",
-        nts_table(&cert, &key, "127.0.0.2", "")
-    ));
+    let loner = nts_server(&cert, &key, "127.0.0.2", "");
     let SocketAddr::V4(other) = loner.addr() else {
         unreachable!()
     };
