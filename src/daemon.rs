@@ -80,7 +80,13 @@ pub fn serve(cfg: Config) -> io::Result<()> {
         new_control_dir.then_some(control_dir).flatten(),
     )?;
 
-    let precision = clock::measure_precision();
+    let precision = clock::measure_precision().unwrap_or_else(|| {
+        log::warn!(
+            "the clock did not tick while read for its precision; reporting 2^{} s",
+            clock::FALLBACK_PRECISION
+        );
+        clock::FALLBACK_PRECISION
+    });
     let (publisher, reader) = clock::snapshot(ClockState::unsynchronized(precision));
     // The sync thread publishes its first state before it returns, so workers never answer
     // from a state older than the configuration.

@@ -267,19 +267,38 @@ pub fn realtime_ns() -> i64 {
     }
 }
 
-/// log2 of the time it takes to read the clock, rounded up (RFC 5905 precision), measured.
-pub fn measure_precision() -> i8 {
+/// Reads of one unchanged clock value after which [`precision_of`] gives up. Far more than a
+/// ticking clock ever needs (a 4 ms jiffy clock changes within ~200k reads of 20 ns), but a clock
+/// that only moves when the process waits (clknetsim's) would otherwise hang the start.
+const MAX_SAME_READS: u32 = 1 << 20;
+
+/// Assumed when the clock did not tick while it was read: about 1 us, what most servers report.
+pub const FALLBACK_PRECISION: i8 = -20;
+
+/// log2 of the time it takes to read the clock, rounded up (RFC 5905 precision), measured; `None`
+/// when the clock did not change in [`MAX_SAME_READS`] reads.
+pub fn precision_of(mut read_ns: impl FnMut() -> i64) -> Option<i8> {
     let mut best = i64::MAX;
     for _ in 0..64 {
-        let a = realtime_ns();
-        let mut b = realtime_ns();
+        let a = read_ns();
+        let mut b = read_ns();
+        let mut same = 0;
         while b == a {
-            b = realtime_ns();
+            same += 1;
+            if same >= MAX_SAME_READS {
+                return None;
+            }
+            b = read_ns();
         }
         best = best.min(b - a);
     }
     let secs = best.max(1) as f64 * 1e-9;
-    (secs.log2().ceil() as i8).clamp(-30, 0)
+    Some((secs.log2().ceil() as i8).clamp(-30, 0))
+}
+
+/// [`precision_of`] the kernel's CLOCK_REALTIME.
+pub fn measure_precision() -> Option<i8> {
+    precision_of(realtime_ns)
 }
 
 #[cfg(test)]
@@ -400,7 +419,19 @@ mod tests {
 
     #[test]
     fn precision_is_plausible() {
-        let p = measure_precision();
+        let p = measure_precision().expect("the real clock ticks");
         assert!((-30..=-10).contains(&p), "precision {p}");
+    }
+
+    #[test]
+    fn precision_of_a_clock_that_never_ticks_gives_up() {
+        assert_eq!(precision_of(|| 42), None);
+        // A clock that moves 1 ms every 1000 reads: coarse, but it ticks.
+        let mut n = 0i64;
+        let p = precision_of(|| {
+            n += 1;
+            n / 1000 * 1_000_000
+        });
+        assert_eq!(p, Some(-9));
     }
 }

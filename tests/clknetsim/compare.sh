@@ -55,7 +55,11 @@ ROWS=$(
 102-iburst|1|2|2|1000|freq_offset=1e-4 client_conf=$'makestep 1e-2 1\ndriftfile tmp/drift' client_server_options=iburst min_sync_time=4 max_sync_time=6|echo "100 1.0" > tmp/drift
 113-leap-insert|1|2|2|200000|export CLKNETSIM_START_DATE=$(TZ=UTC date -d 'Dec 30 2008 0:00:00' +%s); limit=$((4*24*3600)) client_start=$((2*3600)) refclock_jitter=1e-9 leap=$((2*24*3600)) server_conf=$'refclock SHM 0 dpoll 10 poll 10\nleapsectz right/UTC' refclock_offset="(* -1 (equal 0.1 (max (sum 1.0) $leap) $leap))" client_conf="leapsecmode system" min_sync_time=$((leap-2)) max_sync_time=$leap|
 served-system|1|2|3|1000|server_strata=2 max_sync_time=400|
+served-system|2|2|3|1000|server_strata=2 max_sync_time=400|
+served-system|3|2|3|1000|server_strata=2 max_sync_time=400|
 served-software|1|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
+served-software|2|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
+served-software|3|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
 EOF
 )
 
