@@ -36,7 +36,8 @@ export CLK_BUILD=${CLK_BUILD:-$REPO/target/clknetsim}
 # | setup run after test_start (files in tmp/). 113 is the scenario's last case (the leap second
 # from the server's right/UTC time zone): Debian's chronyd 4.3 has no `leapseclist`. The served
 # rows are not chrony's: a chronyd client (node 3) behind the stratum-2 node under test (node 2),
-# with chrony's default limits but 400 s to synchronise through two strata.
+# with chrony's default limits but 400 s to synchronise through two strata, on ten seeds (the
+# client's rms from 1000 s rests on the few samples it takes at a 1024 s poll).
 ROWS=$(
 	cat <<'EOF'
 001-defaults|1|2|2|1000||
@@ -57,9 +58,23 @@ ROWS=$(
 served-system|1|2|3|1000|server_strata=2 max_sync_time=400|
 served-system|2|2|3|1000|server_strata=2 max_sync_time=400|
 served-system|3|2|3|1000|server_strata=2 max_sync_time=400|
+served-system|4|2|3|1000|server_strata=2 max_sync_time=400|
+served-system|5|2|3|1000|server_strata=2 max_sync_time=400|
+served-system|6|2|3|1000|server_strata=2 max_sync_time=400|
+served-system|7|2|3|1000|server_strata=2 max_sync_time=400|
+served-system|8|2|3|1000|server_strata=2 max_sync_time=400|
+served-system|9|2|3|1000|server_strata=2 max_sync_time=400|
+served-system|10|2|3|1000|server_strata=2 max_sync_time=400|
 served-software|1|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
 served-software|2|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
 served-software|3|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
+served-software|4|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
+served-software|5|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
+served-software|6|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
+served-software|7|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
+served-software|8|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
+served-software|9|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
+served-software|10|2|3|1000|server_strata=2 max_sync_time=400 GNOMON_CLOCK_MODE=software|
 EOF
 )
 
@@ -191,21 +206,44 @@ build
 gnomon_binary
 echo "| scenario | seed | chronyd checks | chronyd sync (s) | chronyd rms (s) | gnomon checks | gnomon sync (s) | gnomon rms (s) | ratio |"
 echo "|---|---|---|---|---|---|---|---|---|"
-printf '%s\n' "$ROWS" | while IFS= read -r line; do
-	label=${line%%|*}
-	if [ $# -gt 0 ]; then
-		m=0
-		for p in "$@"; do [[ $label == "$p"* ]] && m=1; done
-		[ $m = 1 ] || continue
-	fi
-	c=$(run_one "$line" chronyd)
-	g=$(run_one "$line" gnomon)
-	read -r _ _ seed _ cok csync _ _ _ _ crms _ <<<"$c"
-	read -r _ _ _ _ gok gsync _ _ _ _ grms _ <<<"$g"
-	ratio=$(awk -v a="$grms" -v b="$crms" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
-	echo "| $label | $seed | $cok | $csync | $crms | $gok | $gsync | $grms | $ratio |"
-done
+# pooled LABEL N: after the last seed of a label run on several seeds, the rms of all its seeds
+# together (sqrt of the mean square: every seed's window has the same length). One seed's rms of
+# a served row rests on the few samples its client takes at a 1024 s poll, so seeds scatter it.
+pooled() {
+	[ "${2:-0}" -gt 1 ] || return 0
+	ratio=$(awk -v a="$pg" -v b="$pc" -v n="$2" 'BEGIN { printf "%.2f", sqrt(a / n) / sqrt(b / n) }')
+	echo "| $1, $2 seeds pooled | | | | $(awk -v b="$pc" -v n="$2" 'BEGIN { printf "%.3e", sqrt(b / n) }') | | |" \
+		"$(awk -v a="$pg" -v n="$2" 'BEGIN { printf "%.3e", sqrt(a / n) }') | $ratio |"
+}
+{
+	printf '%s\n' "$ROWS"
+	echo "|"
+} | {
+	group="" n=0 pc=0 pg=0
+	while IFS= read -r line; do
+		label=${line%%|*}
+		if [ -n "$label" ] && [ $# -gt 0 ]; then
+			m=0
+			for p in "$@"; do [[ $label == "$p"* ]] && m=1; done
+			[ $m = 1 ] || continue
+		fi
+		if [ "$label" != "$group" ]; then
+			pooled "$group" "$n"
+			group=$label n=0 pc=0 pg=0
+		fi
+		[ -n "$label" ] || continue
+		c=$(run_one "$line" chronyd)
+		g=$(run_one "$line" gnomon)
+		read -r _ _ seed _ cok csync _ _ _ _ crms _ <<<"$c"
+		read -r _ _ _ _ gok gsync _ _ _ _ grms _ <<<"$g"
+		ratio=$(awk -v a="$grms" -v b="$crms" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+		echo "| $label | $seed | $cok | $csync | $crms | $gok | $gsync | $grms | $ratio |"
+		n=$((n + 1))
+		pc=$(awk -v s="$pc" -v r="$crms" 'BEGIN { printf "%.6e", s + r * r }')
+		pg=$(awk -v s="$pg" -v r="$grms" 'BEGIN { printf "%.6e", s + r * r }')
+	done
+}
 echo
 echo "checks: chrony's check_sync and check_packet_interval as the scenario sets them (FAIL:sync or"
 echo "FAIL:interval says which failed); rms: offset rms of the measured node after convergence; ratio:"
-echo "gnomon rms / chronyd rms. Details: $CLK_BUILD/results/LABEL.SEED.IMPL/checks"
+echo "gnomon rms / chronyd rms; pooled: the rms over all seeds of a scenario run on several. Details: $CLK_BUILD/results/LABEL.SEED.IMPL/checks"
