@@ -441,11 +441,17 @@ impl LocalStats {
         for (slot, &v) in shared.counters.iter().zip(self.counts.iter()) {
             slot.store(v, Ordering::Relaxed);
         }
-        if let Ok(mut h) = shared.latency.try_lock() {
+        // An idle worker's histograms are empty: adding and resetting them would still walk
+        // every bucket (tens of kB) at each flush.
+        if !self.latency.is_empty()
+            && let Ok(mut h) = shared.latency.try_lock()
+        {
             let _ = h.add(&self.latency);
             self.latency.reset();
         }
-        if let Ok(mut h) = shared.batch_sizes.try_lock() {
+        if !self.batch_sizes.is_empty()
+            && let Ok(mut h) = shared.batch_sizes.try_lock()
+        {
             let _ = h.add(&self.batch_sizes);
             self.batch_sizes.reset();
         }
