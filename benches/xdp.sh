@@ -5,7 +5,9 @@
 # Each server runs alone, pinned to SRV_CPU; gnomon-load runs in the other namespace pinned to
 # GEN_CPU. On veth the receiver's kernel work runs on the sender's core by default, so both veth
 # ends get a NAPI (GRO on) that runs as a kernel thread (threaded NAPI), each pinned to its own
-# side's CPU: the server core then carries everything the server costs, kernel included. For
+# side's CPU, and TSO is off on both ends so that veth_xmit uses the peer's NAPI rather than
+# the sender's backlog: the server core then carries everything the server costs, kernel
+# included, and nothing of the generator's. For
 # each server: a ramp finds the highest rate with loss under MAX_LOSS (the loss-free rate), then
 # a run at the one fixed RATE measures the busy time of the server's core (from /proc/stat:
 # user+nice+system+irq+softirq+steal of cpuSRV_CPU) per reply. Prints a table with the ratios
@@ -21,6 +23,9 @@
 #                          (napi_defer_hard_irqs + gro_flush_timeout: a NAPI run that found
 #                          little waits this long for more instead of re-arming); default 0 (off):
 #                          it delays T2 by up to that much, as rx-usecs does on a real NIC
+#   T2=1                   instead of the cost: how late each server's T2 is against the request
+#                          leaving the client's veth end (benches/t2-offset.py, T2_COUNT requests
+#                          one at a time, T2_GAP_MS apart); gnomon's T3 - T2 histogram beside it
 #   RAMP=0                 skip the ramp (only the fixed-rate run; the table's max rate is n/a)
 #   PERF=1                 also `perf record -g -C SRV_CPU` over the fixed-rate run, into
 #                          OUT/NAME.perf.data, with a `perf report` by symbol in OUT/NAME.perf.txt
@@ -47,6 +52,9 @@ PROFILE=${PROFILE:-release}
 RAMP=${RAMP:-1}
 PERF=${PERF:-}
 COALESCE_US=${COALESCE_US:-0}
+T2=${T2:-}
+T2_COUNT=${T2_COUNT:-2000}
+T2_GAP_MS=${T2_GAP_MS:-1}
 OUT=${OUT:-$ROOT/target/xdp-bench}
 if [[ -n ${QUICK:-} ]]; then
     STEP=300ms
@@ -54,6 +62,10 @@ if [[ -n ${QUICK:-} ]]; then
     FIXED=1s
     RAMP_FACTOR=2
     RAMP_BOUND=2s
+fi
+if [[ -n $PERF && ${FIXED%s} -lt 3 ]]; then
+    echo "PERF=1 needs FIXED of at least 3s (the profile skips the first and last second)" >&2
+    exit 1
 fi
 if [[ $(id -u) != 0 ]]; then
     echo "benches/xdp.sh needs root (network namespaces, XDP)" >&2
@@ -235,6 +247,25 @@ EOF
         "$(python3 -c "print('%.0f' % (($b1-$b0)/$CLK_TCK*100/($t1-$t0)))")"
 }
 
+# measure_t2 NAME: T2 - T_wire of single requests, and (gnomon) the worker's T3 - T2.
+measure_t2() {
+    local name=$1
+    echo "== $name: T2 against the wire, $T2_COUNT requests" >&2
+    ip netns exec "$NS_C" python3 "$ROOT/benches/t2-offset.py" "$CDEV" "$SERVER" "$T2_COUNT" \
+        "$T2_GAP_MS" >"$OUT/$name-t2.txt"
+    head -1 "$OUT/$name-t2.txt" >&2
+    if [[ $name != chrony ]]; then
+        ip netns exec "$NS_S" "$GNOMON" stats --json --control "$TMP/gnomon-$name.sock" \
+            >"$OUT/$name-stats.json" 2>/dev/null || true
+        json "$OUT/$name-stats.json" \
+            "'gnomon T3 - T2 (us): p50 %.1f p99 %.1f max %.1f' % tuple(r['total']['latency'][k] / 1e3 for k in ('p50_ns', 'p99_ns', 'max_ns'))" \
+            >>"$OUT/$name-t2.txt" 2>/dev/null || true
+    fi
+    row "$name" t2 - \
+        "$(json <(tail -n +2 "$OUT/$name-t2.txt" | head -1) "'%.1f/%.1f/%.1f' % (r['p50_us'], r['p99_us'], r['min_us'])" 2>/dev/null || echo -)" \
+        - - - -
+}
+
 # run_server NAME CMD...: starts CMD in the server namespace pinned to SRV_CPU, measures, stops.
 run_server() {
     local name=$1
@@ -248,6 +279,8 @@ run_server() {
         if [[ $name == xdp ]] && ! grep -q "AF_XDP on $SDEV" "$OUT/$name.log"; then
             echo "!! gnomon did not use AF_XDP: $(grep -m1 'AF_XDP' "$OUT/$name.log" || echo '?')" >&2
             row "$name" n/a "no-xdp" - - - - -
+        elif [[ -n $T2 ]]; then
+            measure_t2 "$name"
         else
             measure "$name"
         fi
