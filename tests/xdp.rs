@@ -566,7 +566,7 @@ fn ntpdig_is_answered_through_the_af_xdp_socket() {
             malformed += r.malformed;
             stamped += r.stamped;
             assert!(
-                r.kicks <= 1 && (r.replied > 0 || r.kicks == 0),
+                r.kicks <= r.replied.div_ceil(32) && (r.replied > 0 || r.kicks == 0),
                 "kicks per batch: {r:?}"
             );
         }

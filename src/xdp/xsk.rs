@@ -448,7 +448,7 @@ impl Xsk {
     }
 
     /// Waits up to `timeout_ms` for frames, answers one batch through `handler` and sends the
-    /// replies with one kick.
+    /// replies (one kick per 32 of them in copy mode).
     pub fn serve_batch<H: Handler>(&mut self, handler: &mut H, timeout_ms: i32) -> io::Result<BatchResult> {
         self.reclaim();
         let (mut idx, mut n) = self.rx.peek(BATCH as u32);
