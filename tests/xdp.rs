@@ -1127,7 +1127,13 @@ fn access_rules_and_rate_limits_behave_as_on_the_kernel_path() {
                 })
                 .collect()
         });
-        let x = workers(&srv, true);
+        // A worker publishes its counters every 200 ms or when it goes idle: wait for that.
+        let mut x = workers(&srv, true);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while io == "xdp" && x.iter().map(|w| w.0).sum::<u64>() - x0 < 18 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            x = workers(&srv, true);
+        }
         common::say(&format!(
             "{io}: {got:?}; AF_XDP workers {x:?}, kernel workers {:?}; {}",
             workers(&srv, false),
