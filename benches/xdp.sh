@@ -5,7 +5,9 @@
 # Each server runs alone, pinned to SRV_CPU; gnomon-load runs in the other namespace pinned to
 # GEN_CPU. On veth the receiver's kernel work runs on the sender's core by default, so both veth
 # ends get a NAPI (GRO on) that runs as a kernel thread (threaded NAPI), each pinned to its own
-# side's CPU: the server core then carries everything the server costs, kernel included. For
+# side's CPU, and TSO is off on both ends so that veth_xmit uses the peer's NAPI rather than
+# the sender's backlog: the server core then carries everything the server costs, kernel
+# included, and nothing of the generator's. For
 # each server: a ramp finds the highest rate with loss under MAX_LOSS (the loss-free rate), then
 # a run at the one fixed RATE measures the busy time of the server's core (from /proc/stat:
 # user+nice+system+irq+softirq+steal of cpuSRV_CPU) per reply. Prints a table with the ratios
@@ -17,6 +19,17 @@
 #   RATE=100000            the fixed rate (requests/s) at which CPU per reply is compared
 #   QUICK=1                short steps, for checking that the script works
 #   PROFILE=debug          use target/debug binaries (checking the script without a release build)
+#   COALESCE_US=50         interrupt coalescing on the server's veth end, for every server alike
+#                          (napi_defer_hard_irqs + gro_flush_timeout: a NAPI run that found
+#                          little waits this long for more instead of re-arming); default 0 (off):
+#                          it delays T2 by up to that much, as rx-usecs does on a real NIC
+#   T2=1                   instead of the cost: how late each server's T2 is against the request
+#                          leaving the client's veth end (benches/t2-offset.py, T2_COUNT requests
+#                          one at a time, T2_GAP_MS apart); gnomon's T3 - T2 histogram beside it
+#   RAMP=0                 skip the ramp (only the fixed-rate run; the table's max rate is n/a)
+#   PERF=1                 also `perf record -g -C SRV_CPU` over the fixed-rate run, into
+#                          OUT/NAME.perf.data, with a `perf report` by symbol in OUT/NAME.perf.txt
+#                          (perf's own sampling costs a little of the core: compare runs alike)
 # Knobs below (MAX_LOSS, PORTS, RAMP_START, ...) have defaults. Run it on a quiet machine: the
 # server core's busy time counts everything that runs there.
 set -euo pipefail
@@ -36,6 +49,12 @@ STEP=${STEP:-2s}
 REFINE=${REFINE:-3}
 RAMP_BOUND=${RAMP_BOUND:-120s}
 PROFILE=${PROFILE:-release}
+RAMP=${RAMP:-1}
+PERF=${PERF:-}
+COALESCE_US=${COALESCE_US:-0}
+T2=${T2:-}
+T2_COUNT=${T2_COUNT:-2000}
+T2_GAP_MS=${T2_GAP_MS:-1}
 OUT=${OUT:-$ROOT/target/xdp-bench}
 if [[ -n ${QUICK:-} ]]; then
     STEP=300ms
@@ -43,6 +62,10 @@ if [[ -n ${QUICK:-} ]]; then
     FIXED=1s
     RAMP_FACTOR=2
     RAMP_BOUND=2s
+fi
+if [[ -n $PERF && ${FIXED%s} -lt 3 ]]; then
+    echo "PERF=1 needs FIXED of at least 3s (the profile skips the first and last second)" >&2
+    exit 1
 fi
 if [[ $(id -u) != 0 ]]; then
     echo "benches/xdp.sh needs root (network namespaces, XDP)" >&2
@@ -96,13 +119,26 @@ EOF
 }
 ETHTOOL_STXCSUM=0x17
 ETHTOOL_SGRO=0x2c
+ETHTOOL_STSO=0x1f
 # GRO gives each veth end a NAPI even without XDP (so the receive work can be a thread).
 ethtool_set "$NS_S" "$SDEV" $ETHTOOL_SGRO 1
 ethtool_set "$NS_C" "$CDEV" $ETHTOOL_SGRO 1
+# veth_xmit hands a frame to the peer's NAPI only if the frame "could be aggregated": the sending
+# end has TSO off, or (a UDP socket's frame) the peer forwards UDP GRO. Otherwise it goes through
+# netif_rx, whose backlog runs on the sender's core: the generator's receive of every reply
+# would be charged to the server's core (seen: 30% of AF_XDP's profile), and a kernel-socket
+# server's receive of every request to the generator's. TSO off on both ends (nothing here
+# sends more than one MTU) keeps each side's receive work in its own pinned NAPI thread.
+ethtool_set "$NS_S" "$SDEV" $ETHTOOL_STSO 0
+ethtool_set "$NS_C" "$CDEV" $ETHTOOL_STSO 0
 # A veth peer with TX checksum offload sends UDP checksums that hold only the pseudo-header sum
 # (CHECKSUM_PARTIAL); the AF_XDP path would drop them as wrong. Off for every server alike.
 ethtool_set "$NS_C" "$CDEV" $ETHTOOL_STXCSUM 0
 ip netns exec "$NS_S" sh -c "echo 1 > /sys/class/net/$SDEV/threaded"
+if [[ $COALESCE_US != 0 ]]; then
+    ip netns exec "$NS_S" sh -c "echo 2 > /sys/class/net/$SDEV/napi_defer_hard_irqs &&
+        echo $((COALESCE_US * 1000)) > /sys/class/net/$SDEV/gro_flush_timeout"
+fi
 ip netns exec "$NS_C" sh -c "echo 1 > /sys/class/net/$CDEV/threaded"
 
 # pin_napi DEV CPU: pins DEV's NAPI threads. Attaching or detaching XDP makes veth's NAPI
@@ -151,25 +187,83 @@ row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"; }
 # measure NAME: the ramp, then the fixed rate with the server core's busy time.
 measure() {
     local name=$1
-    echo "== $name: ramp (loss under $MAX_LOSS)" >&2
-    load --ramp --ramp-start "$RAMP_START" --ramp-factor "$RAMP_FACTOR" --step-duration "$STEP" \
-        --max-loss "$MAX_LOSS" --refine "$REFINE" --duration "$RAMP_BOUND" --max-packets 100M \
-        >"$OUT/$name-ramp.json"
-    local max ended b0 b1 t0 t1
-    max=$(json "$OUT/$name-ramp.json" "round(r['ramp']['max_rate'])")
-    ended=$(json "$OUT/$name-ramp.json" "r['ramp']['ended_by']")
+    local max=n/a ended=- b0 b1 t0 t1 perf_pid= perf_pids= p
+    if [[ $RAMP != 0 ]]; then
+        echo "== $name: ramp (loss under $MAX_LOSS)" >&2
+        load --ramp --ramp-start "$RAMP_START" --ramp-factor "$RAMP_FACTOR" --step-duration "$STEP" \
+            --max-loss "$MAX_LOSS" --refine "$REFINE" --duration "$RAMP_BOUND" --max-packets 100M \
+            >"$OUT/$name-ramp.json"
+        max=$(json "$OUT/$name-ramp.json" "round(r['ramp']['max_rate'])")
+        ended=$(json "$OUT/$name-ramp.json" "r['ramp']['ended_by']")
+    fi
     echo "== $name: fixed rate $RATE/s for $FIXED" >&2
+    if [[ -n $PERF ]]; then
+        # Starts after the generator's first second and ends before it does (steady state only);
+        # perf itself runs on the generator's core so that its writing is not counted as ours.
+        (sleep 1 && exec taskset -c "$GEN_CPU" perf record -q -g -C "$SRV_CPU" -o "$OUT/$name.perf.data" -- \
+            sleep "$(($(sed 's/s$//' <<<"$FIXED") - 2))") >/dev/null 2>&1 &
+        perf_pid=$!
+        # How often the server wakes and kicks: its syscalls and context switches.
+        (sleep 1 && exec taskset -c "$GEN_CPU" perf stat -x, -o "$OUT/$name.perf-stat.txt" \
+            -e syscalls:sys_enter_poll,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom \
+            -e syscalls:sys_enter_recvmmsg,syscalls:sys_enter_sendmmsg,syscalls:sys_enter_io_uring_enter \
+            -e syscalls:sys_enter_epoll_wait,syscalls:sys_enter_select,syscalls:sys_enter_pselect6 \
+            -e sched:sched_switch -p "$SERVER_PID" -- sleep "$(($(sed 's/s$//' <<<"$FIXED") - 2))") \
+            >/dev/null 2>&1 &
+        perf_pids="$perf_pid $!"
+    fi
     t0=$(date +%s.%N)
     b0=$(busy_ticks)
     load --rate "$RATE" --duration "$FIXED" --max-packets 100M >"$OUT/$name-fixed.json"
     b1=$(busy_ticks)
     t1=$(date +%s.%N)
+    if [[ -n $perf_pid ]]; then
+        for p in $perf_pids; do wait "$p" || true; done
+        perf report -i "$OUT/$name.perf.data" --no-children --sort sym --stdio 2>/dev/null \
+            >"$OUT/$name.perf.txt" || true
+        # By area, in us per reply over the perf window (replies at the run's mean reply rate).
+        perf script -i "$OUT/$name.perf.data" -F comm,pid,ip,sym 2>/dev/null |
+            python3 "$ROOT/benches/perf-areas.py" "$SDEV" "$SERVER_PID" \
+                "$(json "$OUT/$name-fixed.json" "r['reply_rate'] * ($(sed 's/s$//' <<<"$FIXED") - 2)")" \
+                >"$OUT/$name.areas.txt" || true
+        python3 - "$OUT/$name.perf-stat.txt" \
+            "$(json "$OUT/$name-fixed.json" "r['reply_rate'] * ($(sed 's/s$//' <<<"$FIXED") - 2)")" \
+            >>"$OUT/$name.areas.txt" <<'EOF' || true
+import sys
+replies = float(sys.argv[2])
+print(f"per 1000 replies ({replies:.0f} in the window):")
+for line in open(sys.argv[1]):
+    f = line.strip().split(",")
+    if len(f) > 2 and f[0].replace(".", "").isdigit() and float(f[0]) > 0:
+        print(f"  {f[2]:<40} {1000 * float(f[0]) / max(replies, 1):10.1f}")
+EOF
+        cat "$OUT/$name.areas.txt" >&2
+    fi
     row "$name" "$max" "$ended" \
         "$(json "$OUT/$name-fixed.json" "'%.0f' % r['reply_rate']")" \
         "$(json "$OUT/$name-fixed.json" "'%.3f' % r['loss_pct']")" \
         "$(json "$OUT/$name-fixed.json" "'%.1f' % r['rtt_us']['p99']")" \
         "$(python3 -c "r=__import__('json').load(open('$OUT/$name-fixed.json')); print('%.3f' % (($b1-$b0)/$CLK_TCK*1e6/max(r['replies'],1)))")" \
         "$(python3 -c "print('%.0f' % (($b1-$b0)/$CLK_TCK*100/($t1-$t0)))")"
+}
+
+# measure_t2 NAME: T2 - T_wire of single requests, and (gnomon) the worker's T3 - T2.
+measure_t2() {
+    local name=$1
+    echo "== $name: T2 against the wire, $T2_COUNT requests" >&2
+    ip netns exec "$NS_C" python3 "$ROOT/benches/t2-offset.py" "$CDEV" "$SERVER" "$T2_COUNT" \
+        "$T2_GAP_MS" >"$OUT/$name-t2.txt"
+    head -1 "$OUT/$name-t2.txt" >&2
+    if [[ $name != chrony ]]; then
+        ip netns exec "$NS_S" "$GNOMON" stats --json --control "$TMP/gnomon-$name.sock" \
+            >"$OUT/$name-stats.json" 2>/dev/null || true
+        json "$OUT/$name-stats.json" \
+            "'gnomon T3 - T2 (us): p50 %.1f p99 %.1f max %.1f' % tuple(r['total']['latency'][k] / 1e3 for k in ('p50_ns', 'p99_ns', 'max_ns'))" \
+            >>"$OUT/$name-t2.txt" 2>/dev/null || true
+    fi
+    row "$name" t2 - \
+        "$(json <(tail -n +2 "$OUT/$name-t2.txt" | head -1) "'%.1f/%.1f/%.1f' % (r['p50_us'], r['p99_us'], r['min_us'])" 2>/dev/null || echo -)" \
+        - - - -
 }
 
 # run_server NAME CMD...: starts CMD in the server namespace pinned to SRV_CPU, measures, stops.
@@ -185,6 +279,8 @@ run_server() {
         if [[ $name == xdp ]] && ! grep -q "AF_XDP on $SDEV" "$OUT/$name.log"; then
             echo "!! gnomon did not use AF_XDP: $(grep -m1 'AF_XDP' "$OUT/$name.log" || echo '?')" >&2
             row "$name" n/a "no-xdp" - - - - -
+        elif [[ -n $T2 ]]; then
+            measure_t2 "$name"
         else
             measure "$name"
         fi

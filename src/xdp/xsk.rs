@@ -7,7 +7,7 @@
 //! frame without a plausible stamp gets the time its batch was taken.
 //!
 //! Memory is fixed at creation (UMEM, rings, the per-batch table): nothing is allocated per
-//! frame. Each batch costs one `poll` when idle and one `sendto` kick for its replies.
+//! frame. Each batch costs one `poll` when idle and one `sendto` kick per 32 replies.
 
 use super::frame::{self, Request, Target};
 use super::program::META_LEN;
@@ -244,7 +244,8 @@ pub struct BatchResult {
     pub malformed: usize,
     /// Requests whose T2 came from the XDP program's timestamp (the rest got the batch's time).
     pub stamped: usize,
-    /// TX kicks (sendto) made for this batch: at most one.
+    /// TX kicks (sendto) made for this batch: one per 32 replies at most (copy mode's limit per
+    /// call), none where a zero-copy driver is still sending.
     pub kicks: usize,
 }
 
@@ -447,7 +448,7 @@ impl Xsk {
     }
 
     /// Waits up to `timeout_ms` for frames, answers one batch through `handler` and sends the
-    /// replies with one kick.
+    /// replies (one kick per 32 of them in copy mode).
     pub fn serve_batch<H: Handler>(&mut self, handler: &mut H, timeout_ms: i32) -> io::Result<BatchResult> {
         self.reclaim();
         let (mut idx, mut n) = self.rx.peek(BATCH as u32);
@@ -563,38 +564,48 @@ impl Xsk {
             }
             self.tx.submit(sent);
             res.replied = sent as usize;
-            // Copy mode sends in the syscall: one kick for the batch; with need-wakeup, a
-            // zero-copy driver still draining the ring needs none.
-            let r = if !self.need_wakeup() || self.tx.needs_wakeup() {
-                res.kicks = 1;
-                // SAFETY: a zero-length sendto on our socket only triggers the TX ring's
-                // processing.
-                unsafe {
-                    libc::sendto(
-                        self.fd.as_raw_fd(),
-                        std::ptr::null(),
-                        0,
-                        libc::MSG_DONTWAIT,
-                        std::ptr::null(),
-                        0,
-                    )
-                }
-            } else {
-                0
-            };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if !matches!(
-                    e.raw_os_error(),
-                    Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::ENOBUFS)
-                ) {
-                    return Err(e);
-                }
-            }
+            res.kicks = self.kick_tx()?;
         }
         handler.end_batch(res.received, res.replied);
         self.reclaim();
         Ok(res)
+    }
+
+    /// Has the kernel send what the TX ring holds; returns the kicks (sendto calls) made.
+    ///
+    /// Copy mode sends in the syscall, but at most 32 frames per call (the kernel's
+    /// TX_BATCH_SIZE), answering EAGAIN while more wait: a batch of up to [`BATCH`] replies
+    /// takes two kicks, or its tail would leave only with the next batch's syscall, later than
+    /// its T3 says. With need-wakeup, a zero-copy driver still draining the ring needs none.
+    fn kick_tx(&mut self) -> io::Result<usize> {
+        let mut kicks = 0;
+        while kicks <= BATCH / 32 && (!self.need_wakeup() || self.tx.needs_wakeup()) {
+            let before = self.tx.consumer().load(Ordering::Acquire);
+            kicks += 1;
+            // SAFETY: a zero-length sendto on our socket only triggers the TX ring's processing.
+            let r = unsafe {
+                libc::sendto(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null(),
+                    0,
+                )
+            };
+            if r >= 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // More to send, and the last kick made progress: go on.
+                Some(libc::EAGAIN) if self.tx.consumer().load(Ordering::Acquire) != before => {}
+                // The completion ring or the device queue is full: the next batch retries.
+                Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::ENOBUFS) => break,
+                _ => return Err(e),
+            }
+        }
+        Ok(kicks)
     }
 
     /// Completed TX chunks and dropped requests go back to the fill ring.
