@@ -1,11 +1,10 @@
 //! The NTP side of NTS (RFC 8915 section 5): extension fields in, an authenticated reply, an
 //! NTS NAK or nothing out, written over the request in place with no allocation.
 
-use super::cookie::{COOKIE_LEN, CookieError, CookieJar, KeySet, SessionKeys};
+use super::cookie::{COOKIE_LEN, CookieError, CookieJar, KeySet, NewCookies};
 use super::ke::COOKIES_PER_KE;
+use super::siv::{S2v, Siv, tags_equal};
 use crate::proto::{HEADER_LEN, NtpTimestamp, RefId, ReplyTemplate, stamp_transmit, write_reply};
-use aes_siv::KeyInit;
-use aes_siv::siv::Aes128Siv;
 use rand_chacha::ChaCha12Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 
@@ -213,9 +212,12 @@ pub struct ReplyHeader<'a> {
     pub transmit: NtpTimestamp,
 }
 
-/// One worker's NTS state: the cookie ciphers for the published key set and a CSPRNG for nonces.
+/// One worker's NTS state: the cookie ciphers for the published key set, the slots the
+/// request's own C2S and S2C keys are set into, and a CSPRNG for nonces.
 pub struct NtsServer {
     jar: CookieJar,
+    c2s: Siv,
+    s2c: Siv,
     rng: ChaCha12Rng,
     nak: ReplyTemplate,
     counts: [u64; Reason::COUNT],
@@ -225,6 +227,8 @@ impl NtsServer {
     pub fn new(keys: &KeySet, seed: [u8; 32]) -> NtsServer {
         NtsServer {
             jar: CookieJar::new(keys),
+            c2s: Siv::new(&[0; 32]),
+            s2c: Siv::new(&[0; 32]),
             rng: ChaCha12Rng::from_seed(seed),
             nak: ReplyTemplate::kiss(NTSN),
             counts: [0; Reason::COUNT],
@@ -266,9 +270,13 @@ impl NtsServer {
             Ok(k) => k,
             Err(e) => return self.nak(buf, &f, Reason::from_cookie(e)),
         };
-        if !authenticate(buf, &f, &keys) {
-            return self.nak(buf, &f, Reason::AuthenticationFailed);
+        if f.ciphertext.1 - f.ciphertext.0 > TAG_LEN {
+            self.c2s.set_key(&keys.c2s);
+        } else {
+            // Nothing to decrypt (what clients send): the CTR half is never used.
+            self.c2s.set_s2v_key(&keys.c2s);
         }
+        self.s2c.set_key(&keys.s2c);
         // One new cookie per cookie and placeholder, as many as fit in the request's length.
         let uid_len = f.unique_id.1 - f.unique_id.0;
         let fixed = HEADER_LEN + uid_len + 4 + 4 + NONCE_LEN + TAG_LEN;
@@ -280,40 +288,88 @@ impl NtsServer {
             // than the reply's fixed part), kept as the rule's last guard.
             return Verdict::Drop(Reason::Malformed);
         }
+        let mut new = NewCookies::new(&keys);
+        for _ in 0..cookies {
+            let mut nonce = [0u8; NONCE_LEN];
+            self.rng.fill_bytes(&mut nonce);
+            new.push(&self.jar, keys.aead, &nonce);
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill_bytes(&mut nonce);
+        // The reply's header and its new cookie fields are made aside while the request is
+        // still being authenticated: the reply's cookies go where the request's cookie is.
+        let mut head = [0u8; HEADER_LEN];
+        head.copy_from_slice(&buf[..HEADER_LEN]);
+        write_reply(&mut head, header.template, header.receive);
+        stamp_transmit(&mut head, header.transmit);
+        let mut fields = [0u8; COOKIES_PER_KE * COOKIE_FIELD_LEN];
+        let fields_len = cookies * COOKIE_FIELD_LEN;
+        let tag = match self.authenticate_and_seal(buf, &f, &new, &head, &nonce, &mut fields[..fields_len]) {
+            Some(tag) => tag,
+            None => return self.nak(buf, &f, Reason::AuthenticationFailed),
+        };
         buf.copy_within(f.unique_id.0..f.unique_id.1, HEADER_LEN);
-        write_reply(buf, header.template, header.receive);
-        stamp_transmit(buf, header.transmit);
+        buf[..HEADER_LEN].copy_from_slice(&head);
         let auth = HEADER_LEN + uid_len;
-        let ct_len = TAG_LEN + cookies * COOKIE_FIELD_LEN;
+        let ct_len = TAG_LEN + fields_len;
         buf[auth..auth + 2].copy_from_slice(&field::AUTHENTICATOR.to_be_bytes());
         buf[auth + 2..auth + 4].copy_from_slice(&((reply_len - auth) as u16).to_be_bytes());
         buf[auth + 4..auth + 6].copy_from_slice(&(NONCE_LEN as u16).to_be_bytes());
         buf[auth + 6..auth + 8].copy_from_slice(&(ct_len as u16).to_be_bytes());
-        let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill_bytes(&mut nonce);
         buf[auth + 8..auth + 8 + NONCE_LEN].copy_from_slice(&nonce);
-        let plain = auth + 8 + NONCE_LEN + TAG_LEN;
-        for i in 0..cookies {
-            let at = plain + i * COOKIE_FIELD_LEN;
-            buf[at..at + 2].copy_from_slice(&field::NTS_COOKIE.to_be_bytes());
-            buf[at + 2..at + 4].copy_from_slice(&(COOKIE_FIELD_LEN as u16).to_be_bytes());
-            let mut cookie_nonce = [0u8; 16];
-            self.rng.fill_bytes(&mut cookie_nonce);
-            let out: &mut [u8; COOKIE_LEN] = (&mut buf[at + 4..at + COOKIE_FIELD_LEN])
+        buf[auth + 8 + NONCE_LEN..auth + 8 + NONCE_LEN + TAG_LEN].copy_from_slice(&tag);
+        let sealed = &mut buf[auth + 8 + NONCE_LEN + TAG_LEN..reply_len];
+        sealed.copy_from_slice(&fields[..fields_len]);
+        self.s2c.ctr(&tag, sealed);
+        Verdict::Reply(reply_len)
+    }
+
+    /// Verifies the request's authenticator under its C2S key and, meanwhile, seals the new
+    /// cookies (into `fields`, as NTS Cookie fields) and computes the reply's S2V over `head`,
+    /// the request's Unique Identifier field, `nonce` and the cookie fields. Returns the reply's
+    /// tag, or `None` when the request does not verify.
+    ///
+    /// The three S2Vs are independent until the reply's message (the sealed cookies) exists, so
+    /// their chains are stepped together and the CPU overlaps their AES blocks: the request's
+    /// authenticator, one chain as long as the request, sets the pace. Encrypted fields of the
+    /// request are decrypted in place (the buffer is overwritten by the reply) and not used.
+    fn authenticate_and_seal(
+        &self,
+        buf: &mut [u8],
+        f: &Fields,
+        new: &NewCookies,
+        head: &[u8; HEADER_LEN],
+        nonce: &[u8; NONCE_LEN],
+        fields: &mut [u8],
+    ) -> Option<[u8; TAG_LEN]> {
+        let (aad, rest) = buf.split_at_mut(f.auth);
+        let (auth_head, ct) = rest.split_at_mut(f.ciphertext.0 - f.auth);
+        let client_nonce = &auth_head[f.nonce.0 - f.auth..f.nonce.1 - f.auth];
+        let (tag, data) = ct[..f.ciphertext.1 - f.ciphertext.0].split_at_mut(TAG_LEN);
+        let tag: &[u8; TAG_LEN] = (&*tag).try_into().expect("tag");
+        // Clients rarely encrypt fields; when they do, SIV decrypts before it can verify.
+        self.c2s.ctr(tag, data);
+        let mut request = S2v::<3, 1>::new(&self.c2s);
+        request.push(&[&*aad, client_nonce], data);
+        let mut sealing = self.jar.s2v(new);
+        let mut reply = S2v::<3, 1>::new(&self.s2c);
+        let uid = &aad[f.unique_id.0..f.unique_id.1];
+        let job = reply.push_ads(&[[&head[..], uid], [&[][..], &nonce[..]]]);
+        while sealing.step() {
+            request.step();
+            reply.step();
+        }
+        for (i, at) in (0..fields.len()).step_by(COOKIE_FIELD_LEN).enumerate() {
+            fields[at..at + 2].copy_from_slice(&field::NTS_COOKIE.to_be_bytes());
+            fields[at + 2..at + 4].copy_from_slice(&(COOKIE_FIELD_LEN as u16).to_be_bytes());
+            let out: &mut [u8; COOKIE_LEN] = (&mut fields[at + 4..at + COOKIE_FIELD_LEN])
                 .try_into()
                 .expect("cookie field");
-            self.jar.seal(&keys, &cookie_nonce, out);
+            self.jar.write(new, &sealing, i, out);
         }
-        let (aad, rest) = buf.split_at_mut(auth);
-        let mut s2c = Aes128Siv::new((&keys.s2c).into());
-        let tag = s2c
-            .encrypt_in_place_detached(
-                [&*aad, &nonce[..]],
-                &mut rest[8 + NONCE_LEN + TAG_LEN..reply_len - auth],
-            )
-            .expect("plaintext within AES-SIV limits");
-        rest[8 + NONCE_LEN..8 + NONCE_LEN + TAG_LEN].copy_from_slice(&tag);
-        Verdict::Reply(reply_len)
+        reply.message(job, fields);
+        while request.step() | reply.step() {}
+        tags_equal(&request.tag(0), tag).then(|| reply.tag(0))
     }
 
     /// An NTS NAK: a KoD NTSN carrying the request's Unique Identifier, never longer than it.
@@ -324,21 +380,6 @@ impl NtsServer {
         write_reply(buf, &self.nak, NtpTimestamp(0));
         Verdict::Nak(HEADER_LEN + uid_len, reason)
     }
-}
-
-/// Verifies the request's authenticator under its C2S key. The encrypted fields are decrypted
-/// in place (the buffer is overwritten by the reply anyway) and not otherwise used.
-fn authenticate(buf: &mut [u8], f: &Fields, keys: &SessionKeys) -> bool {
-    let mut nonce = [0u8; MAX_CLIENT_NONCE_LEN];
-    let nonce_len = f.nonce.1 - f.nonce.0;
-    nonce[..nonce_len].copy_from_slice(&buf[f.nonce.0..f.nonce.1]);
-    let (aad, rest) = buf.split_at_mut(f.auth);
-    let ct = &mut rest[f.ciphertext.0 - f.auth..f.ciphertext.1 - f.auth];
-    let (tag, data) = ct.split_at_mut(TAG_LEN);
-    let tag = aes_siv::Tag::clone_from_slice(tag);
-    let mut c2s = Aes128Siv::new((&keys.c2s).into());
-    c2s.decrypt_in_place_detached([&*aad, &nonce[..nonce_len]], data, &tag)
-        .is_ok()
 }
 
 #[cfg(test)]
