@@ -148,9 +148,6 @@ impl NewCookies {
     }
 }
 
-/// The S2Vs of a [`NewCookies`]: an associated data each and their common message.
-pub type CookieS2v<'a> = S2v<'a, { MAX_NEW_COOKIES + 1 }, MAX_NEW_COOKIES>;
-
 /// One thread's cipher state for a key set: the AES key schedules are built once per key set,
 /// not per cookie.
 pub struct CookieJar {
@@ -169,14 +166,13 @@ impl CookieJar {
     pub fn seal(&self, keys: &SessionKeys, nonce: &[u8; NONCE_LEN], out: &mut [u8; COOKIE_LEN]) {
         let mut new = NewCookies::new(keys);
         new.push(self, keys.aead, nonce);
-        let mut s2v = self.s2v(&new);
-        s2v.run();
-        self.write(&new, &s2v, 0, out);
+        self.seal_all(&new, core::slice::from_mut(out));
     }
 
-    /// The S2Vs of `new`, to step (alone with [`S2v::run`], or along with another key's).
-    pub fn s2v<'a>(&'a self, new: &'a NewCookies) -> CookieS2v<'a> {
-        let mut s2v = S2v::new(&self.ciphers[0].1);
+    /// Seals the cookies of `new` into `out` (one each), their S2Vs stepped together.
+    pub fn seal_all(&self, new: &NewCookies, out: &mut [[u8; COOKIE_LEN]]) {
+        let siv = &self.ciphers[0].1;
+        let mut s2v = S2v::<{ MAX_NEW_COOKIES + 1 }, MAX_NEW_COOKIES>::new(siv);
         // One plaintext for all: its leading blocks go through the cipher once.
         for (i, ad) in new.ads[..new.n].iter().enumerate() {
             if i == 0 {
@@ -185,42 +181,40 @@ impl CookieJar {
                 s2v.push_same_message(&[&ad[..]], 0);
             }
         }
-        s2v
-    }
-
-    /// Writes cookie `i` of `new`, whose S2Vs `s2v` has finished.
-    pub fn write(&self, new: &NewCookies, s2v: &CookieS2v<'_>, i: usize, out: &mut [u8; COOKIE_LEN]) {
-        let tag = s2v.tag(i);
-        out[..AD_LEN].copy_from_slice(&new.ads[i]);
-        out[AD_LEN..AD_LEN + TAG_LEN].copy_from_slice(&tag);
-        let body = &mut out[AD_LEN + TAG_LEN..];
-        body.copy_from_slice(&new.plaintext);
-        self.ciphers[0].1.ctr(&tag, body);
+        s2v.run();
+        for (i, out) in out[..new.n].iter_mut().enumerate() {
+            write(siv, &new.ads[i], &s2v.tag(i), &new.plaintext, out);
+        }
     }
 
     /// Opens a cookie; any failure means the client must run NTS-KE again.
     pub fn open(&self, cookie: &[u8]) -> Result<SessionKeys, CookieError> {
+        self.open_and_seal(cookie, &[], &mut [])
+    }
+
+    /// Opens a cookie and seals, into `out`, one new cookie for the same keys per nonce of
+    /// `nonces` (fresh random bytes each). A cookie under the current master key (the common
+    /// case) is opened and the new ones sealed in the same steps: same key, same plaintext, so the
+    /// plaintext's leading blocks go through the cipher once for all. `out` is meaningless on
+    /// error.
+    pub fn open_and_seal(
+        &self,
+        cookie: &[u8],
+        nonces: &[[u8; NONCE_LEN]],
+        out: &mut [[u8; COOKIE_LEN]],
+    ) -> Result<SessionKeys, CookieError> {
         let cookie: &[u8; COOKIE_LEN] = cookie.try_into().map_err(|_| CookieError::BadLength)?;
         let id = u32::from_be_bytes([cookie[0], cookie[1], cookie[2], cookie[3]]);
-        let siv = match self.ciphers.iter().find(|c| c.0 == id) {
-            Some((_, c)) => c,
-            None => return Err(CookieError::UnknownKey),
+        let Some(index) = self.ciphers.iter().position(|c| c.0 == id) else {
+            return Err(CookieError::UnknownKey);
         };
+        let siv = &self.ciphers[index].1;
         let (ad, rest) = cookie.split_at(AD_LEN);
         let tag: &[u8; TAG_LEN] = rest[..TAG_LEN].try_into().expect("tag");
         let mut body = [0u8; PLAINTEXT_LEN];
         body.copy_from_slice(&rest[TAG_LEN..]);
         siv.ctr(tag, &mut body);
-        let mut s2v = S2v::<2, 1>::new(siv);
-        s2v.push(&[ad], &body);
-        s2v.run();
-        if !tags_equal(&s2v.tag(0), tag) {
-            return Err(CookieError::Forged);
-        }
         let aead = u16::from_be_bytes([ad[4], ad[5]]);
-        if aead != super::ke::AEAD_AES_SIV_CMAC_256 {
-            return Err(CookieError::BadAlgorithm);
-        }
         let mut keys = SessionKeys {
             aead,
             c2s: [0; KEY_LEN],
@@ -228,8 +222,50 @@ impl CookieJar {
         };
         keys.c2s.copy_from_slice(&body[..KEY_LEN]);
         keys.s2c.copy_from_slice(&body[KEY_LEN..]);
+        let mut new = NewCookies::new(&keys);
+        for nonce in nonces {
+            new.push(self, aead, nonce);
+        }
+        let reseal_here = index == 0 && !nonces.is_empty();
+        let mut s2v = S2v::<{ MAX_NEW_COOKIES + 2 }, { MAX_NEW_COOKIES + 1 }>::new(siv);
+        s2v.push(&[ad], &body);
+        if reseal_here {
+            for ad in &new.ads[..new.n] {
+                s2v.push_same_message(&[&ad[..]], 0);
+            }
+        }
+        s2v.run();
+        if !tags_equal(&s2v.tag(0), tag) {
+            return Err(CookieError::Forged);
+        }
+        if aead != super::ke::AEAD_AES_SIV_CMAC_256 {
+            return Err(CookieError::BadAlgorithm);
+        }
+        if reseal_here {
+            for (i, out) in out[..new.n].iter_mut().enumerate() {
+                write(siv, &new.ads[i], &s2v.tag(1 + i), &new.plaintext, out);
+            }
+        } else if !nonces.is_empty() {
+            // Under an older key: the new cookies are sealed under the current one, apart.
+            self.seal_all(&new, out);
+        }
         Ok(keys)
     }
+}
+
+/// A cookie from its associated data, tag and plaintext (encrypted here).
+fn write(
+    siv: &Siv,
+    ad: &[u8; AD_LEN],
+    tag: &[u8; TAG_LEN],
+    plaintext: &[u8; PLAINTEXT_LEN],
+    out: &mut [u8; COOKIE_LEN],
+) {
+    out[..AD_LEN].copy_from_slice(ad);
+    out[AD_LEN..AD_LEN + TAG_LEN].copy_from_slice(tag);
+    let body = &mut out[AD_LEN + TAG_LEN..];
+    body.copy_from_slice(plaintext);
+    siv.ctr(tag, body);
 }
 
 #[cfg(test)]
@@ -316,17 +352,63 @@ mod tests {
         for n in 0..MAX_NEW_COOKIES as u8 {
             new.push(&jar, 15, &[n; NONCE_LEN]);
         }
-        let mut s2v = jar.s2v(&new);
-        s2v.run();
-        for n in 0..MAX_NEW_COOKIES {
-            let mut batched = [0u8; COOKIE_LEN];
-            jar.write(&new, &s2v, n, &mut batched);
-            assert_eq!(batched, cookie(&jar, n as u8));
-            assert_eq!(jar.open(&batched).unwrap(), session());
+        let mut batched = [[0u8; COOKIE_LEN]; MAX_NEW_COOKIES];
+        jar.seal_all(&new, &mut batched);
+        for (n, c) in batched.iter().enumerate() {
+            assert_eq!(*c, cookie(&jar, n as u8));
+            assert_eq!(jar.open(c).unwrap(), session());
         }
         let other = SessionKeys { aead: 16, ..session() };
         let mut out = [0u8; COOKIE_LEN];
         jar.seal(&other, &[1; NONCE_LEN], &mut out);
         assert_eq!(jar.open(&out), Err(CookieError::BadAlgorithm));
+    }
+
+    /// Opening and sealing in one go gives the cookies sealing alone gives, under the current
+    /// key also when the cookie opened is under an older one; a cookie that does not open seals
+    /// nothing usable.
+    #[test]
+    fn open_and_seal_matches_open_then_seal() {
+        let secret = b"fleet secret";
+        let old = cookie(&CookieJar::new(&KeySet::derive(secret, 100, 2)), 4);
+        let today = CookieJar::new(&KeySet::derive(secret, 101, 2));
+        let current = cookie(&today, 5);
+        let nonces: Vec<[u8; NONCE_LEN]> = (0..3).map(|n| [n + 10; NONCE_LEN]).collect();
+        for c in [old, current] {
+            let mut out = [[0u8; COOKIE_LEN]; 3];
+            assert_eq!(today.open_and_seal(&c, &nonces, &mut out).unwrap(), session());
+            for (n, o) in out.iter().enumerate() {
+                assert_eq!(*o, cookie(&today, n as u8 + 10));
+                assert_eq!(o[..4], 101u32.to_be_bytes());
+            }
+        }
+        let mut forged = cookie(&today, 6);
+        forged[COOKIE_LEN - 1] ^= 1;
+        let mut out = [[0u8; COOKIE_LEN]; 1];
+        assert_eq!(
+            today.open_and_seal(&forged, &nonces[..1], &mut out),
+            Err(CookieError::Forged)
+        );
+    }
+
+    /// A cookie of the format before this one (key id | nonce | tag | sealed aead, C2S, S2C;
+    /// id and nonce as two associated data), sealed under a key of the set, does not open: it
+    /// gets an NTS NAK and its client runs NTS-KE again.
+    #[test]
+    fn cookies_of_the_previous_format_are_refused() {
+        use aes_siv::KeyInit;
+        let keys = KeySet::derive(b"secret", 9, 1);
+        let (id, key) = keys.keys[0];
+        let nonce = [7u8; NONCE_LEN];
+        let mut body = [0u8; 4 + 2 * KEY_LEN];
+        body[..2].copy_from_slice(&15u16.to_be_bytes());
+        body[4..4 + KEY_LEN].copy_from_slice(&session().c2s);
+        body[4 + KEY_LEN..].copy_from_slice(&session().s2c);
+        let tag = aes_siv::siv::Aes128Siv::new((&key).into())
+            .encrypt_in_place_detached([&id.to_be_bytes()[..], &nonce[..]], &mut body)
+            .unwrap();
+        let old: Vec<u8> = [&id.to_be_bytes()[..], &nonce, &tag, &body].concat();
+        assert_eq!(old.len(), COOKIE_LEN);
+        assert_eq!(CookieJar::new(&keys).open(&old), Err(CookieError::Forged));
     }
 }

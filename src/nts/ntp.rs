@@ -1,9 +1,9 @@
 //! The NTP side of NTS (RFC 8915 section 5): extension fields in, an authenticated reply, an
 //! NTS NAK or nothing out, written over the request in place with no allocation.
 
-use super::cookie::{COOKIE_LEN, CookieError, CookieJar, KeySet, NewCookies};
+use super::cookie::{COOKIE_LEN, CookieError, CookieJar, KeySet};
 use super::ke::COOKIES_PER_KE;
-use super::siv::{S2v, Siv, tags_equal};
+use super::siv::{S2v, Siv, run_together, tags_equal};
 use crate::proto::{HEADER_LEN, NtpTimestamp, RefId, ReplyTemplate, stamp_transmit, write_reply};
 use rand_chacha::ChaCha12Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -266,17 +266,6 @@ impl NtsServer {
             Ok(Some(f)) => f,
             Err(r) => return Verdict::Drop(r),
         };
-        let keys = match self.jar.open(&buf[f.cookie.0..f.cookie.1]) {
-            Ok(k) => k,
-            Err(e) => return self.nak(buf, &f, Reason::from_cookie(e)),
-        };
-        if f.ciphertext.1 - f.ciphertext.0 > TAG_LEN {
-            self.c2s.set_key(&keys.c2s);
-        } else {
-            // Nothing to decrypt (what clients send): the CTR half is never used.
-            self.c2s.set_s2v_key(&keys.c2s);
-        }
-        self.s2c.set_key(&keys.s2c);
         // One new cookie per cookie and placeholder, as many as fit in the request's length.
         let uid_len = f.unique_id.1 - f.unique_id.0;
         let fixed = HEADER_LEN + uid_len + 4 + 4 + NONCE_LEN + TAG_LEN;
@@ -288,23 +277,42 @@ impl NtsServer {
             // than the reply's fixed part), kept as the rule's last guard.
             return Verdict::Drop(Reason::Malformed);
         }
-        let mut new = NewCookies::new(&keys);
-        for _ in 0..cookies {
-            let mut nonce = [0u8; NONCE_LEN];
-            self.rng.fill_bytes(&mut nonce);
-            new.push(&self.jar, keys.aead, &nonce);
+        let mut nonces = [[0u8; NONCE_LEN]; COOKIES_PER_KE];
+        for n in &mut nonces[..cookies] {
+            self.rng.fill_bytes(n);
         }
+        let mut sealed = [[0u8; COOKIE_LEN]; COOKIES_PER_KE];
+        let cookie = &buf[f.cookie.0..f.cookie.1];
+        let keys = match self
+            .jar
+            .open_and_seal(cookie, &nonces[..cookies], &mut sealed[..cookies])
+        {
+            Ok(k) => k,
+            Err(e) => return self.nak(buf, &f, Reason::from_cookie(e)),
+        };
+        if f.ciphertext.1 - f.ciphertext.0 > TAG_LEN {
+            self.c2s.set_key(&keys.c2s);
+        } else {
+            // Nothing to decrypt (what clients send): the CTR half is never used.
+            self.c2s.set_s2v_key(&keys.c2s);
+        }
+        self.s2c.set_key(&keys.s2c);
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill_bytes(&mut nonce);
-        // The reply's header and its new cookie fields are made aside while the request is
-        // still being authenticated: the reply's cookies go where the request's cookie is.
+        // The reply's header and its cookie fields are made aside while the request is still
+        // being authenticated: the reply's cookies go where the request's cookie is.
         let mut head = [0u8; HEADER_LEN];
         head.copy_from_slice(&buf[..HEADER_LEN]);
         write_reply(&mut head, header.template, header.receive);
         stamp_transmit(&mut head, header.transmit);
         let mut fields = [0u8; COOKIES_PER_KE * COOKIE_FIELD_LEN];
         let fields_len = cookies * COOKIE_FIELD_LEN;
-        let tag = match self.authenticate_and_seal(buf, &f, &new, &head, &nonce, &mut fields[..fields_len]) {
+        for (field, cookie) in fields[..fields_len].chunks_exact_mut(COOKIE_FIELD_LEN).zip(&sealed) {
+            field[..2].copy_from_slice(&field::NTS_COOKIE.to_be_bytes());
+            field[2..4].copy_from_slice(&(COOKIE_FIELD_LEN as u16).to_be_bytes());
+            field[4..].copy_from_slice(cookie);
+        }
+        let tag = match self.authenticate_and_seal(buf, &f, &head, &nonce, &fields[..fields_len]) {
             Some(tag) => tag,
             None => return self.nak(buf, &f, Reason::AuthenticationFailed),
         };
@@ -324,23 +332,21 @@ impl NtsServer {
         Verdict::Reply(reply_len)
     }
 
-    /// Verifies the request's authenticator under its C2S key and, meanwhile, seals the new
-    /// cookies (into `fields`, as NTS Cookie fields) and computes the reply's S2V over `head`,
-    /// the request's Unique Identifier field, `nonce` and the cookie fields. Returns the reply's
-    /// tag, or `None` when the request does not verify.
+    /// Verifies the request's authenticator under its C2S key and, meanwhile, computes the
+    /// reply's S2V over `head`, the request's Unique Identifier field, `nonce` and the cookie
+    /// `fields`. Returns the reply's tag, or `None` when the request does not verify.
     ///
-    /// The three S2Vs are independent until the reply's message (the sealed cookies) exists, so
-    /// their chains are stepped together and the CPU overlaps their AES blocks: the request's
-    /// authenticator, one chain as long as the request, sets the pace. Encrypted fields of the
-    /// request are decrypted in place (the buffer is overwritten by the reply) and not used.
+    /// The two S2Vs are independent, so their chains are stepped together and the CPU overlaps
+    /// their AES blocks: the request's authenticator, one chain as long as the request, sets the
+    /// pace. Encrypted fields of the request are decrypted in place (the buffer is overwritten by
+    /// the reply) and not used.
     fn authenticate_and_seal(
         &self,
         buf: &mut [u8],
         f: &Fields,
-        new: &NewCookies,
         head: &[u8; HEADER_LEN],
         nonce: &[u8; NONCE_LEN],
-        fields: &mut [u8],
+        fields: &[u8],
     ) -> Option<[u8; TAG_LEN]> {
         let (aad, rest) = buf.split_at_mut(f.auth);
         let (auth_head, ct) = rest.split_at_mut(f.ciphertext.0 - f.auth);
@@ -351,24 +357,11 @@ impl NtsServer {
         self.c2s.ctr(tag, data);
         let mut request = S2v::<3, 1>::new(&self.c2s);
         request.push(&[&*aad, client_nonce], data);
-        let mut sealing = self.jar.s2v(new);
         let mut reply = S2v::<3, 1>::new(&self.s2c);
         let uid = &aad[f.unique_id.0..f.unique_id.1];
         let job = reply.push_ads(&[[&head[..], uid], [&[][..], &nonce[..]]]);
-        while sealing.step() {
-            request.step();
-            reply.step();
-        }
-        for (i, at) in (0..fields.len()).step_by(COOKIE_FIELD_LEN).enumerate() {
-            fields[at..at + 2].copy_from_slice(&field::NTS_COOKIE.to_be_bytes());
-            fields[at + 2..at + 4].copy_from_slice(&(COOKIE_FIELD_LEN as u16).to_be_bytes());
-            let out: &mut [u8; COOKIE_LEN] = (&mut fields[at + 4..at + COOKIE_FIELD_LEN])
-                .try_into()
-                .expect("cookie field");
-            self.jar.write(new, &sealing, i, out);
-        }
         reply.message(job, fields);
-        while request.step() | reply.step() {}
+        run_together(&mut request, &mut reply);
         tags_equal(&request.tag(0), tag).then(|| reply.tag(0))
     }
 

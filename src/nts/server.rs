@@ -463,12 +463,10 @@ fn serve_connection(
                 getrandom::fill(&mut nonce).map_err(|_| KeOutcome::Closed)?;
                 new.push(&jar, session.aead, &nonce);
             }
-            let mut s2v = jar.s2v(&new);
-            s2v.run();
-            for i in 0..new.len() {
-                let mut cookie = [0u8; COOKIE_LEN];
-                jar.write(&new, &s2v, i, &mut cookie);
-                ke::push_cookie(&mut response, &cookie);
+            let mut cookies = [[0u8; COOKIE_LEN]; ke::COOKIES_PER_KE];
+            jar.seal_all(&new, &mut cookies);
+            for cookie in &cookies[..new.len()] {
+                ke::push_cookie(&mut response, cookie);
             }
             ke::finish(&mut response);
             true

@@ -11,7 +11,8 @@
 //! appendix A in the tests.
 
 use aes::Aes128Enc;
-use aes::cipher::{BlockEncrypt, KeyInit};
+use aes::cipher::consts::U16;
+use aes::cipher::{BlockBackend, BlockClosure, BlockEncrypt, BlockSizeUser, KeyInit};
 
 /// Key length of AEAD_AES_SIV_CMAC_256: the S2V (CMAC) key, then the CTR key.
 pub const KEY_LEN: usize = 32;
@@ -143,18 +144,20 @@ impl Siv {
     pub fn ctr(&self, iv: &[u8; TAG_LEN], data: &mut [u8]) {
         let q = u128::from_be_bytes(*iv) & !((1 << 63) | (1 << 31));
         let mut counter = q;
-        // Eight blocks per call: the AES-NI backend pipelines eight at once.
+        // Always eight blocks per call, the unused ones too: the AES-NI backend pipelines
+        // eight at once, and fewer go one by one at a higher cost than the spare ones.
         for chunk in data.chunks_mut(8 * BLOCK) {
-            let n = chunk.len().div_ceil(BLOCK);
             let mut ks = [Block::default(); 8];
-            for k in &mut ks[..n] {
+            for k in &mut ks {
                 *k = Block::from(counter.to_be_bytes());
                 counter = counter.wrapping_add(1);
             }
-            self.ctr.encrypt_blocks(&mut ks[..n]);
+            self.ctr.encrypt_blocks(&mut ks);
             for (d, k) in chunk.chunks_mut(BLOCK).zip(&ks) {
-                for (d, k) in d.iter_mut().zip(k) {
-                    *d ^= k;
+                if let Ok(d) = <&mut [u8; BLOCK]>::try_from(&mut *d) {
+                    *d = xor(d, &(*k).into()).into();
+                } else {
+                    d.iter_mut().zip(k).for_each(|(d, k)| *d ^= k);
                 }
             }
         }
@@ -370,47 +373,63 @@ impl<'a, const LANES: usize, const JOBS: usize> S2v<'a, LANES, JOBS> {
     /// Advances every unfinished chain by one block; false once all tags are ready. True
     /// without work while a message is awaited.
     pub fn step(&mut self) -> bool {
-        let mut blocks = [Block::default(); LANES];
-        let mut at = [0usize; LANES];
-        let mut n = 0;
+        let mut more = false;
+        let key = self.key;
+        key.cipher.encrypt_with_backend(Steps {
+            s2v: self,
+            more: &mut more,
+            all: false,
+        });
+        more
+    }
+
+    /// Steps until every tag is ready.
+    pub fn run(&mut self) {
+        let key = self.key;
+        key.cipher.encrypt_with_backend(Steps {
+            s2v: self,
+            more: &mut false,
+            all: true,
+        });
+    }
+
+    /// One step with the key's AES backend in hand (inside one dispatch of the aes crate, so
+    /// the blocks cost the AES instructions and not a call each).
+    fn step_with(&mut self, aes: &mut impl BlockBackend<BlockSize = U16>) -> bool {
+        // Each chain's block goes to the cipher as soon as it is ready: the chains are
+        // independent, so the CPU runs their AES rounds side by side.
+        let mut any = false;
         match self.phase {
             Phase::Chains => {
-                for (i, lane) in self.lanes[..self.n_lanes].iter_mut().enumerate() {
+                for (lane, acc) in self.lanes[..self.n_lanes].iter_mut().zip(&mut self.acc) {
                     if let Some(input) = lane.next_input() {
-                        blocks[n] = xor(&self.acc[i], &input);
-                        at[n] = i;
-                        n += 1;
+                        let mut b = xor(acc, &input);
+                        aes.proc_block_inplace(&mut b);
+                        *acc = b.into();
+                        any = true;
                     }
                 }
-                if n == 0 {
+                if !any {
                     if self.jobs[..self.n_jobs].iter().any(|j| j.msg.is_none()) {
                         return true;
                     }
                     self.start_tails();
                     self.phase = Phase::Tails(0);
-                    return self.step();
-                }
-                self.key.cipher.encrypt_blocks(&mut blocks[..n]);
-                for (b, &i) in blocks[..n].iter().zip(&at[..n]) {
-                    self.acc[i] = (*b).into();
+                    return self.step_with(aes);
                 }
             }
             Phase::Tails(t) => {
-                assert!(JOBS <= LANES, "S2v needs a lane per job");
-                for (j, job) in self.jobs[..self.n_jobs].iter().enumerate() {
+                for job in &mut self.jobs[..self.n_jobs] {
                     if t < job.tail_blocks {
-                        blocks[n] = xor(&job.acc, &job.tail[t]);
-                        at[n] = j;
-                        n += 1;
+                        let mut b = xor(&job.acc, &job.tail[t]);
+                        aes.proc_block_inplace(&mut b);
+                        job.acc = b.into();
+                        any = true;
                     }
                 }
-                if n == 0 {
+                if !any {
                     self.phase = Phase::Done;
                     return false;
-                }
-                self.key.cipher.encrypt_blocks(&mut blocks[..n]);
-                for (b, &j) in blocks[..n].iter().zip(&at[..n]) {
-                    self.jobs[j].acc = (*b).into();
                 }
                 self.phase = Phase::Tails(t + 1);
             }
@@ -454,15 +473,82 @@ impl<'a, const LANES: usize, const JOBS: usize> S2v<'a, LANES, JOBS> {
         }
     }
 
-    /// Steps until every tag is ready.
-    pub fn run(&mut self) {
-        while self.step() {}
-    }
-
     /// The tag of S2V number `job`, once [`S2v::step`] returned false.
     pub fn tag(&self, job: usize) -> [u8; TAG_LEN] {
         assert!(self.phase == Phase::Done && job < self.n_jobs, "S2v not finished");
         self.jobs[job].acc
+    }
+}
+
+/// [`S2v::step`] or [`S2v::run`] as a closure over the key's AES backend.
+struct Steps<'s, 'a, const LANES: usize, const JOBS: usize> {
+    s2v: &'s mut S2v<'a, LANES, JOBS>,
+    more: &'s mut bool,
+    all: bool,
+}
+
+impl<const LANES: usize, const JOBS: usize> BlockSizeUser for Steps<'_, '_, LANES, JOBS> {
+    type BlockSize = U16;
+}
+
+impl<const LANES: usize, const JOBS: usize> BlockClosure for Steps<'_, '_, LANES, JOBS> {
+    fn call<B: BlockBackend<BlockSize = U16>>(self, aes: &mut B) {
+        *self.more = self.s2v.step_with(aes);
+        while self.all && self.s2v.step_with(aes) {}
+    }
+}
+
+/// Runs two batches under different keys to the end, a step of each in turn, with both keys'
+/// backends in hand: the chains of one overlap the other's in the CPU, and no step pays a call.
+pub fn run_together<const L1: usize, const J1: usize, const L2: usize, const J2: usize>(
+    a: &mut S2v<'_, L1, J1>,
+    b: &mut S2v<'_, L2, J2>,
+) {
+    let key = a.key;
+    key.cipher.encrypt_with_backend(Outer { a, b });
+}
+
+struct Outer<'s, 'a, 'b, const L1: usize, const J1: usize, const L2: usize, const J2: usize> {
+    a: &'s mut S2v<'a, L1, J1>,
+    b: &'s mut S2v<'b, L2, J2>,
+}
+
+impl<const L1: usize, const J1: usize, const L2: usize, const J2: usize> BlockSizeUser
+    for Outer<'_, '_, '_, L1, J1, L2, J2>
+{
+    type BlockSize = U16;
+}
+
+impl<const L1: usize, const J1: usize, const L2: usize, const J2: usize> BlockClosure
+    for Outer<'_, '_, '_, L1, J1, L2, J2>
+{
+    fn call<B: BlockBackend<BlockSize = U16>>(self, aes_a: &mut B) {
+        let key = self.b.key;
+        key.cipher.encrypt_with_backend(Inner {
+            a: self.a,
+            b: self.b,
+            aes_a,
+        });
+    }
+}
+
+struct Inner<'s, 'a, 'b, 'x, B, const L1: usize, const J1: usize, const L2: usize, const J2: usize> {
+    a: &'s mut S2v<'a, L1, J1>,
+    b: &'s mut S2v<'b, L2, J2>,
+    aes_a: &'x mut B,
+}
+
+impl<B, const L1: usize, const J1: usize, const L2: usize, const J2: usize> BlockSizeUser
+    for Inner<'_, '_, '_, '_, B, L1, J1, L2, J2>
+{
+    type BlockSize = U16;
+}
+
+impl<B: BlockBackend<BlockSize = U16>, const L1: usize, const J1: usize, const L2: usize, const J2: usize> BlockClosure
+    for Inner<'_, '_, '_, '_, B, L1, J1, L2, J2>
+{
+    fn call<B2: BlockBackend<BlockSize = U16>>(self, aes_b: &mut B2) {
+        while self.a.step_with(self.aes_a) | self.b.step_with(aes_b) {}
     }
 }
 
