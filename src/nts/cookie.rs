@@ -226,31 +226,55 @@ impl CookieJar {
         for nonce in nonces {
             new.push(self, aead, nonce);
         }
-        let reseal_here = index == 0 && !nonces.is_empty();
-        let mut s2v = S2v::<{ MAX_NEW_COOKIES + 2 }, { MAX_NEW_COOKIES + 1 }>::new(siv);
-        s2v.push(&[ad], &body);
-        if reseal_here {
-            for ad in &new.ads[..new.n] {
-                s2v.push_same_message(&[&ad[..]], 0);
-            }
-        }
-        s2v.run();
-        if !tags_equal(&s2v.tag(0), tag) {
+        // Under the current key the new cookies share the cookie's steps; the batch is sized
+        // for the cookies at hand (one, most often).
+        let reseal = (index == 0 && !nonces.is_empty()).then_some(&new);
+        let verified = if new.n <= 1 {
+            verify_and_reseal::<3, 2>(siv, ad, &body, tag, reseal, out)
+        } else {
+            verify_and_reseal::<{ MAX_NEW_COOKIES + 2 }, { MAX_NEW_COOKIES + 1 }>(siv, ad, &body, tag, reseal, out)
+        };
+        if !verified {
             return Err(CookieError::Forged);
         }
         if aead != super::ke::AEAD_AES_SIV_CMAC_256 {
             return Err(CookieError::BadAlgorithm);
         }
-        if reseal_here {
-            for (i, out) in out[..new.n].iter_mut().enumerate() {
-                write(siv, &new.ads[i], &s2v.tag(1 + i), &new.plaintext, out);
-            }
-        } else if !nonces.is_empty() {
+        if reseal.is_none() && !nonces.is_empty() {
             // Under an older key: the new cookies are sealed under the current one, apart.
             self.seal_all(&new, out);
         }
         Ok(keys)
     }
+}
+
+/// Checks an opened cookie's tag and, with `reseal`, seals those cookies (under the same key) in
+/// the same steps, written to `out` once the cookie verified.
+fn verify_and_reseal<const LANES: usize, const JOBS: usize>(
+    siv: &Siv,
+    ad: &[u8],
+    body: &[u8; PLAINTEXT_LEN],
+    tag: &[u8; TAG_LEN],
+    reseal: Option<&NewCookies>,
+    out: &mut [[u8; COOKIE_LEN]],
+) -> bool {
+    let mut s2v = S2v::<LANES, JOBS>::new(siv);
+    s2v.push(&[ad], body);
+    if let Some(new) = reseal {
+        for ad in &new.ads[..new.n] {
+            s2v.push_same_message(&[&ad[..]], 0);
+        }
+    }
+    s2v.run();
+    if !tags_equal(&s2v.tag(0), tag) {
+        return false;
+    }
+    if let Some(new) = reseal {
+        for (i, out) in out[..new.n].iter_mut().enumerate() {
+            write(siv, &new.ads[i], &s2v.tag(1 + i), &new.plaintext, out);
+        }
+    }
+    true
 }
 
 /// A cookie from its associated data, tag and plaintext (encrypted here).
