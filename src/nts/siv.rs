@@ -395,47 +395,40 @@ impl<'a, const LANES: usize, const JOBS: usize> S2v<'a, LANES, JOBS> {
 
     /// One step with the key's AES backend in hand (inside one dispatch of the aes crate, so
     /// the blocks cost the AES instructions and not a call each).
+    // Inlined into the dispatch, where the AES rounds are inlined too: no call per block.
+    #[inline(always)]
     fn step_with(&mut self, aes: &mut impl BlockBackend<BlockSize = U16>) -> bool {
         // Each chain's block goes to the cipher as soon as it is ready: the chains are
         // independent, so the CPU runs their AES rounds side by side.
         let mut any = false;
-        match self.phase {
-            Phase::Chains => {
-                for (lane, acc) in self.lanes[..self.n_lanes].iter_mut().zip(&mut self.acc) {
-                    if let Some(input) = lane.next_input() {
-                        let mut b = xor(acc, &input);
-                        aes.proc_block_inplace(&mut b);
-                        *acc = b.into();
-                        any = true;
-                    }
-                }
-                if !any {
-                    if self.jobs[..self.n_jobs].iter().any(|j| j.msg.is_none()) {
-                        return true;
-                    }
-                    self.start_tails();
-                    self.phase = Phase::Tails(0);
-                    return self.step_with(aes);
+        if self.phase == Phase::Chains {
+            for (lane, acc) in self.lanes[..self.n_lanes].iter_mut().zip(&mut self.acc) {
+                if let Some(input) = lane.next_input() {
+                    let mut b = xor(acc, &input);
+                    aes.proc_block_inplace(&mut b);
+                    *acc = b.into();
+                    any = true;
                 }
             }
-            Phase::Tails(t) => {
-                for job in &mut self.jobs[..self.n_jobs] {
-                    if t < job.tail_blocks {
-                        let mut b = xor(&job.acc, &job.tail[t]);
-                        aes.proc_block_inplace(&mut b);
-                        job.acc = b.into();
-                        any = true;
-                    }
-                }
-                if !any {
-                    self.phase = Phase::Done;
-                    return false;
-                }
-                self.phase = Phase::Tails(t + 1);
+            if any || self.jobs[..self.n_jobs].iter().any(|j| j.msg.is_none()) {
+                return true;
             }
-            Phase::Done => return false,
+            self.start_tails();
+            self.phase = Phase::Tails(0);
         }
-        true
+        let Phase::Tails(t) = self.phase else {
+            return false;
+        };
+        for job in &mut self.jobs[..self.n_jobs] {
+            if t < job.tail_blocks {
+                let mut b = xor(&job.acc, &job.tail[t]);
+                aes.proc_block_inplace(&mut b);
+                job.acc = b.into();
+                any = true;
+            }
+        }
+        self.phase = if any { Phase::Tails(t + 1) } else { Phase::Done };
+        any
     }
 
     /// The chains are done: combine each S2V's components into D and set up the message's last
