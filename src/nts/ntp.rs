@@ -212,12 +212,9 @@ pub struct ReplyHeader<'a> {
     pub transmit: NtpTimestamp,
 }
 
-/// One worker's NTS state: the cookie ciphers for the published key set, the slots the
-/// request's own C2S and S2C keys are set into, and a CSPRNG for nonces.
+/// One worker's NTS state: the cookie ciphers for the published key set and a CSPRNG for nonces.
 pub struct NtsServer {
     jar: CookieJar,
-    c2s: Siv,
-    s2c: Siv,
     rng: ChaCha12Rng,
     nak: ReplyTemplate,
     counts: [u64; Reason::COUNT],
@@ -227,8 +224,6 @@ impl NtsServer {
     pub fn new(keys: &KeySet, seed: [u8; 32]) -> NtsServer {
         NtsServer {
             jar: CookieJar::new(keys),
-            c2s: Siv::new(&[0; 32]),
-            s2c: Siv::new(&[0; 32]),
             rng: ChaCha12Rng::from_seed(seed),
             nak: ReplyTemplate::kiss(NTSN),
             counts: [0; Reason::COUNT],
@@ -290,13 +285,14 @@ impl NtsServer {
             Ok(k) => k,
             Err(e) => return self.nak(buf, &f, Reason::from_cookie(e)),
         };
-        if f.ciphertext.1 - f.ciphertext.0 > TAG_LEN {
-            self.c2s.set_key(&keys.c2s);
+        // Built in place on the stack (set into a slot, each would be built aside and copied).
+        let c2s = if f.ciphertext.1 - f.ciphertext.0 > TAG_LEN {
+            Siv::new(&keys.c2s)
         } else {
             // Nothing to decrypt (what clients send): the CTR half is never used.
-            self.c2s.set_s2v_key(&keys.c2s);
-        }
-        self.s2c.set_key(&keys.s2c);
+            Siv::new_s2v_only(&keys.c2s)
+        };
+        let s2c = Siv::new(&keys.s2c);
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill_bytes(&mut nonce);
         // The reply's header and its cookie fields are made aside while the request is still
@@ -312,7 +308,7 @@ impl NtsServer {
             field[2..4].copy_from_slice(&(COOKIE_FIELD_LEN as u16).to_be_bytes());
             field[4..].copy_from_slice(cookie);
         }
-        let tag = match self.authenticate_and_seal(buf, &f, &head, &nonce, &fields[..fields_len]) {
+        let tag = match Self::authenticate_and_seal(buf, &f, &c2s, &s2c, &head, &nonce, &fields[..fields_len]) {
             Some(tag) => tag,
             None => return self.nak(buf, &f, Reason::AuthenticationFailed),
         };
@@ -328,7 +324,7 @@ impl NtsServer {
         buf[auth + 8 + NONCE_LEN..auth + 8 + NONCE_LEN + TAG_LEN].copy_from_slice(&tag);
         let sealed = &mut buf[auth + 8 + NONCE_LEN + TAG_LEN..reply_len];
         sealed.copy_from_slice(&fields[..fields_len]);
-        self.s2c.ctr(&tag, sealed);
+        s2c.ctr(&tag, sealed);
         Verdict::Reply(reply_len)
     }
 
@@ -341,9 +337,10 @@ impl NtsServer {
     /// pace. Encrypted fields of the request are decrypted in place (the buffer is overwritten by
     /// the reply) and not used.
     fn authenticate_and_seal(
-        &self,
         buf: &mut [u8],
         f: &Fields,
+        c2s: &Siv,
+        s2c: &Siv,
         head: &[u8; HEADER_LEN],
         nonce: &[u8; NONCE_LEN],
         fields: &[u8],
@@ -354,10 +351,10 @@ impl NtsServer {
         let (tag, data) = ct[..f.ciphertext.1 - f.ciphertext.0].split_at_mut(TAG_LEN);
         let tag: &[u8; TAG_LEN] = (&*tag).try_into().expect("tag");
         // Clients rarely encrypt fields; when they do, SIV decrypts before it can verify.
-        self.c2s.ctr(tag, data);
-        let mut request = S2v::<3, 1>::new(&self.c2s);
+        c2s.ctr(tag, data);
+        let mut request = S2v::<3, 1>::new(c2s);
         request.push(&[&*aad, client_nonce], data);
-        let mut reply = S2v::<3, 1>::new(&self.s2c);
+        let mut reply = S2v::<3, 1>::new(s2c);
         let uid = &aad[f.unique_id.0..f.unique_id.1];
         let job = reply.push_ads(&[[&head[..], uid], [&[][..], &nonce[..]]]);
         reply.message(job, fields);

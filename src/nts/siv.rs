@@ -85,7 +85,8 @@ impl Cmac {
 /// [`Siv::set_key`] rather than built and moved per request.
 pub struct Siv {
     mac: Cmac,
-    ctr: Aes128Enc,
+    /// `None` for a key made to check tags over empty messages only.
+    ctr: Option<Aes128Enc>,
 }
 
 /// The tag does not verify: forged, corrupted, or the wrong key.
@@ -97,21 +98,23 @@ impl Siv {
         let (mac, ctr) = halves(key);
         Siv {
             mac: Cmac::new(mac),
-            ctr: Aes128Enc::new(ctr.into()),
+            ctr: Some(Aes128Enc::new(ctr.into())),
+        }
+    }
+
+    /// The S2V half only, enough to check a tag over an empty message (what an NTS client's
+    /// authenticator carries): one key expansion fewer. [`Siv::ctr`] on it takes empty data only.
+    pub fn new_s2v_only(key: &[u8; KEY_LEN]) -> Siv {
+        Siv {
+            mac: Cmac::new(halves(key).0),
+            ctr: None,
         }
     }
 
     pub fn set_key(&mut self, key: &[u8; KEY_LEN]) {
         let (mac, ctr) = halves(key);
         self.mac.set_key(mac);
-        self.ctr = Aes128Enc::new(ctr.into());
-    }
-
-    /// Sets the S2V half only, enough to check a tag over an empty message: the CTR half keeps
-    /// its old key, so [`Siv::ctr`] is meaningless on this key until the next [`Siv::set_key`].
-    /// One key expansion fewer for the common authenticator that encrypts nothing.
-    pub fn set_s2v_key(&mut self, key: &[u8; KEY_LEN]) {
-        self.mac.set_key(halves(key).0);
+        self.ctr = Some(Aes128Enc::new(ctr.into()));
     }
 
     /// Encrypts `data` in place; returns the tag (the synthetic IV).
@@ -142,6 +145,10 @@ impl Siv {
     /// The CTR half (RFC 5297 section 2.5): XORs `data` with the key stream of `iv`, the
     /// counter being the IV with bits 63 and 31 cleared. Encrypts and decrypts.
     pub fn ctr(&self, iv: &[u8; TAG_LEN], data: &mut [u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let cipher = self.ctr.as_ref().expect("a key for S2V only was given data to encrypt");
         let q = u128::from_be_bytes(*iv) & !((1 << 63) | (1 << 31));
         let mut counter = q;
         // Always eight blocks per call, the unused ones too: the AES-NI backend pipelines
@@ -152,7 +159,7 @@ impl Siv {
                 *k = Block::from(counter.to_be_bytes());
                 counter = counter.wrapping_add(1);
             }
-            self.ctr.encrypt_blocks(&mut ks);
+            cipher.encrypt_blocks(&mut ks);
             for (d, k) in chunk.chunks_mut(BLOCK).zip(&ks) {
                 if let Ok(d) = <&mut [u8; BLOCK]>::try_from(&mut *d) {
                     *d = xor(d, &(*k).into()).into();
