@@ -34,7 +34,7 @@ fn nts(c: &mut Criterion) {
             })
         });
     }
-    let mut jar = CookieJar::new(&keys);
+    let jar = CookieJar::new(&keys);
     g.bench_function("cookie_open", |b| {
         b.iter(|| black_box(jar.open(black_box(&cookie)).is_ok()))
     });

@@ -8,7 +8,7 @@ use gnomon::nts::ke;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let mut jar = CookieJar::new(&KeySet::derive(b"fuzz secret", 1, 1));
+    let jar = CookieJar::new(&KeySet::derive(b"fuzz secret", 1, 1));
     assert!(jar.open(data).is_err());
     if let Ok(records) = ke::decode(data) {
         let _ = ke::respond(&records, &ke::Negotiation::default());

@@ -3,11 +3,8 @@
 //! randomness (unique identifiers, nonces) comes from the caller.
 
 use super::ntp::{NTSN, field};
+use super::siv::{Siv, TAG_LEN};
 use crate::proto::{HEADER_LEN, RefId};
-use aes_siv::KeyInit;
-use aes_siv::siv::Aes128Siv;
-
-const TAG_LEN: usize = 16;
 
 fn put_field(out: &mut Vec<u8>, ty: u16, body: &[u8]) {
     put_field_zeroed(out, ty, body, body.len());
@@ -55,11 +52,7 @@ pub fn request_to(
     for _ in 0..placeholders {
         put_field_zeroed(out, field::COOKIE_PLACEHOLDER, &[], cookie.len());
     }
-    let mut siv = Aes128Siv::new(c2s.into());
-    let mut empty = [0u8; 0];
-    let tag = siv
-        .encrypt_in_place_detached([&out[..], nonce], &mut empty)
-        .expect("empty plaintext");
+    let tag = Siv::new(c2s).encrypt_in_place(&[&out[..], nonce], &mut []);
     let mut body = [0u8; 4 + 64 + TAG_LEN];
     let nl = nonce.len().min(64);
     body[..2].copy_from_slice(&(nl as u16).to_be_bytes());
@@ -129,9 +122,9 @@ pub fn verify_reply_with(
                 }
                 scratch.clear();
                 scratch.extend_from_slice(&body[cs + TAG_LEN..cs + cl]);
-                let tag = aes_siv::Tag::clone_from_slice(&body[cs..cs + TAG_LEN]);
-                let mut siv = Aes128Siv::new(s2c.into());
-                siv.decrypt_in_place_detached([&reply[..pos], &body[4..4 + nl]], &mut scratch[..], &tag)
+                let tag: &[u8; TAG_LEN] = body[cs..cs + TAG_LEN].try_into().expect("tag");
+                Siv::new(s2c)
+                    .decrypt_in_place(&[&reply[..pos], &body[4..4 + nl]], &mut scratch[..], tag)
                     .map_err(|_| ReplyError::Unauthenticated)?;
                 let data = &scratch[..];
                 let mut n = 0;

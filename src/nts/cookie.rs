@@ -1,26 +1,33 @@
-//! Cookies and the master keys that seal them: a cookie is the key id, a nonce and the
-//! AES-SIV sealed (algorithm, C2S key, S2C key), so any server holding the key set opens it.
+//! Cookies and the master keys that seal them: a cookie is the key id, the algorithm and a
+//! nonce (its associated data, one S2V component), then the AES-SIV tag and the sealed C2S and
+//! S2C keys, so any server holding the key set opens it.
 //!
 //! Fleet servers derive the same key set from one shared secret and the key epoch (HKDF-SHA256),
 //! so a cookie from any KE server of the fleet opens on any NTP server of it with no run-time
 //! coordination. Key material never appears in `Debug` output.
+//!
+//! The format is this server's own (RFC 8915 section 6 leaves it to the server) and is chosen
+//! for few AES blocks: one associated data of 24 bytes and a plaintext of exactly four blocks.
+//! Cookies of an older format do not verify and get an NTS NAK, so clients run NTS-KE again.
 
-use aes_siv::KeyInit;
-use aes_siv::siv::Aes128Siv;
+use super::siv::{S2v, Siv, TAG_LEN, tags_equal};
 use core::fmt;
 use hkdf::Hkdf;
 use sha2::Sha256;
 
 /// Key length of AEAD_AES_SIV_CMAC_256 (two AES-128 keys).
-pub const KEY_LEN: usize = 32;
+pub const KEY_LEN: usize = super::siv::KEY_LEN;
 const NONCE_LEN: usize = 16;
-const TAG_LEN: usize = 16;
-/// aead id (2) + reserved (2, keeps the cookie a multiple of 4) + C2S + S2C.
-const PLAINTEXT_LEN: usize = 4 + 2 * KEY_LEN;
+/// Key id (4), algorithm (2), reserved (2, zero) and nonce: the associated data.
+const AD_LEN: usize = 8 + NONCE_LEN;
+/// C2S then S2C.
+const PLAINTEXT_LEN: usize = 2 * KEY_LEN;
 /// The length of every cookie this server makes.
-pub const COOKIE_LEN: usize = 4 + NONCE_LEN + TAG_LEN + PLAINTEXT_LEN;
+pub const COOKIE_LEN: usize = AD_LEN + TAG_LEN + PLAINTEXT_LEN;
 /// Most master keys held at once (the current one and the old ones still accepted).
 pub const MAX_KEYS: usize = 8;
+/// Most cookies sealed together: what one KE response or one reply carries.
+pub const MAX_NEW_COOKIES: usize = super::ke::COOKIES_PER_KE;
 const HKDF_SALT: &[u8] = b"gnomon NTS cookie master key";
 
 /// What NTS-KE established for one client.
@@ -100,67 +107,189 @@ impl KeySet {
     }
 }
 
+/// New cookies for one session, sealed together: their S2Vs go through the cipher in the same
+/// steps (see [`CookieJar::s2v`]).
+pub struct NewCookies {
+    ads: [[u8; AD_LEN]; MAX_NEW_COOKIES],
+    n: usize,
+    plaintext: [u8; PLAINTEXT_LEN],
+}
+
+impl NewCookies {
+    pub fn new(keys: &SessionKeys) -> NewCookies {
+        let mut plaintext = [0u8; PLAINTEXT_LEN];
+        plaintext[..KEY_LEN].copy_from_slice(&keys.c2s);
+        plaintext[KEY_LEN..].copy_from_slice(&keys.s2c);
+        NewCookies {
+            ads: [[0; AD_LEN]; MAX_NEW_COOKIES],
+            n: 0,
+            plaintext,
+        }
+    }
+
+    /// One more cookie under `jar`'s current key for algorithm `aead`, with `nonce` (fresh
+    /// random bytes per cookie, or two cookies would be linkable). At most
+    /// [`MAX_NEW_COOKIES`].
+    pub fn push(&mut self, jar: &CookieJar, aead: u16, nonce: &[u8; NONCE_LEN]) {
+        let ad = &mut self.ads[self.n];
+        ad[..4].copy_from_slice(&jar.ciphers[0].0.to_be_bytes());
+        ad[4..6].copy_from_slice(&aead.to_be_bytes());
+        ad[6..8].fill(0);
+        ad[8..].copy_from_slice(nonce);
+        self.n += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
 /// One thread's cipher state for a key set: the AES key schedules are built once per key set,
 /// not per cookie.
 pub struct CookieJar {
-    ciphers: Vec<(u32, Aes128Siv)>,
+    ciphers: Vec<(u32, Siv)>,
 }
 
 impl CookieJar {
     pub fn new(keys: &KeySet) -> CookieJar {
         CookieJar {
-            ciphers: keys
-                .keys
-                .iter()
-                .map(|(id, key)| (*id, Aes128Siv::new(key.into())))
-                .collect(),
+            ciphers: keys.keys.iter().map(|(id, key)| (*id, Siv::new(key))).collect(),
         }
     }
 
     /// Seals `keys` under the current master key with `nonce` (fresh random bytes per cookie,
     /// or two cookies would be linkable).
-    pub fn seal(&mut self, keys: &SessionKeys, nonce: &[u8; NONCE_LEN], out: &mut [u8; COOKIE_LEN]) {
-        let (id, cipher) = &mut self.ciphers[0];
-        out[..4].copy_from_slice(&id.to_be_bytes());
-        out[4..4 + NONCE_LEN].copy_from_slice(nonce);
-        let (head, body) = out.split_at_mut(4 + NONCE_LEN + TAG_LEN);
-        body[..2].copy_from_slice(&keys.aead.to_be_bytes());
-        body[2..4].fill(0);
-        body[4..4 + KEY_LEN].copy_from_slice(&keys.c2s);
-        body[4 + KEY_LEN..].copy_from_slice(&keys.s2c);
-        let tag = cipher
-            .encrypt_in_place_detached([&head[..4], &head[4..4 + NONCE_LEN]], body)
-            .expect("a 68-byte plaintext is within AES-SIV limits");
-        head[4 + NONCE_LEN..].copy_from_slice(&tag);
+    pub fn seal(&self, keys: &SessionKeys, nonce: &[u8; NONCE_LEN], out: &mut [u8; COOKIE_LEN]) {
+        let mut new = NewCookies::new(keys);
+        new.push(self, keys.aead, nonce);
+        self.seal_all(&new, core::slice::from_mut(out));
+    }
+
+    /// Seals the cookies of `new` into `out` (one each), their S2Vs stepped together.
+    pub fn seal_all(&self, new: &NewCookies, out: &mut [[u8; COOKIE_LEN]]) {
+        let siv = &self.ciphers[0].1;
+        let mut s2v = S2v::<{ MAX_NEW_COOKIES + 1 }, MAX_NEW_COOKIES>::new(siv);
+        // One plaintext for all: its leading blocks go through the cipher once.
+        for (i, ad) in new.ads[..new.n].iter().enumerate() {
+            if i == 0 {
+                s2v.push(&[&ad[..]], &new.plaintext);
+            } else {
+                s2v.push_same_message(&[&ad[..]], 0);
+            }
+        }
+        s2v.run();
+        for (i, out) in out[..new.n].iter_mut().enumerate() {
+            write(siv, &new.ads[i], &s2v.tag(i), &new.plaintext, out);
+        }
     }
 
     /// Opens a cookie; any failure means the client must run NTS-KE again.
-    pub fn open(&mut self, cookie: &[u8]) -> Result<SessionKeys, CookieError> {
+    pub fn open(&self, cookie: &[u8]) -> Result<SessionKeys, CookieError> {
+        self.open_and_seal(cookie, &[], &mut [])
+    }
+
+    /// Opens a cookie and seals, into `out`, one new cookie for the same keys per nonce of
+    /// `nonces` (fresh random bytes each). A cookie under the current master key (the common
+    /// case) is opened and the new ones sealed in the same steps: same key, same plaintext, so the
+    /// plaintext's leading blocks go through the cipher once for all. `out` is meaningless on
+    /// error.
+    pub fn open_and_seal(
+        &self,
+        cookie: &[u8],
+        nonces: &[[u8; NONCE_LEN]],
+        out: &mut [[u8; COOKIE_LEN]],
+    ) -> Result<SessionKeys, CookieError> {
         let cookie: &[u8; COOKIE_LEN] = cookie.try_into().map_err(|_| CookieError::BadLength)?;
         let id = u32::from_be_bytes([cookie[0], cookie[1], cookie[2], cookie[3]]);
-        let cipher = match self.ciphers.iter_mut().find(|c| c.0 == id) {
-            Some((_, c)) => c,
-            None => return Err(CookieError::UnknownKey),
+        let Some(index) = self.ciphers.iter().position(|c| c.0 == id) else {
+            return Err(CookieError::UnknownKey);
         };
+        let siv = &self.ciphers[index].1;
+        let (ad, rest) = cookie.split_at(AD_LEN);
+        let tag: &[u8; TAG_LEN] = rest[..TAG_LEN].try_into().expect("tag");
         let mut body = [0u8; PLAINTEXT_LEN];
-        body.copy_from_slice(&cookie[4 + NONCE_LEN + TAG_LEN..]);
-        let tag = aes_siv::Tag::from_slice(&cookie[4 + NONCE_LEN..4 + NONCE_LEN + TAG_LEN]);
-        cipher
-            .decrypt_in_place_detached([&cookie[..4], &cookie[4..4 + NONCE_LEN]], &mut body, tag)
-            .map_err(|_| CookieError::Forged)?;
-        let aead = u16::from_be_bytes([body[0], body[1]]);
-        if aead != super::ke::AEAD_AES_SIV_CMAC_256 {
-            return Err(CookieError::BadAlgorithm);
-        }
+        body.copy_from_slice(&rest[TAG_LEN..]);
+        siv.ctr(tag, &mut body);
+        let aead = u16::from_be_bytes([ad[4], ad[5]]);
         let mut keys = SessionKeys {
             aead,
             c2s: [0; KEY_LEN],
             s2c: [0; KEY_LEN],
         };
-        keys.c2s.copy_from_slice(&body[4..4 + KEY_LEN]);
-        keys.s2c.copy_from_slice(&body[4 + KEY_LEN..]);
+        keys.c2s.copy_from_slice(&body[..KEY_LEN]);
+        keys.s2c.copy_from_slice(&body[KEY_LEN..]);
+        let mut new = NewCookies::new(&keys);
+        for nonce in nonces {
+            new.push(self, aead, nonce);
+        }
+        // Under the current key the new cookies share the cookie's steps; the batch is sized
+        // for the cookies at hand (one, most often).
+        let reseal = (index == 0 && !nonces.is_empty()).then_some(&new);
+        let verified = if new.n <= 1 {
+            verify_and_reseal::<3, 2>(siv, ad, &body, tag, reseal, out)
+        } else {
+            verify_and_reseal::<{ MAX_NEW_COOKIES + 2 }, { MAX_NEW_COOKIES + 1 }>(siv, ad, &body, tag, reseal, out)
+        };
+        if !verified {
+            return Err(CookieError::Forged);
+        }
+        if aead != super::ke::AEAD_AES_SIV_CMAC_256 {
+            return Err(CookieError::BadAlgorithm);
+        }
+        if reseal.is_none() && !nonces.is_empty() {
+            // Under an older key: the new cookies are sealed under the current one, apart.
+            self.seal_all(&new, out);
+        }
         Ok(keys)
     }
+}
+
+/// Checks an opened cookie's tag and, with `reseal`, seals those cookies (under the same key) in
+/// the same steps, written to `out` once the cookie verified.
+fn verify_and_reseal<const LANES: usize, const JOBS: usize>(
+    siv: &Siv,
+    ad: &[u8],
+    body: &[u8; PLAINTEXT_LEN],
+    tag: &[u8; TAG_LEN],
+    reseal: Option<&NewCookies>,
+    out: &mut [[u8; COOKIE_LEN]],
+) -> bool {
+    let mut s2v = S2v::<LANES, JOBS>::new(siv);
+    s2v.push(&[ad], body);
+    if let Some(new) = reseal {
+        for ad in &new.ads[..new.n] {
+            s2v.push_same_message(&[&ad[..]], 0);
+        }
+    }
+    s2v.run();
+    if !tags_equal(&s2v.tag(0), tag) {
+        return false;
+    }
+    if let Some(new) = reseal {
+        for (i, out) in out[..new.n].iter_mut().enumerate() {
+            write(siv, &new.ads[i], &s2v.tag(1 + i), &new.plaintext, out);
+        }
+    }
+    true
+}
+
+/// A cookie from its associated data, tag and plaintext (encrypted here).
+fn write(
+    siv: &Siv,
+    ad: &[u8; AD_LEN],
+    tag: &[u8; TAG_LEN],
+    plaintext: &[u8; PLAINTEXT_LEN],
+    out: &mut [u8; COOKIE_LEN],
+) {
+    out[..AD_LEN].copy_from_slice(ad);
+    out[AD_LEN..AD_LEN + TAG_LEN].copy_from_slice(tag);
+    let body = &mut out[AD_LEN + TAG_LEN..];
+    body.copy_from_slice(plaintext);
+    siv.ctr(tag, body);
 }
 
 #[cfg(test)]
@@ -175,7 +304,7 @@ mod tests {
         }
     }
 
-    fn cookie(jar: &mut CookieJar, nonce: u8) -> [u8; COOKIE_LEN] {
+    fn cookie(jar: &CookieJar, nonce: u8) -> [u8; COOKIE_LEN] {
         let mut out = [0u8; COOKIE_LEN];
         jar.seal(&session(), &[nonce; NONCE_LEN], &mut out);
         out
@@ -183,9 +312,9 @@ mod tests {
 
     #[test]
     fn round_trip_and_unlinkable() {
-        let mut jar = CookieJar::new(&KeySet::derive(b"secret", 100, 2));
-        let a = cookie(&mut jar, 1);
-        let b = cookie(&mut jar, 2);
+        let jar = CookieJar::new(&KeySet::derive(b"secret", 100, 2));
+        let a = cookie(&jar, 1);
+        let b = cookie(&jar, 2);
         assert_eq!(COOKIE_LEN % 4, 0);
         assert_eq!(jar.open(&a).unwrap(), session());
         assert_eq!(jar.open(&b).unwrap(), session());
@@ -197,23 +326,23 @@ mod tests {
     #[test]
     fn rotation_keeps_old_keys_for_the_window() {
         let secret = b"fleet secret";
-        let mut day1 = CookieJar::new(&KeySet::derive(secret, 100, 2));
-        let old = cookie(&mut day1, 3);
+        let day1 = CookieJar::new(&KeySet::derive(secret, 100, 2));
+        let old = cookie(&day1, 3);
         // Another server of the fleet, two rotations later: still opens it.
-        let mut day3 = CookieJar::new(&KeySet::derive(secret, 102, 2));
+        let day3 = CookieJar::new(&KeySet::derive(secret, 102, 2));
         assert_eq!(day3.open(&old).unwrap(), session());
         // Three rotations later the key is gone.
-        let mut day4 = CookieJar::new(&KeySet::derive(secret, 103, 2));
+        let day4 = CookieJar::new(&KeySet::derive(secret, 103, 2));
         assert_eq!(day4.open(&old), Err(CookieError::UnknownKey));
         // Another secret with the same epoch: the id matches but the seal does not.
-        let mut other = CookieJar::new(&KeySet::derive(b"other fleet", 100, 2));
+        let other = CookieJar::new(&KeySet::derive(b"other fleet", 100, 2));
         assert_eq!(other.open(&old), Err(CookieError::Forged));
     }
 
     #[test]
     fn forged_and_truncated_cookies() {
-        let mut jar = CookieJar::new(&KeySet::derive(b"secret", 7, 0));
-        let good = cookie(&mut jar, 9);
+        let jar = CookieJar::new(&KeySet::derive(b"secret", 7, 0));
+        let good = cookie(&jar, 9);
         assert_eq!(jar.open(&good[..COOKIE_LEN - 1]), Err(CookieError::BadLength));
         assert_eq!(jar.open(&[]), Err(CookieError::BadLength));
         for i in 4..COOKIE_LEN {
@@ -238,23 +367,72 @@ mod tests {
         assert_eq!(epoch_at(86_400 * 3 + 5, 86_400), 3);
     }
 
-    /// AES-SIV known answer, RFC 5297 appendix A.1, through the same crate API the cookies use.
+    /// Cookies sealed together open as the ones sealed alone, each nonce giving its own; a
+    /// cookie naming another algorithm opens but is refused.
     #[test]
-    fn aes_siv_known_answer() {
-        let key: [u8; 32] = hex("fffefdfcfbfaf9f8f7f6f5f4f3f2f1f0f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff");
-        let ad = hex::<24>("101112131415161718191a1b1c1d1e1f2021222324252627");
-        let mut pt = hex::<14>("112233445566778899aabbccddee");
-        let mut siv = Aes128Siv::new((&key).into());
-        let tag = siv.encrypt_in_place_detached([&ad[..]], &mut pt).unwrap();
-        assert_eq!(tag.as_slice(), hex::<16>("85632d07c6e8f37f950acd320a2ecc93"));
-        assert_eq!(pt, hex::<14>("40c02b9690c4dc04daef7f6afe5c"));
+    fn batched_cookies_match_single_ones_and_algorithm_is_checked() {
+        let jar = CookieJar::new(&KeySet::derive(b"secret", 3, 1));
+        let mut new = NewCookies::new(&session());
+        for n in 0..MAX_NEW_COOKIES as u8 {
+            new.push(&jar, 15, &[n; NONCE_LEN]);
+        }
+        let mut batched = [[0u8; COOKIE_LEN]; MAX_NEW_COOKIES];
+        jar.seal_all(&new, &mut batched);
+        for (n, c) in batched.iter().enumerate() {
+            assert_eq!(*c, cookie(&jar, n as u8));
+            assert_eq!(jar.open(c).unwrap(), session());
+        }
+        let other = SessionKeys { aead: 16, ..session() };
+        let mut out = [0u8; COOKIE_LEN];
+        jar.seal(&other, &[1; NONCE_LEN], &mut out);
+        assert_eq!(jar.open(&out), Err(CookieError::BadAlgorithm));
     }
 
-    fn hex<const N: usize>(s: &str) -> [u8; N] {
-        let mut out = [0u8; N];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap();
+    /// Opening and sealing in one go gives the cookies sealing alone gives, under the current
+    /// key also when the cookie opened is under an older one; a cookie that does not open seals
+    /// nothing usable.
+    #[test]
+    fn open_and_seal_matches_open_then_seal() {
+        let secret = b"fleet secret";
+        let old = cookie(&CookieJar::new(&KeySet::derive(secret, 100, 2)), 4);
+        let today = CookieJar::new(&KeySet::derive(secret, 101, 2));
+        let current = cookie(&today, 5);
+        let nonces: Vec<[u8; NONCE_LEN]> = (0..3).map(|n| [n + 10; NONCE_LEN]).collect();
+        for c in [old, current] {
+            let mut out = [[0u8; COOKIE_LEN]; 3];
+            assert_eq!(today.open_and_seal(&c, &nonces, &mut out).unwrap(), session());
+            for (n, o) in out.iter().enumerate() {
+                assert_eq!(*o, cookie(&today, n as u8 + 10));
+                assert_eq!(o[..4], 101u32.to_be_bytes());
+            }
         }
-        out
+        let mut forged = cookie(&today, 6);
+        forged[COOKIE_LEN - 1] ^= 1;
+        let mut out = [[0u8; COOKIE_LEN]; 1];
+        assert_eq!(
+            today.open_and_seal(&forged, &nonces[..1], &mut out),
+            Err(CookieError::Forged)
+        );
+    }
+
+    /// A cookie of the format before this one (key id | nonce | tag | sealed aead, C2S, S2C;
+    /// id and nonce as two associated data), sealed under a key of the set, does not open: it
+    /// gets an NTS NAK and its client runs NTS-KE again.
+    #[test]
+    fn cookies_of_the_previous_format_are_refused() {
+        use aes_siv::KeyInit;
+        let keys = KeySet::derive(b"secret", 9, 1);
+        let (id, key) = keys.keys[0];
+        let nonce = [7u8; NONCE_LEN];
+        let mut body = [0u8; 4 + 2 * KEY_LEN];
+        body[..2].copy_from_slice(&15u16.to_be_bytes());
+        body[4..4 + KEY_LEN].copy_from_slice(&session().c2s);
+        body[4 + KEY_LEN..].copy_from_slice(&session().s2c);
+        let tag = aes_siv::siv::Aes128Siv::new((&key).into())
+            .encrypt_in_place_detached([&id.to_be_bytes()[..], &nonce[..]], &mut body)
+            .unwrap();
+        let old: Vec<u8> = [&id.to_be_bytes()[..], &nonce, &tag, &body].concat();
+        assert_eq!(old.len(), COOKIE_LEN);
+        assert_eq!(CookieJar::new(&keys).open(&old), Err(CookieError::Forged));
     }
 }

@@ -8,6 +8,7 @@ pub mod ke;
 pub mod ke_client;
 pub mod ntp;
 pub mod server;
+pub mod siv;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

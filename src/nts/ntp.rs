@@ -1,11 +1,10 @@
 //! The NTP side of NTS (RFC 8915 section 5): extension fields in, an authenticated reply, an
 //! NTS NAK or nothing out, written over the request in place with no allocation.
 
-use super::cookie::{COOKIE_LEN, CookieError, CookieJar, KeySet, SessionKeys};
+use super::cookie::{COOKIE_LEN, CookieError, CookieJar, KeySet};
 use super::ke::COOKIES_PER_KE;
+use super::siv::{S2v, Siv, run_together, tags_equal};
 use crate::proto::{HEADER_LEN, NtpTimestamp, RefId, ReplyTemplate, stamp_transmit, write_reply};
-use aes_siv::KeyInit;
-use aes_siv::siv::Aes128Siv;
 use rand_chacha::ChaCha12Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 
@@ -262,13 +261,6 @@ impl NtsServer {
             Ok(Some(f)) => f,
             Err(r) => return Verdict::Drop(r),
         };
-        let keys = match self.jar.open(&buf[f.cookie.0..f.cookie.1]) {
-            Ok(k) => k,
-            Err(e) => return self.nak(buf, &f, Reason::from_cookie(e)),
-        };
-        if !authenticate(buf, &f, &keys) {
-            return self.nak(buf, &f, Reason::AuthenticationFailed);
-        }
         // One new cookie per cookie and placeholder, as many as fit in the request's length.
         let uid_len = f.unique_id.1 - f.unique_id.0;
         let fixed = HEADER_LEN + uid_len + 4 + 4 + NONCE_LEN + TAG_LEN;
@@ -280,40 +272,94 @@ impl NtsServer {
             // than the reply's fixed part), kept as the rule's last guard.
             return Verdict::Drop(Reason::Malformed);
         }
+        let mut nonces = [[0u8; NONCE_LEN]; COOKIES_PER_KE];
+        for n in &mut nonces[..cookies] {
+            self.rng.fill_bytes(n);
+        }
+        let mut sealed = [[0u8; COOKIE_LEN]; COOKIES_PER_KE];
+        let cookie = &buf[f.cookie.0..f.cookie.1];
+        let keys = match self
+            .jar
+            .open_and_seal(cookie, &nonces[..cookies], &mut sealed[..cookies])
+        {
+            Ok(k) => k,
+            Err(e) => return self.nak(buf, &f, Reason::from_cookie(e)),
+        };
+        // Built in place on the stack (set into a slot, each would be built aside and copied).
+        let c2s = if f.ciphertext.1 - f.ciphertext.0 > TAG_LEN {
+            Siv::new(&keys.c2s)
+        } else {
+            // Nothing to decrypt (what clients send): the CTR half is never used.
+            Siv::new_s2v_only(&keys.c2s)
+        };
+        let s2c = Siv::new(&keys.s2c);
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill_bytes(&mut nonce);
+        // The reply's header and its cookie fields are made aside while the request is still
+        // being authenticated: the reply's cookies go where the request's cookie is.
+        let mut head = [0u8; HEADER_LEN];
+        head.copy_from_slice(&buf[..HEADER_LEN]);
+        write_reply(&mut head, header.template, header.receive);
+        stamp_transmit(&mut head, header.transmit);
+        let mut fields = [0u8; COOKIES_PER_KE * COOKIE_FIELD_LEN];
+        let fields_len = cookies * COOKIE_FIELD_LEN;
+        for (field, cookie) in fields[..fields_len].chunks_exact_mut(COOKIE_FIELD_LEN).zip(&sealed) {
+            field[..2].copy_from_slice(&field::NTS_COOKIE.to_be_bytes());
+            field[2..4].copy_from_slice(&(COOKIE_FIELD_LEN as u16).to_be_bytes());
+            field[4..].copy_from_slice(cookie);
+        }
+        let tag = match Self::authenticate_and_seal(buf, &f, &c2s, &s2c, &head, &nonce, &fields[..fields_len]) {
+            Some(tag) => tag,
+            None => return self.nak(buf, &f, Reason::AuthenticationFailed),
+        };
         buf.copy_within(f.unique_id.0..f.unique_id.1, HEADER_LEN);
-        write_reply(buf, header.template, header.receive);
-        stamp_transmit(buf, header.transmit);
+        buf[..HEADER_LEN].copy_from_slice(&head);
         let auth = HEADER_LEN + uid_len;
-        let ct_len = TAG_LEN + cookies * COOKIE_FIELD_LEN;
+        let ct_len = TAG_LEN + fields_len;
         buf[auth..auth + 2].copy_from_slice(&field::AUTHENTICATOR.to_be_bytes());
         buf[auth + 2..auth + 4].copy_from_slice(&((reply_len - auth) as u16).to_be_bytes());
         buf[auth + 4..auth + 6].copy_from_slice(&(NONCE_LEN as u16).to_be_bytes());
         buf[auth + 6..auth + 8].copy_from_slice(&(ct_len as u16).to_be_bytes());
-        let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill_bytes(&mut nonce);
         buf[auth + 8..auth + 8 + NONCE_LEN].copy_from_slice(&nonce);
-        let plain = auth + 8 + NONCE_LEN + TAG_LEN;
-        for i in 0..cookies {
-            let at = plain + i * COOKIE_FIELD_LEN;
-            buf[at..at + 2].copy_from_slice(&field::NTS_COOKIE.to_be_bytes());
-            buf[at + 2..at + 4].copy_from_slice(&(COOKIE_FIELD_LEN as u16).to_be_bytes());
-            let mut cookie_nonce = [0u8; 16];
-            self.rng.fill_bytes(&mut cookie_nonce);
-            let out: &mut [u8; COOKIE_LEN] = (&mut buf[at + 4..at + COOKIE_FIELD_LEN])
-                .try_into()
-                .expect("cookie field");
-            self.jar.seal(&keys, &cookie_nonce, out);
-        }
-        let (aad, rest) = buf.split_at_mut(auth);
-        let mut s2c = Aes128Siv::new((&keys.s2c).into());
-        let tag = s2c
-            .encrypt_in_place_detached(
-                [&*aad, &nonce[..]],
-                &mut rest[8 + NONCE_LEN + TAG_LEN..reply_len - auth],
-            )
-            .expect("plaintext within AES-SIV limits");
-        rest[8 + NONCE_LEN..8 + NONCE_LEN + TAG_LEN].copy_from_slice(&tag);
+        buf[auth + 8 + NONCE_LEN..auth + 8 + NONCE_LEN + TAG_LEN].copy_from_slice(&tag);
+        let sealed = &mut buf[auth + 8 + NONCE_LEN + TAG_LEN..reply_len];
+        sealed.copy_from_slice(&fields[..fields_len]);
+        s2c.ctr(&tag, sealed);
         Verdict::Reply(reply_len)
+    }
+
+    /// Verifies the request's authenticator under its C2S key and, meanwhile, computes the
+    /// reply's S2V over `head`, the request's Unique Identifier field, `nonce` and the cookie
+    /// `fields`. Returns the reply's tag, or `None` when the request does not verify.
+    ///
+    /// The two S2Vs are independent, so their chains are stepped together and the CPU overlaps
+    /// their AES blocks: the request's authenticator, one chain as long as the request, sets the
+    /// pace. Encrypted fields of the request are decrypted in place (the buffer is overwritten by
+    /// the reply) and not used.
+    fn authenticate_and_seal(
+        buf: &mut [u8],
+        f: &Fields,
+        c2s: &Siv,
+        s2c: &Siv,
+        head: &[u8; HEADER_LEN],
+        nonce: &[u8; NONCE_LEN],
+        fields: &[u8],
+    ) -> Option<[u8; TAG_LEN]> {
+        let (aad, rest) = buf.split_at_mut(f.auth);
+        let (auth_head, ct) = rest.split_at_mut(f.ciphertext.0 - f.auth);
+        let client_nonce = &auth_head[f.nonce.0 - f.auth..f.nonce.1 - f.auth];
+        let (tag, data) = ct[..f.ciphertext.1 - f.ciphertext.0].split_at_mut(TAG_LEN);
+        let tag: &[u8; TAG_LEN] = (&*tag).try_into().expect("tag");
+        // Clients rarely encrypt fields; when they do, SIV decrypts before it can verify.
+        c2s.ctr(tag, data);
+        let mut request = S2v::<3, 1>::new(c2s);
+        request.push(&[&*aad, client_nonce], data);
+        let mut reply = S2v::<3, 1>::new(s2c);
+        let uid = &aad[f.unique_id.0..f.unique_id.1];
+        let job = reply.push_ads(&[[&head[..], uid], [&[][..], &nonce[..]]]);
+        reply.message(job, fields);
+        run_together(&mut request, &mut reply);
+        tags_equal(&request.tag(0), tag).then(|| reply.tag(0))
     }
 
     /// An NTS NAK: a KoD NTSN carrying the request's Unique Identifier, never longer than it.
@@ -324,21 +370,6 @@ impl NtsServer {
         write_reply(buf, &self.nak, NtpTimestamp(0));
         Verdict::Nak(HEADER_LEN + uid_len, reason)
     }
-}
-
-/// Verifies the request's authenticator under its C2S key. The encrypted fields are decrypted
-/// in place (the buffer is overwritten by the reply anyway) and not otherwise used.
-fn authenticate(buf: &mut [u8], f: &Fields, keys: &SessionKeys) -> bool {
-    let mut nonce = [0u8; MAX_CLIENT_NONCE_LEN];
-    let nonce_len = f.nonce.1 - f.nonce.0;
-    nonce[..nonce_len].copy_from_slice(&buf[f.nonce.0..f.nonce.1]);
-    let (aad, rest) = buf.split_at_mut(f.auth);
-    let ct = &mut rest[f.ciphertext.0 - f.auth..f.ciphertext.1 - f.auth];
-    let (tag, data) = ct.split_at_mut(TAG_LEN);
-    let tag = aes_siv::Tag::clone_from_slice(tag);
-    let mut c2s = Aes128Siv::new((&keys.c2s).into());
-    c2s.decrypt_in_place_detached([&*aad, &nonce[..nonce_len]], data, &tag)
-        .is_ok()
 }
 
 #[cfg(test)]

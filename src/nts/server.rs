@@ -2,7 +2,7 @@
 //! and the NTP workers share. Bounded: at most `max_connections` at once, each with a deadline.
 
 use super::NtsConfig;
-use super::cookie::{COOKIE_LEN, CookieJar, KEY_LEN, KeySet, SessionKeys, epoch_at};
+use super::cookie::{COOKIE_LEN, CookieJar, KEY_LEN, KeySet, NewCookies, SessionKeys, epoch_at};
 use super::ke::{self, EXPORTER_LABEL, Negotiation, Outcome};
 use crate::policy::{Action, Limit, SharedPolicy};
 use arc_swap::ArcSwap;
@@ -456,13 +456,17 @@ fn serve_connection(
     let served = match outcome {
         Outcome::Cookies { aead } => {
             let session = export_keys(&conn, aead).map_err(io)?;
-            let mut jar = CookieJar::new(&keys.load());
+            let jar = CookieJar::new(&keys.load());
+            let mut new = NewCookies::new(&session);
             for _ in 0..ke::COOKIES_PER_KE {
                 let mut nonce = [0u8; 16];
                 getrandom::fill(&mut nonce).map_err(|_| KeOutcome::Closed)?;
-                let mut cookie = [0u8; COOKIE_LEN];
-                jar.seal(&session, &nonce, &mut cookie);
-                ke::push_cookie(&mut response, &cookie);
+                new.push(&jar, session.aead, &nonce);
+            }
+            let mut cookies = [[0u8; COOKIE_LEN]; ke::COOKIES_PER_KE];
+            jar.seal_all(&new, &mut cookies);
+            for cookie in &cookies[..new.len()] {
+                ke::push_cookie(&mut response, cookie);
             }
             ke::finish(&mut response);
             true
