@@ -186,6 +186,7 @@ EOF
     # -x: never touch the system clock; -d: stay in the foreground (killable by pid).
     run_server chrony - "" "$CHRONYD" -x -d -f "$TMP/chrony.conf"
 fi
+cp "$RESULTS" "$OUT/results.tsv"
 
 python3 - "$RESULTS" <<'EOF'
 import sys
