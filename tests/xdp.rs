@@ -654,45 +654,52 @@ fn a_killed_owner_leaves_no_program_and_the_next_attach_works() {
     common::say(&format!("second attach refused: {e}"));
 }
 
+/// Sends `n` requests to the server from 16 client sockets in turn (many source ports, so
+/// many flows), from inside the client namespace.
+fn send_burst(n: usize) -> Vec<UdpSocket> {
+    let socks: Vec<UdpSocket> = (0..16).map(|_| UdpSocket::bind((CLIENT4, 0)).unwrap()).collect();
+    for i in 0..n {
+        socks[i % socks.len()]
+            .send_to(&common::request(4, 3, i as u64 + 1), (SERVER4, 123))
+            .unwrap();
+    }
+    socks
+}
+
+/// Replies waiting on `socks`, each read until `quiet` passes without one.
+fn drain(socks: &[UdpSocket], quiet: Duration) -> usize {
+    let mut got = 0;
+    for s in socks {
+        s.set_read_timeout(Some(quiet)).unwrap();
+        let mut b = [0u8; 128];
+        while s.recv_from(&mut b).is_ok() {
+            got += 1;
+        }
+    }
+    got
+}
+
 /// A burst from many source ports is answered in batches of more than one request with no
 /// allocation in the serving loop (as tests/no_alloc.rs checks the kernel backends).
 #[test]
 fn a_burst_is_answered_in_batches_without_allocating() {
-    let Some(Direct {
-        ns,
-        p: _p,
-        _link,
-        mut xsk,
-    }) = Direct::setup(target(123))
-    else {
+    // Held whole: its program and link stay attached while the test runs.
+    let Some(mut d) = Direct::setup(target(123)) else {
         return;
     };
     let (_clock, mut h) = ntp_handler();
     const N: usize = 400;
-    let ns_ref = &ns;
+    let ns_ref = &d.ns;
     let (answered, results, allocs) = std::thread::scope(|sc| {
         let c = sc.spawn(move || {
             ns_ref.enter(1);
-            let socks: Vec<UdpSocket> = (0..16).map(|_| UdpSocket::bind((CLIENT4, 0)).unwrap()).collect();
-            for i in 0..N {
-                socks[i % socks.len()]
-                    .send_to(&common::request(4, 3, i as u64 + 1), (SERVER4, 123))
-                    .unwrap();
-            }
-            let mut got = 0;
-            for s in &socks {
-                s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-                let mut b = [0u8; 128];
-                while s.recv_from(&mut b).is_ok() {
-                    got += 1;
-                }
-            }
-            got
+            let socks = send_burst(N);
+            drain(&socks, Duration::from_millis(500))
         });
         let deadline = Instant::now() + Duration::from_secs(15);
         let (mut results, mut allocs) = (Vec::with_capacity(4 * N), 0);
         while !c.is_finished() && Instant::now() < deadline {
-            let (r, n) = common::alloc::allocations(|| xsk.serve_batch(&mut h, 20).unwrap());
+            let (r, n) = common::alloc::allocations(|| d.xsk.serve_batch(&mut h, 20).unwrap());
             allocs += n;
             if r.received > 0 && results.len() < results.capacity() {
                 results.push(r);
@@ -721,46 +728,28 @@ fn a_burst_is_answered_in_batches_without_allocating() {
 /// requests come).
 #[test]
 fn a_full_batch_leaves_with_its_own_kicks() {
-    let Some(Direct {
-        ns,
-        p: _p,
-        _link,
-        mut xsk,
-    }) = Direct::setup(target(123))
-    else {
+    // Held whole: its program and link stay attached while the test runs.
+    let Some(mut d) = Direct::setup(target(123)) else {
         return;
     };
     let (_clock, mut h) = ntp_handler();
     const N: usize = gnomon::xdp::xsk::BATCH;
-    let ns_ref = &ns;
+    let ns_ref = &d.ns;
     let (sent, got, r) = std::thread::scope(|sc| {
         let (queued_tx, queued_rx) = std::sync::mpsc::channel();
         let (served_tx, served_rx) = std::sync::mpsc::channel();
         let c = sc.spawn(move || {
             ns_ref.enter(1);
-            let socks: Vec<UdpSocket> = (0..16).map(|_| UdpSocket::bind((CLIENT4, 0)).unwrap()).collect();
-            for i in 0..N {
-                socks[i % socks.len()]
-                    .send_to(&common::request(4, 3, i as u64 + 1), (SERVER4, 123))
-                    .unwrap();
-            }
+            let socks = send_burst(N);
             queued_tx.send(()).unwrap();
             // Nothing is served after the one batch: what arrives left with that batch.
             served_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-            let mut got = 0;
-            for s in &socks {
-                s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-                let mut b = [0u8; 128];
-                while s.recv_from(&mut b).is_ok() {
-                    got += 1;
-                }
-            }
-            got
+            drain(&socks, Duration::from_millis(300))
         });
         queued_rx.recv_timeout(Duration::from_secs(10)).unwrap();
         // The program fills the RX ring without the worker: wait until all of them are there.
         std::thread::sleep(Duration::from_millis(300));
-        let r = xsk.serve_batch(&mut h, 100).unwrap();
+        let r = d.xsk.serve_batch(&mut h, 100).unwrap();
         served_tx.send(()).unwrap();
         (N, c.join().unwrap(), r)
     });
