@@ -62,11 +62,6 @@ impl Cmac {
         c
     }
 
-    fn set_key(&mut self, key: &[u8; 16]) {
-        self.cipher = Aes128Enc::new(key.into());
-        self.derive();
-    }
-
     fn derive(&mut self) {
         self.k1 = dbl(self.encrypt(0));
         self.k2 = dbl(self.k1);
@@ -81,8 +76,8 @@ impl Cmac {
     }
 }
 
-/// One AEAD_AES_SIV_CMAC_256 key, ready to use. Per-client keys are set into a reused one with
-/// [`Siv::set_key`] rather than built and moved per request.
+/// One AEAD_AES_SIV_CMAC_256 key, ready to use. Per-client keys are built per request as
+/// locals, where they are constructed in place (a reused slot costs a copy of the schedule).
 pub struct Siv {
     mac: Cmac,
     /// `None` for a key made to check tags over empty messages only.
@@ -109,12 +104,6 @@ impl Siv {
             mac: Cmac::new(halves(key).0),
             ctr: None,
         }
-    }
-
-    pub fn set_key(&mut self, key: &[u8; KEY_LEN]) {
-        let (mac, ctr) = halves(key);
-        self.mac.set_key(mac);
-        self.ctr = Some(Aes128Enc::new(ctr.into()));
     }
 
     /// Encrypts `data` in place; returns the tag (the synthetic IV).
