@@ -110,6 +110,7 @@ impl KeySet {
 /// New cookies for one session, sealed together: their S2Vs go through the cipher in the same
 /// steps (see [`CookieJar::s2v`]).
 pub struct NewCookies {
+    aead: u16,
     ads: [[u8; AD_LEN]; MAX_NEW_COOKIES],
     n: usize,
     plaintext: [u8; PLAINTEXT_LEN],
@@ -121,19 +122,19 @@ impl NewCookies {
         plaintext[..KEY_LEN].copy_from_slice(&keys.c2s);
         plaintext[KEY_LEN..].copy_from_slice(&keys.s2c);
         NewCookies {
+            aead: keys.aead,
             ads: [[0; AD_LEN]; MAX_NEW_COOKIES],
             n: 0,
             plaintext,
         }
     }
 
-    /// One more cookie under `jar`'s current key for algorithm `aead`, with `nonce` (fresh
-    /// random bytes per cookie, or two cookies would be linkable). At most
-    /// [`MAX_NEW_COOKIES`].
-    pub fn push(&mut self, jar: &CookieJar, aead: u16, nonce: &[u8; NONCE_LEN]) {
+    /// One more cookie under `jar`'s current key, with `nonce` (fresh random bytes per cookie,
+    /// or two cookies would be linkable). At most [`MAX_NEW_COOKIES`].
+    pub fn push(&mut self, jar: &CookieJar, nonce: &[u8; NONCE_LEN]) {
         let ad = &mut self.ads[self.n];
         ad[..4].copy_from_slice(&jar.ciphers[0].0.to_be_bytes());
-        ad[4..6].copy_from_slice(&aead.to_be_bytes());
+        ad[4..6].copy_from_slice(&self.aead.to_be_bytes());
         ad[6..8].fill(0);
         ad[8..].copy_from_slice(nonce);
         self.n += 1;
@@ -165,7 +166,7 @@ impl CookieJar {
     /// or two cookies would be linkable).
     pub fn seal(&self, keys: &SessionKeys, nonce: &[u8; NONCE_LEN], out: &mut [u8; COOKIE_LEN]) {
         let mut new = NewCookies::new(keys);
-        new.push(self, keys.aead, nonce);
+        new.push(self, nonce);
         self.seal_all(&new, core::slice::from_mut(out));
     }
 
@@ -224,7 +225,7 @@ impl CookieJar {
         keys.s2c.copy_from_slice(&body[KEY_LEN..]);
         let mut new = NewCookies::new(&keys);
         for nonce in nonces {
-            new.push(self, aead, nonce);
+            new.push(self, nonce);
         }
         // Under the current key the new cookies share the cookie's steps; the batch is sized
         // for the cookies at hand (one, most often).
@@ -374,7 +375,7 @@ mod tests {
         let jar = CookieJar::new(&KeySet::derive(b"secret", 3, 1));
         let mut new = NewCookies::new(&session());
         for n in 0..MAX_NEW_COOKIES as u8 {
-            new.push(&jar, 15, &[n; NONCE_LEN]);
+            new.push(&jar, &[n; NONCE_LEN]);
         }
         let mut batched = [[0u8; COOKIE_LEN]; MAX_NEW_COOKIES];
         jar.seal_all(&new, &mut batched);

@@ -461,7 +461,7 @@ fn serve_connection(
             for _ in 0..ke::COOKIES_PER_KE {
                 let mut nonce = [0u8; 16];
                 getrandom::fill(&mut nonce).map_err(|_| KeOutcome::Closed)?;
-                new.push(&jar, session.aead, &nonce);
+                new.push(&jar, &nonce);
             }
             let mut cookies = [[0u8; COOKIE_LEN]; ke::COOKIES_PER_KE];
             jar.seal_all(&new, &mut cookies);
