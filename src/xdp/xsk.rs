@@ -42,6 +42,8 @@ pub const FRAME_SIZE: u32 = 2048;
 pub const FRAMES: u32 = 1024;
 /// Frames taken from the RX ring at once.
 pub const BATCH: usize = 64;
+/// Frames the kernel sends per `sendto` kick in copy mode (its TX_BATCH_SIZE).
+const KERNEL_TX_BATCH: usize = 32;
 /// TTL / hop limit of the replies (Linux's default).
 pub const TTL: u8 = 64;
 
@@ -579,7 +581,7 @@ impl Xsk {
     /// its T3 says. With need-wakeup, a zero-copy driver still draining the ring needs none.
     fn kick_tx(&mut self) -> io::Result<usize> {
         let mut kicks = 0;
-        while kicks <= BATCH / 32 && (!self.need_wakeup() || self.tx.needs_wakeup()) {
+        while kicks <= BATCH / KERNEL_TX_BATCH && (!self.need_wakeup() || self.tx.needs_wakeup()) {
             let before = self.tx.consumer().load(Ordering::Acquire);
             kicks += 1;
             // SAFETY: a zero-length sendto on our socket only triggers the TX ring's processing.
