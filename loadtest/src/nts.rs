@@ -5,6 +5,7 @@
 
 use gnomon::nts::client::{self, ReplyError};
 use gnomon::nts::ke_client::{self, KeSession};
+use gnomon::nts::siv::Siv;
 use gnomon::proto::HEADER_LEN;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,7 +25,14 @@ pub struct NtsPlan {
 /// The sessions of a run. Request `seq` uses session `seq % n` and one of its cookies, so the
 /// receiver finds the keys and the Unique Identifier from the sequence number alone.
 pub struct NtsKeys {
-    sessions: Vec<KeSession>,
+    sessions: Vec<Session>,
+}
+
+/// A key exchange's result with its keys expanded once: per request, only the AES blocks.
+struct Session {
+    ke: KeSession,
+    c2s: Siv,
+    s2c: Siv,
 }
 
 impl NtsKeys {
@@ -34,7 +42,11 @@ impl NtsKeys {
             let roots = ke_client::roots(&plan.ca).map_err(|e| e.to_string())?;
             let s = ke_client::key_exchange(plan.ke, &plan.server_name, roots, Duration::from_secs(5))
                 .map_err(|e| format!("NTS-KE with {}: {e}", plan.ke))?;
-            sessions.push(s);
+            sessions.push(Session {
+                c2s: Siv::new_s2v_only(&s.c2s),
+                s2c: Siv::new(&s.s2c),
+                ke: s,
+            });
         }
         Ok(NtsKeys { sessions })
     }
@@ -43,14 +55,15 @@ impl NtsKeys {
         self.sessions.len()
     }
 
-    fn session(&self, seq: u64) -> &KeSession {
+    fn session(&self, seq: u64) -> &Session {
         &self.sessions[(seq % self.sessions.len() as u64) as usize]
     }
 
     /// The authenticated request for `header` (which carries `seq`), into `out`.
     pub fn request(&self, out: &mut Vec<u8>, header: &[u8; HEADER_LEN], seq: u64) {
         let s = self.session(seq);
-        let cookie = &s.cookies[((seq / self.sessions.len() as u64) % s.cookies.len() as u64) as usize];
+        let cookies = &s.ke.cookies;
+        let cookie = &cookies[((seq / self.sessions.len() as u64) % cookies.len() as u64) as usize];
         // AES-SIV needs no secret nonce; a unique one per request is what the RFC asks.
         let mut nonce = [0u8; 16];
         nonce[..8].copy_from_slice(&seq.to_be_bytes());

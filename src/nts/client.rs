@@ -31,18 +31,22 @@ pub fn request(
     nonce: &[u8],
 ) -> Vec<u8> {
     let mut out = Vec::new();
-    request_to(&mut out, header, unique_id, cookie, placeholders, c2s, nonce);
+    let c2s = Siv::new_s2v_only(c2s);
+    request_to(&mut out, header, unique_id, cookie, placeholders, &c2s, nonce);
     out
 }
 
-/// As [`request`], into `out` (cleared first): a caller that reuses `out` allocates nothing.
+/// As [`request`], into `out` (cleared first), with the C2S key already expanded
+/// ([`Siv::new_s2v_only`] is enough: the request encrypts nothing). A caller that keeps the key
+/// and reuses `out`, as the load generator does for each session, allocates nothing and expands
+/// no key per request.
 pub fn request_to(
     out: &mut Vec<u8>,
     header: &[u8; HEADER_LEN],
     unique_id: &[u8],
     cookie: &[u8],
     placeholders: usize,
-    c2s: &[u8; 32],
+    c2s: &Siv,
     nonce: &[u8],
 ) {
     out.clear();
@@ -52,7 +56,7 @@ pub fn request_to(
     for _ in 0..placeholders {
         put_field_zeroed(out, field::COOKIE_PLACEHOLDER, &[], cookie.len());
     }
-    let tag = Siv::new(c2s).encrypt_in_place(&[&out[..], nonce], &mut []);
+    let tag = c2s.encrypt_in_place(&[&out[..], nonce], &mut []);
     let mut body = [0u8; 4 + 64 + TAG_LEN];
     let nl = nonce.len().min(64);
     body[..2].copy_from_slice(&(nl as u16).to_be_bytes());
@@ -78,16 +82,19 @@ pub enum ReplyError {
 /// Checks a reply to a request with `unique_id`; returns the new cookies it carries.
 pub fn verify_reply(reply: &[u8], unique_id: &[u8], s2c: &[u8; 32]) -> Result<Vec<Vec<u8>>, ReplyError> {
     let mut cookies = Vec::new();
-    verify_reply_with(reply, unique_id, s2c, &mut Vec::new(), |c| cookies.push(c.to_vec()))?;
+    verify_reply_with(reply, unique_id, &Siv::new(s2c), &mut Vec::new(), |c| {
+        cookies.push(c.to_vec())
+    })?;
     Ok(cookies)
 }
 
-/// As [`verify_reply`], decrypting in `scratch` and handing each new cookie to `cookie`: a
-/// caller that reuses `scratch` allocates nothing (the load generator, once per reply).
+/// As [`verify_reply`], with the S2C key already expanded, decrypting in `scratch` and handing
+/// each new cookie to `cookie`: a caller that keeps the key and reuses `scratch` allocates
+/// nothing and expands no key per reply (the load generator).
 pub fn verify_reply_with(
     reply: &[u8],
     unique_id: &[u8],
-    s2c: &[u8; 32],
+    s2c: &Siv,
     scratch: &mut Vec<u8>,
     mut cookie: impl FnMut(&[u8]),
 ) -> Result<usize, ReplyError> {
@@ -123,8 +130,7 @@ pub fn verify_reply_with(
                 scratch.clear();
                 scratch.extend_from_slice(&body[cs + TAG_LEN..cs + cl]);
                 let tag: &[u8; TAG_LEN] = body[cs..cs + TAG_LEN].try_into().expect("tag");
-                Siv::new(s2c)
-                    .decrypt_in_place(&[&reply[..pos], &body[4..4 + nl]], &mut scratch[..], tag)
+                s2c.decrypt_in_place(&[&reply[..pos], &body[4..4 + nl]], &mut scratch[..], tag)
                     .map_err(|_| ReplyError::Unauthenticated)?;
                 let data = &scratch[..];
                 let mut n = 0;

@@ -65,6 +65,7 @@ pub fn key_exchange(
     roots: rustls::RootCertStore,
     timeout: Duration,
 ) -> io::Result<KeSession> {
+    super::check_cpu()?;
     let deadline = Instant::now() + timeout;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)

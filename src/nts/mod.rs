@@ -41,6 +41,27 @@ pub struct NtsConfig {
 
 pub const DEFAULT_KE_PORT: u16 = 4460;
 
+/// Whether this CPU runs the AES code of this build. On x86-64 the build enables AES-NI at
+/// compile time (`.cargo/config.toml`), so the aes crate uses it without asking the CPU; one
+/// without it would stop on an illegal instruction at the first cookie. Checked where NTS starts
+/// (the KE server, every key exchange as a client), so plain NTP still runs on such a CPU.
+pub fn check_cpu() -> std::io::Result<()> {
+    #[cfg(all(target_arch = "x86_64", target_feature = "aes"))]
+    {
+        // CPUID leaf 1, ECX bit 25: AES-NI. `is_x86_feature_detected!` would answer from the
+        // compile-time features, so the CPU itself is asked.
+        if (core::arch::x86_64::__cpuid(1).ecx >> 25) & 1 == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "NTS: this gnomon was built for CPUs with AES-NI (.cargo/config.toml) and this CPU \
+                 has none: rebuild it with RUSTFLAGS=\"\" set (the AES code then checks the CPU at \
+                 run time), or run without NTS",
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl NtsConfig {
     pub fn new(certificate: PathBuf, private_key: PathBuf) -> NtsConfig {
         NtsConfig {

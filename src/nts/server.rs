@@ -219,6 +219,7 @@ impl Prepared {
 
 /// Binds the KE port and reads the certificate, key and secret (as root, if started so).
 pub fn prepare(config: &NtsConfig) -> io::Result<Prepared> {
+    super::check_cpu()?;
     let tls = tls_config(&config.certificate, &config.private_key)?;
     let secret = match &config.secret_file {
         Some(p) => read_secret(p)?,
