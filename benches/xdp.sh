@@ -27,6 +27,11 @@
 #                          leaving the client's veth end (benches/t2-offset.py, T2_COUNT requests
 #                          one at a time, T2_GAP_MS apart); gnomon's T3 - T2 histogram beside it
 #   RAMP=0                 skip the ramp (only the fixed-rate run; the table's max rate is n/a)
+#   REPEAT=5               every server that many times, in turn (xdp, uring, mmsg, chrony, xdp,
+#                          ...), and a second table: each server's median core us/reply and the
+#                          median of the ratios to chrony within a round. One round's figures
+#                          move by up to 40% on a shared machine; the files in OUT are the last
+#                          round's
 #   PERF=1                 also `perf record -g -C SRV_CPU` over the fixed-rate run, into
 #                          OUT/NAME.perf.data, with a `perf report` by symbol in OUT/NAME.perf.txt
 #                          (perf's own sampling costs a little of the core: compare runs alike)
@@ -50,6 +55,8 @@ REFINE=${REFINE:-3}
 RAMP_BOUND=${RAMP_BOUND:-120s}
 PROFILE=${PROFILE:-release}
 RAMP=${RAMP:-1}
+REPEAT=${REPEAT:-1}
+REP=1
 PERF=${PERF:-}
 COALESCE_US=${COALESCE_US:-0}
 T2=${T2:-}
@@ -182,7 +189,7 @@ wait_ready() {
 
 RESULTS=$TMP/results.tsv
 : >"$RESULTS"
-row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"; }
+row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$REP" "$@" >>"$RESULTS"; }
 
 # measure NAME: the ramp, then the fixed rate with the server core's busy time.
 measure() {
@@ -304,6 +311,8 @@ EOF
     true
 }
 
+for REP in $(seq "$REPEAT"); do
+[[ $REPEAT -gt 1 ]] && echo "== round $REP of $REPEAT" >&2
 for io in xdp uring mmsg; do
     if wants "$io"; then
         gnomon_config "$io" >"$TMP/gnomon-$io.toml"
@@ -324,10 +333,13 @@ EOF
     # -x: never touch the system clock; -d: stay in the foreground (stopped by its pid).
     run_server chrony "$CHRONYD" -x -d -f "$TMP/chrony.conf"
 fi
+done
 
 python3 - "$RESULTS" "$RATE" "$MAX_LOSS" <<'EOF'
-import sys
-rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+import statistics, sys
+all_rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+rounds = sorted({int(r[0]) for r in all_rows})
+rows = [r[1:] for r in all_rows if int(r[0]) == rounds[-1]]
 rate, loss = sys.argv[2], sys.argv[3]
 def num(v):
     try:
@@ -348,6 +360,18 @@ print("(core us/reply: busy time of the server's CPU (user, system, irq, softirq
 print(" NAPI thread and anything else there) over the fixed-rate window, per reply; chrony/this")
 print(" cost > 1 means cheaper than chrony, the target for AF_XDP is >= 3; 'generator' in ended by:")
 print(" the generator, not the server, stopped the ramp, so that max is a floor)")
+if len(rounds) > 1:
+    print(f"(that table is round {rounds[-1]}; over all {len(rounds)} rounds:)")
+    print(f"{'server':<16} {'core us/reply median':>21} {'min':>7} {'max':>7} | {'chrony/this cost, median of rounds':>35} {'min':>6} {'max':>6}")
+    chrony_by_round = {int(r[0]): num(r[7]) for r in all_rows if r[1] == "chrony"}
+    for name in dict.fromkeys(r[1] for r in all_rows):
+        costs = [(int(r[0]), num(r[7])) for r in all_rows if r[1] == name and num(r[7])]
+        if not costs:
+            continue
+        v = sorted(c for _, c in costs)
+        ratios = sorted(chrony_by_round[k] / c for k, c in costs if chrony_by_round.get(k))
+        rs = f"{statistics.median(ratios):>35.2f} {ratios[0]:>6.2f} {ratios[-1]:>6.2f}" if ratios else f"{'-':>35}"
+        print(f"{label.get(name, name):<16} {statistics.median(v):>21.3f} {v[0]:>7.3f} {v[-1]:>7.3f} | {rs}")
 EOF
 echo
 echo "reports and configs in $OUT"
