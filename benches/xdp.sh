@@ -10,7 +10,7 @@
 # included, and nothing of the generator's. For
 # each server: a ramp finds the highest rate with loss under MAX_LOSS (the loss-free rate), then
 # a run at the one fixed RATE measures the busy time of the server's core (from /proc/stat:
-# user+nice+system+irq+softirq+steal of cpuSRV_CPU) per reply. Prints a table with the ratios
+# wall time minus cpuSRV_CPU's idle and iowait, which NO_HZ measures exactly) per reply. Prints a table with the ratios
 # against chrony. Needs root (namespaces, XDP). Addresses: 198.18.0.0/15 only (RFC 2544), on
 # interfaces that exist only inside the namespaces, deleted at exit.
 #
@@ -26,6 +26,13 @@
 #   T2=1                   instead of the cost: how late each server's T2 is against the request
 #                          leaving the client's veth end (benches/t2-offset.py, T2_COUNT requests
 #                          one at a time, T2_GAP_MS apart); gnomon's T3 - T2 histogram beside it
+#   INJECT=xdp             the requests reach the server's veth end as XDP frames instead of
+#                          skbs, for every server alike: the generator sends through a second
+#                          veth pair in its namespace whose far end redirects each frame
+#                          (examples/xdp_redirect.rs, bpf_redirect) into the server pair.
+#                          A frame that arrives as an skb costs the server's NAPI a copy into
+#                          a page before any XDP program sees it (veth_convert_skb_to_xdp_buff:
+#                          a fifth of AF_XDP's core time); a real NIC has no such copy
 #   RAMP=0                 skip the ramp (only the fixed-rate run; the table's max rate is n/a)
 #   REPEAT=5               every server that many times, in turn (xdp, uring, mmsg, chrony, xdp,
 #                          ...), and a second table: each server's median core us/reply and the
@@ -59,6 +66,8 @@ REPEAT=${REPEAT:-1}
 REP=1
 PERF=${PERF:-}
 COALESCE_US=${COALESCE_US:-0}
+INJECT=${INJECT:-}
+INJECT_PID=
 T2=${T2:-}
 T2_COUNT=${T2_COUNT:-2000}
 T2_GAP_MS=${T2_GAP_MS:-1}
@@ -85,19 +94,22 @@ CLIENT=198.18.0.2
 # 15 characters, and is found (to pin it) by that name.
 SDEV=bs$$
 CDEV=bc$$
+# INJECT=xdp: the generator's own pair, GDEV (its address) and RDEV (the redirecting end).
+GDEV=bg$$
+RDEV=br$$
 NS_S=gnomon-bench-s$$
 NS_C=gnomon-bench-c$$
 TMP=$(mktemp -d)
 . "$ROOT/benches/common.sh"
-trap 'cleanup; ip netns del "$NS_S" 2>/dev/null; ip netns del "$NS_C" 2>/dev/null; rm -rf "$TMP"' EXIT
+trap 'cleanup; stop_pids "$INJECT_PID"; ip netns del "$NS_S" 2>/dev/null; ip netns del "$NS_C" 2>/dev/null; rm -rf "$TMP"' EXIT
 trap 'exit 130' INT TERM
 
 mkdir -p "$OUT"
 echo "== building $PROFILE binaries" >&2
 if [[ $PROFILE == release ]]; then
-    cargo build --release -p gnomon --bin gnomon -p gnomon-load >&2
+    cargo build --release -p gnomon --bin gnomon --example xdp_redirect -p gnomon-load >&2
 else
-    cargo build -p gnomon --bin gnomon -p gnomon-load >&2
+    cargo build -p gnomon --bin gnomon --example xdp_redirect -p gnomon-load >&2
 fi
 LOAD=$ROOT/target/$PROFILE/gnomon-load
 GNOMON=$ROOT/target/$PROFILE/gnomon
@@ -109,7 +121,23 @@ ip netns add "$NS_C"
 ip -n "$NS_S" link add "$SDEV" numrxqueues 1 numtxqueues 1 type veth peer name "$CDEV" \
     numrxqueues 1 numtxqueues 1 netns "$NS_C"
 ip -n "$NS_S" addr add "$SERVER/24" dev "$SDEV"
-ip -n "$NS_C" addr add "$CLIENT/24" dev "$CDEV"
+if [[ $INJECT == xdp ]]; then
+    # The client's address lives on GDEV; CDEV carries no address but GDEV's MAC, so the
+    # replies (sent to the request's source MAC) are the namespace's own when they reach CDEV.
+    ip -n "$NS_C" link add "$GDEV" numrxqueues 1 numtxqueues 1 type veth peer name "$RDEV" \
+        numrxqueues 1 numtxqueues 1
+    ip -n "$NS_C" addr add "$CLIENT/24" dev "$GDEV"
+    ip -n "$NS_C" link set "$CDEV" address "$(ip -n "$NS_C" -br link show "$GDEV" | awk '{print $3}')"
+    # ARP through the redirect would be answered to CDEV, not GDEV: the server's MAC is given.
+    ip -n "$NS_C" neigh add "$SERVER" lladdr "$(ip -n "$NS_S" -br link show "$SDEV" | awk '{print $3}')" \
+        dev "$GDEV" nud permanent
+    # Replies come in on CDEV for an address of GDEV: no reverse-path filter.
+    ip netns exec "$NS_C" sh -c "for d in all default $CDEV $GDEV; do sysctl -qw net.ipv4.conf.\$d.rp_filter=0; done"
+    ip -n "$NS_C" link set "$GDEV" up
+    ip -n "$NS_C" link set "$RDEV" up
+else
+    ip -n "$NS_C" addr add "$CLIENT/24" dev "$CDEV"
+fi
 for ns in "$NS_S" "$NS_C"; do ip -n "$ns" link set lo up; done
 ip -n "$NS_S" link set "$SDEV" up
 ip -n "$NS_C" link set "$CDEV" up
@@ -147,6 +175,18 @@ if [[ $COALESCE_US != 0 ]]; then
         echo $((COALESCE_US * 1000)) > /sys/class/net/$SDEV/gro_flush_timeout"
 fi
 ip netns exec "$NS_C" sh -c "echo 1 > /sys/class/net/$CDEV/threaded"
+if [[ $INJECT == xdp ]]; then
+    # As CDEV: full checksums, no TSO (frames to the peer's NAPI), a NAPI thread of its own.
+    ethtool_set "$NS_C" "$GDEV" $ETHTOOL_STSO 0
+    ethtool_set "$NS_C" "$GDEV" $ETHTOOL_STXCSUM 0
+    ethtool_set "$NS_C" "$RDEV" $ETHTOOL_SGRO 1
+    ip netns exec "$NS_C" sh -c "echo 1 > /sys/class/net/$RDEV/threaded"
+    ip netns exec "$NS_C" taskset -c "$GEN_CPU" "$ROOT/target/$PROFILE/examples/xdp_redirect" "$RDEV" "$CDEV" \
+        >"$OUT/xdp-redirect.log" 2>&1 &
+    INJECT_PID=$!
+    sleep 1
+    kill -0 "$INJECT_PID" 2>/dev/null || { echo "xdp_redirect did not start: $(cat "$OUT/xdp-redirect.log")" >&2; exit 1; }
+fi
 
 # pin_napi DEV CPU: pins DEV's NAPI threads. Attaching or detaching XDP makes veth's NAPI
 # again, with new threads, so this runs after every server start.
@@ -167,9 +207,14 @@ LOAD_FLAGS=(--allow-remote --clients 1 --ports "$PORTS" --cpu "$GEN_CPU" --no-pr
 load() { ip netns exec "$NS_C" "$LOAD" "$SERVER:123" "${LOAD_FLAGS[@]}" "$@"; }
 json() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print($2)" "$1"; }
 
-# Busy clock ticks of SRV_CPU so far (every /proc/stat column but idle and iowait).
-busy_ticks() {
-    awk -v c="cpu$SRV_CPU" '$1 == c {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat
+# SRV_CPU's clock ticks so far: "idle busy", idle with iowait, busy the other columns. With
+# NO_HZ the kernel measures an idle CPU's idle time exactly, but (TICK_CPU_ACCOUNTING, the
+# default) charges user, system and softirq time a whole tick at a time to whatever runs when
+# the tick fires, which misreads a core that wakes for short bursts: here the same server's runs
+# differed by 40% that way while their profiles did not. The cost is taken as wall time minus
+# idle; the tick-sampled figure is logged beside it.
+cpu_ticks() {
+    awk -v c="cpu$SRV_CPU" '$1 == c {print $5 + $6, $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat
 }
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -194,7 +239,7 @@ row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$REP" "$@" >>"$RESULTS"; 
 # measure NAME: the ramp, then the fixed rate with the server core's busy time.
 measure() {
     local name=$1
-    local max=n/a ended=- b0 b1 t0 t1 perf_pid= perf_pids= p
+    local max=n/a ended=- b0 b1 t0 t1 i0 i1 s0 s1 perf_pid= perf_pids= p
     if [[ $RAMP != 0 ]]; then
         echo "== $name: ramp (loss under $MAX_LOSS)" >&2
         load --ramp --ramp-start "$RAMP_START" --ramp-factor "$RAMP_FACTOR" --step-duration "$STEP" \
@@ -219,11 +264,15 @@ measure() {
             >/dev/null 2>&1 &
         perf_pids="$perf_pid $!"
     fi
+    read -r i0 s0 < <(cpu_ticks)
     t0=$(date +%s.%N)
-    b0=$(busy_ticks)
     load --rate "$RATE" --duration "$FIXED" --max-packets 100M >"$OUT/$name-fixed.json"
-    b1=$(busy_ticks)
+    read -r i1 s1 < <(cpu_ticks)
     t1=$(date +%s.%N)
+    # Busy ticks: wall time minus idle (see cpu_ticks).
+    b0=0
+    b1=$(python3 -c "print(($t1 - $t0) * $CLK_TCK - ($i1 - $i0))")
+    echo "   $name: core busy $(python3 -c "print('%.2f' % (($b1) / $CLK_TCK))") s by wall minus idle, $(python3 -c "print('%.2f' % (($s1 - $s0) / $CLK_TCK))") s by tick samples, over $(python3 -c "print('%.2f' % ($t1 - $t0))") s" >&2
     if [[ -n $perf_pid ]]; then
         for p in $perf_pids; do wait "$p" || true; done
         perf report -i "$OUT/$name.perf.data" --no-children --sort sym --stdio 2>/dev/null \
@@ -283,6 +332,7 @@ run_server() {
     if wait_ready; then
         pin_napi "$SDEV" "$SRV_CPU"
         pin_napi "$CDEV" "$GEN_CPU"
+        if [[ $INJECT == xdp ]]; then pin_napi "$RDEV" "$GEN_CPU"; fi
         if [[ $name == xdp ]] && ! grep -q "AF_XDP on $SDEV" "$OUT/$name.log"; then
             echo "!! gnomon did not use AF_XDP: $(grep -m1 'AF_XDP' "$OUT/$name.log" || echo '?')" >&2
             row "$name" n/a "no-xdp" - - - - -

@@ -7,7 +7,7 @@ mod common;
 
 use common::{is_root, run_bounded, skip};
 use gnomon::xdp::frame::{COUNT_NO_SOCKET, Pass, Target, classify};
-use gnomon::xdp::program::XDP_PASS;
+use gnomon::xdp::program::{XDP_PASS, XDP_REDIRECT};
 use gnomon::xdp::sys::{Mode, Program};
 use proptest::prelude::*;
 use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
@@ -122,6 +122,29 @@ fn verifier_accepts_the_program_and_it_decides_as_classify() {
         kernel_verdict(&po, &request_frame(false, false, 123)).0,
         Pass::Port as usize
     );
+}
+
+/// The benches' redirect program (examples/xdp_redirect.rs) passes the verifier and sends
+/// every frame on, ARP and other ports too, whatever it holds.
+#[test]
+fn the_redirect_program_sends_every_frame_on() {
+    if !is_root() {
+        skip("loading an XDP program needs root (CAP_BPF)");
+        return;
+    }
+    let p = match gnomon::xdp::sys::Redirect::load(1) {
+        Ok(p) => p,
+        Err(e) if e.error.raw_os_error() == Some(libc::EPERM) => {
+            skip(&format!("bpf() refused here: {e}"));
+            return;
+        }
+        Err(e) => panic!("{e}\n{}", e.log),
+    };
+    let mut arp = request_frame(false, false, 123);
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    for f in [request_frame(false, false, 123), request_frame(true, true, 9), arp] {
+        assert_eq!(p.test_run(&f).unwrap(), XDP_REDIRECT);
+    }
 }
 
 /// Every single-bit change of every header bit of the four request shapes: the kernel and

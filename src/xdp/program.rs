@@ -56,6 +56,7 @@ const CALL: u8 = 0x80;
 const EXIT: u8 = 0x90;
 const PSEUDO_MAP_FD: u8 = 1;
 const FN_MAP_LOOKUP_ELEM: i32 = 1;
+const FN_REDIRECT: i32 = 23;
 const FN_REDIRECT_MAP: i32 = 51;
 const FN_XDP_ADJUST_META: i32 = 54;
 /// Kernel 6.1+.
@@ -149,6 +150,19 @@ impl Asm {
         }
         self.insns
     }
+}
+
+/// A program that sends every frame on to the interface `ifindex` (`bpf_redirect`). Not
+/// gnomon's: the benches put it on the far end of a generator's veth pair, so that requests
+/// reach the server's veth end as XDP frames, as from a NIC, and not as skbs that veth first
+/// copies into a page for XDP (`examples/xdp_redirect.rs`).
+pub fn assemble_redirect(ifindex: u32) -> Vec<Insn> {
+    let mut a = Asm::default();
+    a.mov_imm(R1, ifindex as i32);
+    a.mov_imm(R2, 0);
+    a.emit(JMP | CALL, 0, 0, 0, FN_REDIRECT);
+    a.emit(JMP | EXIT, 0, 0, 0, 0);
+    a.finish()
 }
 
 /// A network-order field loaded as a little-endian word compares equal to this (loads are in

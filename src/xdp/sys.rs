@@ -197,6 +197,72 @@ impl From<io::Error> for LoadError {
     }
 }
 
+/// Loads an XDP program; on a refusal, loads it again with the verifier's log, only to say why.
+fn prog_load(insns: &[Insn], name: &str) -> Result<OwnedFd, LoadError> {
+    let license = CString::new("GPL").unwrap();
+    let mut log = vec![0u8; 1 << 16];
+    let mut a = ProgLoad {
+        prog_type: BPF_PROG_TYPE_XDP,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name: name16(name),
+        expected_attach_type: BPF_XDP,
+        ..Default::default()
+    };
+    match fd_result(bpf(BPF_PROG_LOAD, &mut a)) {
+        Ok(fd) => Ok(fd),
+        Err(error) => {
+            a.log_level = 1;
+            a.log_size = log.len() as u32;
+            a.log_buf = log.as_mut_ptr() as u64;
+            let _ = fd_result(bpf(BPF_PROG_LOAD, &mut a));
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            Err(LoadError {
+                error,
+                log: String::from_utf8_lossy(&log[..end]).into_owned(),
+            })
+        }
+    }
+}
+
+/// Attaches `prog` to the interface `ifindex` (of the calling thread's network namespace) until
+/// the returned link is dropped or the process ends.
+fn link(prog: &OwnedFd, ifindex: u32, mode: Mode) -> io::Result<Link> {
+    let mut a = LinkCreate {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: BPF_XDP,
+        flags: mode.flags(),
+    };
+    Ok(Link {
+        _fd: fd_result(bpf(BPF_LINK_CREATE, &mut a))?,
+    })
+}
+
+/// A loaded [`program::assemble_redirect`]: every frame on to another interface.
+pub struct Redirect {
+    prog: OwnedFd,
+}
+
+impl Redirect {
+    pub fn load(to_ifindex: u32) -> Result<Redirect, LoadError> {
+        Ok(Redirect {
+            prog: prog_load(&program::assemble_redirect(to_ifindex), "gnomon_redirect")?,
+        })
+    }
+
+    /// As [`Program::attach`].
+    pub fn attach(&self, ifindex: u32, mode: Mode) -> io::Result<Link> {
+        link(&self.prog, ifindex, mode)
+    }
+
+    /// As [`Program::test_run`].
+    pub fn test_run(&self, frame: &[u8]) -> io::Result<u32> {
+        test_run(&self.prog, frame)
+    }
+}
+
 /// The loaded program and its maps; not attached anywhere yet.
 pub struct Program {
     prog: OwnedFd,
@@ -217,34 +283,8 @@ impl Program {
         let xsks = map_create(BPF_MAP_TYPE_XSKMAP, 4, queues.max(1), "gnomon_xsks")?;
         let counters = map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 8, COUNTERS, "gnomon_counts")?;
         let insns: Vec<Insn> = program::assemble(target, xsks.as_raw_fd(), counters.as_raw_fd());
-        let license = CString::new("GPL").unwrap();
-        let mut log = vec![0u8; 1 << 16];
-        let mut a = ProgLoad {
-            prog_type: BPF_PROG_TYPE_XDP,
-            insn_cnt: insns.len() as u32,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            prog_name: name16("gnomon_ntp"),
-            expected_attach_type: BPF_XDP,
-            ..Default::default()
-        };
-        let prog = match fd_result(bpf(BPF_PROG_LOAD, &mut a)) {
-            Ok(fd) => fd,
-            Err(error) => {
-                // Again with the verifier's log, only to say why.
-                a.log_level = 1;
-                a.log_size = log.len() as u32;
-                a.log_buf = log.as_mut_ptr() as u64;
-                let _ = fd_result(bpf(BPF_PROG_LOAD, &mut a));
-                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-                return Err(LoadError {
-                    error,
-                    log: String::from_utf8_lossy(&log[..end]).into_owned(),
-                });
-            }
-        };
         Ok(Program {
-            prog,
+            prog: prog_load(&insns, "gnomon_ntp")?,
             xsks,
             counters,
             cpus: possible_cpus()?,
@@ -254,15 +294,7 @@ impl Program {
     /// Attaches the program to the interface `ifindex` (of the calling thread's network
     /// namespace) until the returned link is dropped or the process ends.
     pub fn attach(&self, ifindex: u32, mode: Mode) -> io::Result<Link> {
-        let mut a = LinkCreate {
-            prog_fd: self.prog.as_raw_fd() as u32,
-            target_ifindex: ifindex,
-            attach_type: BPF_XDP,
-            flags: mode.flags(),
-        };
-        Ok(Link {
-            _fd: fd_result(bpf(BPF_LINK_CREATE, &mut a))?,
-        })
+        link(&self.prog, ifindex, mode)
     }
 
     /// Hands RX queue `queue`'s matching frames to the AF_XDP socket `xsk`.
@@ -298,14 +330,18 @@ impl Program {
     /// Runs the program once on `frame` in the kernel without any interface
     /// (BPF_PROG_TEST_RUN) and returns its verdict; the counters count it as usual.
     pub fn test_run(&self, frame: &[u8]) -> io::Result<u32> {
-        let mut a = TestRun {
-            prog_fd: self.prog.as_raw_fd() as u32,
-            data_size_in: frame.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            repeat: 1,
-            ..Default::default()
-        };
-        bpf(BPF_PROG_TEST_RUN, &mut a)?;
-        Ok(a.retval)
+        test_run(&self.prog, frame)
     }
+}
+
+fn test_run(prog: &OwnedFd, frame: &[u8]) -> io::Result<u32> {
+    let mut a = TestRun {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut a)?;
+    Ok(a.retval)
 }
