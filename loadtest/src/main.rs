@@ -97,6 +97,10 @@ struct Cli {
     /// Bisection steps between the last passing and the first failing rate.
     #[arg(long, default_value = "3")]
     refine: u32,
+    /// Measure a failing ramp step again up to this many times; it fails only if every attempt
+    /// does (a single burst of loss then does not end the ramp).
+    #[arg(long, default_value = "0")]
+    ramp_retries: u32,
     /// Bound on the whole run's sending time (a ramp's steps included).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
@@ -181,6 +185,7 @@ fn main() -> ExitCode {
             step_duration: cli.step_duration,
             max_loss: cli.max_loss,
             refine: cli.refine,
+            retries: cli.ramp_retries,
         })
     } else {
         Shape::Fixed { rate: cli.rate }

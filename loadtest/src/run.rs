@@ -36,7 +36,9 @@ pub enum Shape {
 }
 
 /// Step the population's rate up until loss passes `max_loss`, then bisect `refine` times
-/// between the best passing and the lowest failing rate.
+/// between the best passing and the lowest failing rate. A failing step is measured again up to
+/// `retries` times and fails only if every attempt does: one burst of loss (a host hiccup, a
+/// timer) then does not end a ramp whose rate the server holds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RampPlan {
     pub start: f64,
@@ -47,6 +49,7 @@ pub struct RampPlan {
     /// Fraction, e.g. 0.01 for 1 %.
     pub max_loss: f64,
     pub refine: u32,
+    pub retries: u32,
 }
 
 /// A named client sending at its own rate, on top of the population.
@@ -576,6 +579,7 @@ impl Sender<'_> {
                 let mut best: Option<(f64, usize)> = None;
                 let mut lowest_bad: Option<f64> = None;
                 let mut refines = 0;
+                let mut retried = 0;
                 let mut generator_limited = false;
                 let ended_by = loop {
                     if steps.len() >= MAX_STEPS || self.out_of_budget() {
@@ -593,10 +597,16 @@ impl Sender<'_> {
                     if !complete {
                         break "budget";
                     }
+                    let failed = loss > plan.max_loss || !generator_ok;
+                    if failed && retried < plan.retries {
+                        retried += 1;
+                        continue;
+                    }
+                    retried = 0;
                     // A step the generator could not send at full rate proves nothing about the
                     // server: it is bisected like a lossy one, and the result says so.
                     generator_limited |= !generator_ok && loss <= plan.max_loss;
-                    if loss > plan.max_loss || !generator_ok {
+                    if failed {
                         lowest_bad = Some(lowest_bad.map_or(rate, |b: f64| b.min(rate)));
                     } else {
                         best = Some((rate, i));

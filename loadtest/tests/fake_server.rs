@@ -263,6 +263,7 @@ fn ramp_that_loses_from_the_start_finds_no_rate() {
             step_duration: Duration::from_millis(200),
             max_loss: 0.01,
             refine: 2,
+            retries: 0,
         }),
         ..config(server.addr, 0.0, 5000)
     };
@@ -289,6 +290,7 @@ fn ramp_against_a_good_server_climbs_until_its_budget() {
             step_duration: Duration::from_millis(100),
             max_loss: 0.01,
             refine: 0,
+            retries: 0,
         }),
         ..config(server.addr, 0.0, 100)
     };
@@ -301,6 +303,39 @@ fn ramp_against_a_good_server_climbs_until_its_budget() {
     let offered: Vec<f64> = r.steps.iter().map(|s| s.offered_rate.unwrap()).collect();
     assert_eq!(offered[..2], [200.0, 400.0]);
     assert_eq!(ramp.max_rate, 400.0);
+}
+
+#[test]
+fn a_ramp_step_lost_to_one_burst_is_measured_again() {
+    // Drops requests 300..400 only: the third step (2000/s, requests 300..700) loses a quarter,
+    // its retry none.
+    let server = FakeServer::start(|i, req, _| {
+        if (300..400).contains(&i) {
+            vec![]
+        } else {
+            vec![Out::Main(correct(req))]
+        }
+    });
+    let plan = RampPlan {
+        start: 500.0,
+        factor: 2.0,
+        add: None,
+        step_duration: Duration::from_millis(200),
+        max_loss: 0.01,
+        refine: 0,
+        retries: 1,
+    };
+    let cfg = RunConfig {
+        shape: Shape::Ramp(plan),
+        ..config(server.addr, 0.0, 1500)
+    };
+    let r = run(&cfg).unwrap();
+    let ramp = r.ramp.as_ref().unwrap();
+    let offered: Vec<f64> = r.steps.iter().map(|s| s.offered_rate.unwrap()).collect();
+    assert_eq!(offered[..4], [500.0, 1000.0, 2000.0, 2000.0], "{offered:?}");
+    assert!(r.steps[2].loss_pct > 20.0, "{}", r.steps[2].loss_pct);
+    assert!(r.steps[3].loss_pct < 1.0, "{}", r.steps[3].loss_pct);
+    assert!(ramp.max_rate >= 2000.0, "{}", ramp.max_rate);
 }
 
 #[test]
