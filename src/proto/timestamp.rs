@@ -46,6 +46,16 @@ impl NtpTimestamp {
     /// The fraction is rounded to nearest, so a round trip through nanoseconds is exact.
     pub const fn from_unix_nanos(unix_nanos: i128) -> Self {
         let ntp_nanos = unix_nanos + NTP_UNIX_OFFSET as i128 * NANOS_PER_SEC;
+        // From 1900 to 2484 the count fits a u64, whose division by a constant compiles to a
+        // multiply; i128's is a library call, and every reply's T2 comes through here.
+        if ntp_nanos >= 0 && ntp_nanos <= u64::MAX as i128 {
+            let n = ntp_nanos as u64;
+            let (secs, nanos) = (n / 1_000_000_000, n % 1_000_000_000);
+            let frac = ((nanos << 32) + 500_000_000) / 1_000_000_000;
+            // The shift keeps the seconds within the era; a fraction rounded up to 2^32 carries
+            // into them, and past the era's last second wraps to 0, as below.
+            return NtpTimestamp((secs << 32).wrapping_add(frac));
+        }
         let secs = ntp_nanos.div_euclid(NANOS_PER_SEC);
         let nanos = ntp_nanos.rem_euclid(NANOS_PER_SEC);
         // nanos < 1e9, so nanos << 32 fits easily in i128.
@@ -233,6 +243,19 @@ mod tests {
             let t = NtpTimestamp::from_unix(secs, nanos);
             let back = t.to_unix_nanos(pivot);
             prop_assert_eq!(back, secs as i128 * 1_000_000_000 + nanos as i128);
+        }
+
+        #[test]
+        fn the_u64_path_agrees_with_i128_arithmetic(unix_nanos in -2_208_988_800_000_000_000i128..16_000_000_000_000_000_000i128) {
+            let ntp = unix_nanos + NTP_UNIX_OFFSET as i128 * NANOS_PER_SEC;
+            let mut secs = ntp.div_euclid(NANOS_PER_SEC);
+            let mut frac = ((ntp.rem_euclid(NANOS_PER_SEC) << 32) + NANOS_PER_SEC / 2) / NANOS_PER_SEC;
+            if frac == 1 << 32 {
+                frac = 0;
+                secs += 1;
+            }
+            let want = ((secs.rem_euclid(ERA_SECONDS as i128) as u64) << 32) | frac as u64;
+            prop_assert_eq!(NtpTimestamp::from_unix_nanos(unix_nanos).0, want);
         }
 
         #[test]
