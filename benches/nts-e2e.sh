@@ -47,6 +47,9 @@ CONF=$OUT/gnomon-nts.toml
 NTS_FLAGS="--nts --nts-port $KE_PORT --nts-ca $OUT/cert.pem --nts-name localhost --nts-sessions $NTS_SESSIONS"
 max_of() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(r['ramp']['max_rate']), r['ramp']['ended_by'])" "$1"; }
 
+# cost FILE IO: the server CPU per reply at the fixed rate, from a compare.sh results.tsv.
+cost() { awk -F'\t' -v io="$2" '$1 == "gnomon" && $2 == io { print $9 }' "$1"; }
+
 SUMMARY=$OUT/summary.txt
 PAIRS=$OUT/pairs.tsv
 : >"$SUMMARY"
@@ -61,9 +64,8 @@ for io in $IOS; do
         read -r nts nts_end < <(max_of "$RUN/nts/gnomon-$io-ramp.json")
         bad=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r['invalid'].get('unauthenticated', 0), r['kiss'].get('NTSN', 0))" \
             "$RUN/nts/gnomon-$io-ramp.json")
-        cost() { awk -F'\t' -v io="$io" '$1 == "gnomon" && $2 == io { print $9 }' "$1"; }
         python3 - "$io" "$r" "$plain" "$plain_end" "$nts" "$nts_end" "$bad" \
-            "$(cost "$RUN/plain/results.tsv")" "$(cost "$RUN/nts/results.tsv")" "$PAIRS" <<'PY' | tee -a "$SUMMARY"
+            "$(cost "$RUN/plain/results.tsv" "$io")" "$(cost "$RUN/nts/results.tsv" "$io")" "$PAIRS" <<'PY' | tee -a "$SUMMARY"
 import os, sys
 io, r, plain, plain_end, nts, nts_end, bad, plain_cost, nts_cost, pairs = sys.argv[1:]
 plain, nts = int(plain), int(nts)

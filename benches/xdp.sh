@@ -242,7 +242,7 @@ row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$REP" "$@" >>"$RESULTS"; 
 # measure NAME: the ramp, then the fixed rate with the server core's busy time.
 measure() {
     local name=$1
-    local max=n/a ended=- b0 b1 t0 t1 i0 i1 s0 s1 perf_pid= perf_pids= p
+    local max=n/a ended=- busy t0 t1 i0 i1 s0 s1 perf_pid= perf_pids= p
     if [[ $RAMP != 0 ]]; then
         echo "== $name: ramp (loss under $MAX_LOSS)" >&2
         load --ramp --ramp-start "$RAMP_START" --ramp-factor "$RAMP_FACTOR" --step-duration "$STEP" \
@@ -272,10 +272,9 @@ measure() {
     load --rate "$RATE" --duration "$FIXED" --max-packets 100M >"$OUT/$name-fixed.json"
     read -r i1 s1 < <(cpu_ticks)
     t1=$(date +%s.%N)
-    # Busy ticks: wall time minus idle (see cpu_ticks).
-    b0=0
-    b1=$(python3 -c "print(($t1 - $t0) * $CLK_TCK - ($i1 - $i0))")
-    echo "   $name: core busy $(python3 -c "print('%.2f' % (($b1) / $CLK_TCK))") s by wall minus idle, $(python3 -c "print('%.2f' % (($s1 - $s0) / $CLK_TCK))") s by tick samples, over $(python3 -c "print('%.2f' % ($t1 - $t0))") s" >&2
+    # Busy seconds: wall time minus idle (see cpu_ticks).
+    busy=$(python3 -c "print(($t1 - $t0) - ($i1 - $i0) / $CLK_TCK)")
+    python3 -c "print('   $name: core busy %.2f s by wall minus idle, %.2f s by tick samples, over %.2f s' % ($busy, ($s1 - $s0) / $CLK_TCK, $t1 - $t0))" >&2
     if [[ -n $perf_pid ]]; then
         for p in $perf_pids; do wait "$p" || true; done
         perf report -i "$OUT/$name.perf.data" --no-children --sort sym --stdio 2>/dev/null \
@@ -302,8 +301,8 @@ EOF
         "$(json "$OUT/$name-fixed.json" "'%.0f' % r['reply_rate']")" \
         "$(json "$OUT/$name-fixed.json" "'%.3f' % r['loss_pct']")" \
         "$(json "$OUT/$name-fixed.json" "'%.1f' % r['rtt_us']['p99']")" \
-        "$(python3 -c "r=__import__('json').load(open('$OUT/$name-fixed.json')); print('%.3f' % (($b1-$b0)/$CLK_TCK*1e6/max(r['replies'],1)))")" \
-        "$(python3 -c "print('%.0f' % (($b1-$b0)/$CLK_TCK*100/($t1-$t0)))")"
+        "$(python3 -c "r=__import__('json').load(open('$OUT/$name-fixed.json')); print('%.3f' % ($busy*1e6/max(r['replies'],1)))")" \
+        "$(python3 -c "print('%.0f' % ($busy*100/($t1-$t0)))")"
 }
 
 # measure_t2 NAME: T2 - T_wire of single requests, and (gnomon) the worker's T3 - T2.
@@ -409,7 +408,7 @@ for name, mx, ended, rr, lp, p99, cost, busy in rows:
     cr = f"{c_cost / num(cost):.2f}" if c_cost and num(cost) else "-"
     rc = f"{num(mx) / c_rate:.2f}" if c_rate and num(mx) else "-"
     print(f"{label.get(name, name):<16} {mx:>24} {ended:>9} | {'':>{len(rate) + 6}}{rr:>9} {lp:>7} {p99:>8} {cost:>13} {busy:>11} | {cr:>16} {rc:>11}")
-print("(core us/reply: busy time of the server's CPU (user, system, irq, softirq: the server, its")
+print("(core us/reply: busy time of the server's CPU (wall time minus its idle: the server, its")
 print(" NAPI thread and anything else there) over the fixed-rate window, per reply; chrony/this")
 print(" cost > 1 means cheaper than chrony, the target for AF_XDP is >= 3; 'generator' in ended by:")
 print(" the generator, not the server, stopped the ramp, so that max is a floor)")

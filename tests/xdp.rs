@@ -8,7 +8,7 @@ mod common;
 use common::{is_root, run_bounded, skip};
 use gnomon::xdp::frame::{COUNT_NO_SOCKET, Pass, Target, classify};
 use gnomon::xdp::program::{XDP_PASS, XDP_REDIRECT};
-use gnomon::xdp::sys::{Mode, Program};
+use gnomon::xdp::sys::{LoadError, Mode, Program, Redirect};
 use proptest::prelude::*;
 use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::process::Command;
@@ -39,11 +39,16 @@ fn target(port: u16) -> Target {
 
 /// The program for `t`, or None (with a SKIPPED line) where this process may not load BPF.
 fn load(t: &Target) -> Option<Program> {
+    loaded(|| Program::load(t, 4))
+}
+
+/// A program from `load`, or `None` with a SKIPPED line where this process may not load one.
+fn loaded<P>(load: impl FnOnce() -> Result<P, LoadError>) -> Option<P> {
     if !is_root() {
         skip("loading an XDP program needs root (CAP_BPF)");
         return None;
     }
-    match Program::load(t, 4) {
+    match load() {
         Ok(p) => Some(p),
         Err(e) if e.error.raw_os_error() == Some(libc::EPERM) => {
             skip(&format!("bpf() refused here: {e}"));
@@ -128,17 +133,8 @@ fn verifier_accepts_the_program_and_it_decides_as_classify() {
 /// every frame on, ARP and other ports too, whatever it holds.
 #[test]
 fn the_redirect_program_sends_every_frame_on() {
-    if !is_root() {
-        skip("loading an XDP program needs root (CAP_BPF)");
+    let Some(p) = loaded(|| Redirect::load(1)) else {
         return;
-    }
-    let p = match gnomon::xdp::sys::Redirect::load(1) {
-        Ok(p) => p,
-        Err(e) if e.error.raw_os_error() == Some(libc::EPERM) => {
-            skip(&format!("bpf() refused here: {e}"));
-            return;
-        }
-        Err(e) => panic!("{e}\n{}", e.log),
     };
     let mut arp = request_frame(false, false, 123);
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
