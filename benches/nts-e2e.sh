@@ -13,6 +13,9 @@
 #   REPEAT=5 benches/nts-e2e.sh         five plain/NTS pairs, one after the other, each pair's
 #                                       ratios and their medians: on a shared machine one pair's
 #                                       figures move by a quarter from run to run
+#   PAIRED=1 benches/nts-e2e.sh         one server, plain and NTS slices in turn (SLICE, default
+#                                       3s) at each of RATES, ROUNDS times: per-pair core time ratios
+#                                       and the loss at each rate, free of the VM's slow drift
 #   Other knobs (GEN_CPU, SRV_CPU, CLIENTS, RAMP_START, STEP, ...) as in benches/compare.sh;
 #   NTS_SESSIONS (default 16) key exchanges made by gnomon-load before each run.
 set -euo pipefail
@@ -49,6 +52,119 @@ max_of() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(ro
 
 # cost FILE IO: the server CPU per reply at the fixed rate, from a compare.sh results.tsv.
 cost() { awk -F'\t' -v io="$2" '$1 == "gnomon" && $2 == io { print $9 }' "$1"; }
+
+if [[ -n ${PAIRED:-} ]]; then
+    # One server for both kinds, and short slices in turn: plain, NTS, plain, NTS... at each
+    # rate. Both see the same machine at the same minute, so a VM whose speed drifts by a third
+    # over an hour (as this one does) moves both alike, and each pair's ratio stands.
+    source benches/common.sh
+    GEN_CPU=${GEN_CPU:-0}
+    SRV_CPU=${SRV_CPU:-1}
+    PORT=${PORT:-12470}
+    CLIENTS=${CLIENTS:-1000}
+    SLICE=${SLICE:-3s}
+    ROUNDS=${ROUNDS:-3}
+    RATES=${RATES:-"100000 150000 200000 250000 300000"}
+    MAX_LOSS=${MAX_LOSS:-1}
+    [[ -n ${QUICK:-} ]] && SLICE=1s ROUNDS=1 RATES="50000 100000"
+    cargo build --release -p gnomon --bin gnomon -p gnomon-load >&2
+    LOAD=$ROOT/target/release/gnomon-load
+    trap cleanup EXIT
+    for io in $IOS; do
+        taskset -c "$SRV_CPU" target/release/gnomon serve --config "$CONF" --listen "127.0.0.1:$PORT" \
+            --workers 1 --io "$io" >"$OUT/paired-$io.log" 2>&1 &
+        SERVER_PID=$!
+        for _ in $(seq 50); do
+            "$LOAD" "127.0.0.1:$PORT" --rate 200 --max-packets 20 --duration 1s --drain 100ms --no-progress \
+                --json >"$OUT/probe.json" 2>/dev/null && break
+            kill -0 "$SERVER_PID" || { echo "!! gnomon died, see $OUT/paired-$io.log" >&2; exit 1; }
+            sleep 0.2
+        done
+        ROWS=$OUT/paired-$io.tsv
+        : >"$ROWS"
+        for rate in $RATES; do
+            for round in $(seq "$ROUNDS"); do
+                for kind in plain nts; do
+                    flags=()
+                    # shellcheck disable=SC2206
+                    [[ $kind == nts ]] && flags=($NTS_FLAGS)
+                    # The server's process CPU (all threads, its KE thread too) and its core's
+                    # busy time: wall minus idle and iowait (io_uring's waits count as iowait),
+                    # exact under NO_HZ, softirq on that core included.
+                    t0=$(awk '{print $14 + $15}' "/proc/$SERVER_PID/stat")
+                    read -r idle0 w0 < <(awk -v c="cpu$SRV_CPU" '$1 == c {printf "%s ", $5 + $6; exit}' /proc/stat; date +%s.%N)
+                    "$LOAD" "127.0.0.1:$PORT" --cpu "$GEN_CPU" --clients "$CLIENTS" --no-progress --json \
+                        ${flags[@]+"${flags[@]}"} --rate "$rate" --duration "$SLICE" --max-packets 100M \
+                        >"$OUT/paired-$io-$kind.json"
+                    t1=$(awk '{print $14 + $15}' "/proc/$SERVER_PID/stat")
+                    read -r idle1 w1 < <(awk -v c="cpu$SRV_CPU" '$1 == c {printf "%s ", $5 + $6; exit}' /proc/stat; date +%s.%N)
+                    python3 - "$OUT/paired-$io-$kind.json" "$rate" "$round" "$kind" "$t0" "$t1" "$idle0" "$idle1" \
+                        "$w0" "$w1" "$(getconf CLK_TCK)" >>"$ROWS" <<'PY'
+import json, sys
+f, rate, rnd, kind, t0, t1, i0, i1, w0, w1, tck = sys.argv[1:]
+r = json.load(open(f))
+tck = float(tck)
+proc = (float(t1) - float(t0)) / tck
+busy = (float(w1) - float(w0)) - (float(i1) - float(i0)) / tck
+n = max(r["replies"], 1)
+bad = r["invalid"].get("unauthenticated", 0) + r["kiss"].get("NTSN", 0)
+# The generator fell behind its schedule: this slice says nothing about the server's limit.
+short = r["skipped"] > 0.01 * r["sent"] or r["send_rate"] < 0.98 * float(rate)
+print(f"{rate}\t{rnd}\t{kind}\t{r['sent']}\t{r['replies']}\t{r['loss_pct']:.3f}\t{proc * 1e6 / n:.3f}\t"
+      f"{busy * 1e6 / n:.3f}\t{int(short)}\t{bad}")
+PY
+                    tail -1 "$ROWS" >&2
+                done
+            done
+        done
+        stop_pids "$SERVER_PID"
+        SERVER_PID=
+        python3 - "$ROWS" "$io" "$MAX_LOSS" <<'PY' | tee "$OUT/paired-summary-$io.txt"
+import statistics, sys
+from collections import defaultdict
+rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines()]
+io, max_loss = sys.argv[2], float(sys.argv[3])
+by = defaultdict(dict)  # (rate, round) -> kind -> row
+for r in rows:
+    by[(int(r[0]), r[1])][r[2]] = r
+print(f"== {io}: plain and NTS in turn against one gnomon, {len(by)} pairs")
+print(f"{'rate/s':>8} {'loss plain%':>11} {'loss NTS%':>10} {'core us plain':>13} {'core us NTS':>11} "
+      f"{'plain/NTS core':>14} {'plain/NTS proc':>14}  generator behind")
+cost = defaultdict(list)
+passed = defaultdict(lambda: defaultdict(list))
+bad = 0
+for (rate, rnd), k in sorted(by.items()):
+    if "plain" not in k or "nts" not in k:
+        continue
+    p, n = k["plain"], k["nts"]
+    bad += int(n[9])
+    core, proc = float(p[7]) / float(n[7]), float(p[6]) / float(n[6])
+    for kind, row in k.items():
+        passed[kind][rate].append(float(row[5]) < max_loss)
+    behind = ",".join(kind for kind, row in k.items() if row[8] == "1") or "-"
+    if float(p[5]) < max_loss and float(n[5]) < max_loss:
+        cost[rate].append(core)
+    print(f"{rate:>8} {float(p[5]):>11.3f} {float(n[5]):>10.3f} {float(p[7]):>13.2f} {float(n[7]):>11.2f} "
+          f"{core:>14.2f} {proc:>14.2f}  {behind}")
+def top(kind):
+    # The highest rate at which most slices lost less than max_loss.
+    ok = [rate for rate, v in passed[kind].items() if sum(v) * 2 > len(v)]
+    return max(ok) if ok else 0
+tp, tn = top("plain"), top("nts")
+print(f"highest rate most slices held under {max_loss}% loss: plain {tp}/s, NTS {tn}/s, "
+      f"NTS/plain {tn / tp if tp else 0:.2f} (of the rates tried)")
+for rate in sorted(cost):
+    c = sorted(cost[rate])
+    print(f"core time per reply plain/NTS at {rate}/s, loss-free pairs: median {statistics.median(c):.2f} "
+          f"(min {c[0]:.2f}, max {c[-1]:.2f}, {len(c)} pairs)")
+allc = sorted(x for v in cost.values() for x in v)
+if allc:
+    print(f"all loss-free pairs: core time per reply plain/NTS median {statistics.median(allc):.2f} ({len(allc)} pairs)")
+print(f"unauthenticated NTS replies and NAKs: {bad}")
+PY
+    done
+    exit 0
+fi
 
 SUMMARY=$OUT/summary.txt
 PAIRS=$OUT/pairs.tsv
