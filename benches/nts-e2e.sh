@@ -66,6 +66,7 @@ if [[ -n ${PAIRED:-} ]]; then
     ROUNDS=${ROUNDS:-3}
     RATES=${RATES:-"100000 150000 200000 250000 300000"}
     MAX_LOSS=${MAX_LOSS:-1}
+    MAX_LOSS=${MAX_LOSS%\%}  # percent, with or without the sign (compare.sh takes "1%")
     [[ -n ${QUICK:-} ]] && SLICE=1s ROUNDS=1 RATES="50000 100000"
     cargo build --release -p gnomon --bin gnomon -p gnomon-load >&2
     LOAD=$ROOT/target/release/gnomon-load
