@@ -69,25 +69,6 @@ CHRONYD=$(command -v chronyd || echo /usr/sbin/chronyd)
 # The generator's common flags: pinned, many clients, no progress bar, JSON out.
 LOAD_FLAGS=(--cpu "$GEN_CPU" --clients "$CLIENTS" --no-progress --json)
 
-# json FILE EXPR: evaluates a Python expression on the parsed report `r`.
-json() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print($2)" "$1"; }
-
-# Waits until the server on $PORT answers (echo: $1 = --echo), or its process has died.
-wait_ready() {
-    local i
-    for i in $(seq 1 50); do
-        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-            return 1
-        fi
-        if "$LOAD" "127.0.0.1:$PORT" $1 --rate 200 --max-packets 20 --duration 1s --drain 100ms \
-            --no-progress --json >"$TMP/probe.json" 2>/dev/null &&
-            [[ $(json "$TMP/probe.json" "r['replies']") -gt 0 ]]; then
-            return 0
-        fi
-        sleep 0.2
-    done
-    return 1
-}
 
 RESULTS=$TMP/results.tsv
 : >"$RESULTS"
@@ -121,10 +102,10 @@ measure() {
         "$GNOMON" stats --reset --control "$GNOMON_CONTROL" >/dev/null 2>&1 || true
     fi
     local cpu0 cpu1
-    cpu0=$(cpu_ticks "$SERVER_PID")
+    cpu0=$(proc_ticks "$SERVER_PID")
     "$LOAD" "127.0.0.1:$PORT" $echo_flag "${LOAD_FLAGS[@]}" ${extra[@]+"${extra[@]}"} --rate "$half" --duration "$FIXED" \
         --max-packets 100M --hgrm "$OUT/$tag-half.hgrm" >"$OUT/$tag-half.json"
-    cpu1=$(cpu_ticks "$SERVER_PID")
+    cpu1=$(proc_ticks "$SERVER_PID")
     local srv_p99=-
     if [[ $name == gnomon && -n $GNOMON_CONTROL ]]; then
         "$GNOMON" stats --json --control "$GNOMON_CONTROL" >"$OUT/$tag-half-stats.json" 2>/dev/null &&
@@ -140,10 +121,6 @@ measure() {
 }
 
 CLK_TCK=$(getconf CLK_TCK)
-# utime + stime of a process, all threads, in clock ticks (fields 14 and 15 of /proc/PID/stat).
-cpu_ticks() {
-    awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0
-}
 # The control socket of the gnomon under test, from its --config (for `gnomon stats`).
 GNOMON_CONTROL=
 if [[ $GNOMON_ARGS =~ --config[[:space:]]+([^[:space:]]+) ]]; then
@@ -157,7 +134,7 @@ run_server() {
     echo "== starting $name ($io): $*" >&2
     taskset -c "$SRV_CPU" "$@" >"$OUT/$name-$io.log" 2>&1 &
     SERVER_PID=$!
-    if wait_ready "$echo_flag"; then
+    if answering "$PORT" $echo_flag; then
         measure "$name" "$io" "$echo_flag"
     else
         echo "!! $name ($io) did not answer on 127.0.0.1:$PORT; see $OUT/$name-$io.log" >&2

@@ -61,10 +61,7 @@ control_socket = "$TMP/gnomon.sock"
 listen = "127.0.0.1:$MPORT"
 EOF
 
-json() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print($2)" "$1"; }
 CLK_TCK=$(getconf CLK_TCK)
-# utime + stime of the server, all threads (exited scrape threads included), in clock ticks.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 taskset -c "$SRV_CPU" "$GNOMON" serve --config "$TMP/gnomon.toml" >"$OUT/gnomon.log" 2>&1 &
 SERVER_PID=$!
@@ -87,11 +84,11 @@ for _ in range(int(sys.argv[1])):
     urllib.request.urlopen('http://127.0.0.1:$MPORT/metrics').read()
 print(time.monotonic() - t)" "$1"
 }
-c0=$(cpu_ticks "$SERVER_PID")
+c0=$(proc_ticks "$SERVER_PID")
 wall=$(scrape_loop "$SCRAPES")
-c1=$(cpu_ticks "$SERVER_PID")
+c1=$(proc_ticks "$SERVER_PID")
 sleep "$wall"
-c2=$(cpu_ticks "$SERVER_PID")
+c2=$(proc_ticks "$SERVER_PID")
 PER_SCRAPE_US=$(python3 -c "print('%.1f' % ((($c1 - $c0) - ($c2 - $c1)) / $CLK_TCK * 1e6 / $SCRAPES))")
 echo "== one scrape costs the idle server ${PER_SCRAPE_US} us of CPU ($SCRAPES scrapes in ${wall} s)" >&2
 
@@ -104,10 +101,10 @@ round() {
         taskset -c "$GEN_CPU" bash -c "while :; do curl -sf -o /dev/null http://127.0.0.1:$MPORT/metrics; sleep $SCRAPE_EVERY; done" &
         SCRAPER_PID=$!
     fi
-    cpu0=$(cpu_ticks "$SERVER_PID")
+    cpu0=$(proc_ticks "$SERVER_PID")
     "$LOAD" "127.0.0.1:$PORT" --cpu "$GEN_CPU" --clients "$CLIENTS" --rate "$RATE" --duration "$ROUND" \
         --max-packets 100M --no-progress --json >"$OUT/$mode-$n.json"
-    cpu1=$(cpu_ticks "$SERVER_PID")
+    cpu1=$(proc_ticks "$SERVER_PID")
     if [[ -n $SCRAPER_PID ]]; then
         kill "$SCRAPER_PID" 2>/dev/null || true
         wait "$SCRAPER_PID" 2>/dev/null || true

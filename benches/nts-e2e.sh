@@ -75,12 +75,7 @@ if [[ -n ${PAIRED:-} ]]; then
         taskset -c "$SRV_CPU" target/release/gnomon serve --config "$CONF" --listen "127.0.0.1:$PORT" \
             --workers 1 --io "$io" >"$OUT/paired-$io.log" 2>&1 &
         SERVER_PID=$!
-        for _ in $(seq 50); do
-            "$LOAD" "127.0.0.1:$PORT" --rate 200 --max-packets 20 --duration 1s --drain 100ms --no-progress \
-                --json >"$OUT/probe.json" 2>/dev/null && break
-            kill -0 "$SERVER_PID" || { echo "!! gnomon died, see $OUT/paired-$io.log" >&2; exit 1; }
-            sleep 0.2
-        done
+        answering "$PORT" || { echo "!! gnomon did not answer, see $OUT/paired-$io.log" >&2; exit 1; }
         ROWS=$OUT/paired-$io.tsv
         : >"$ROWS"
         for rate in $RATES; do
@@ -92,12 +87,12 @@ if [[ -n ${PAIRED:-} ]]; then
                     # The server's process CPU (all threads, its KE thread too) and its core's
                     # busy time: wall minus idle and iowait (io_uring's waits count as iowait),
                     # exact under NO_HZ, softirq on that core included.
-                    t0=$(awk '{print $14 + $15}' "/proc/$SERVER_PID/stat")
+                    t0=$(proc_ticks "$SERVER_PID")
                     read -r idle0 w0 < <(awk -v c="cpu$SRV_CPU" '$1 == c {printf "%s ", $5 + $6; exit}' /proc/stat; date +%s.%N)
                     "$LOAD" "127.0.0.1:$PORT" --cpu "$GEN_CPU" --clients "$CLIENTS" --no-progress --json \
                         ${flags[@]+"${flags[@]}"} --rate "$rate" --duration "$SLICE" --max-packets 100M \
                         >"$OUT/paired-$io-$kind.json"
-                    t1=$(awk '{print $14 + $15}' "/proc/$SERVER_PID/stat")
+                    t1=$(proc_ticks "$SERVER_PID")
                     read -r idle1 w1 < <(awk -v c="cpu$SRV_CPU" '$1 == c {printf "%s ", $5 + $6; exit}' /proc/stat; date +%s.%N)
                     python3 - "$OUT/paired-$io-$kind.json" "$rate" "$round" "$kind" "$t0" "$t1" "$idle0" "$idle1" \
                         "$w0" "$w1" "$(getconf CLK_TCK)" >>"$ROWS" <<'PY'

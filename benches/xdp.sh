@@ -208,7 +208,6 @@ pin_napi() {
 
 LOAD_FLAGS=(--allow-remote --clients 1 --ports "$PORTS" --cpu "$GEN_CPU" --no-progress --json)
 load() { ip netns exec "$NS_C" "$LOAD" "$SERVER:123" "${LOAD_FLAGS[@]}" "$@"; }
-json() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print($2)" "$1"; }
 
 # SRV_CPU's clock ticks so far: "idle busy", idle with iowait, busy the other columns. With
 # NO_HZ the kernel measures an idle CPU's idle time exactly, but (TICK_CPU_ACCOUNTING, the
