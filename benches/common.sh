@@ -33,16 +33,19 @@ proc_ticks() {
     awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0
 }
 
-# answering PORT [FLAGS...]: waits until the server on 127.0.0.1:PORT answers gnomon-load ($LOAD,
-# with FLAGS, such as --echo), 50 probes of
-# about a second each at most; false at once if SERVER_PID has died.
+# answering TARGET [FLAGS...]: waits until the server at TARGET (a port on 127.0.0.1, or
+# HOST:PORT) answers gnomon-load ($LOAD, run under $LOAD_IN if set, such as `ip netns exec NS`,
+# with FLAGS, such as --echo), 50 probes of about a second each at most; false at once if
+# SERVER_PID has died.
 answering() {
-    local port=$1 probe i
+    local target=$1 probe i
     shift
+    [[ $target == *:* ]] || target=127.0.0.1:$target
     probe=$(mktemp)
     for i in $(seq 1 50); do
         kill -0 "$SERVER_PID" 2>/dev/null || break
-        if "$LOAD" "127.0.0.1:$port" "$@" --rate 200 --max-packets 20 --duration 1s --drain 100ms \
+        # shellcheck disable=SC2086
+        if ${LOAD_IN:-} "$LOAD" "$target" "$@" --rate 200 --max-packets 20 --duration 1s --drain 100ms \
             --no-progress --json >"$probe" 2>/dev/null &&
             [[ $(json "$probe" "r['replies']") -gt 0 ]]; then
             rm -f "$probe"

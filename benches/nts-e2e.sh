@@ -16,6 +16,13 @@
 #   PAIRED=1 benches/nts-e2e.sh         one server, plain and NTS slices in turn (SLICE, default
 #                                       3s) at each of RATES, ROUNDS times: per-pair core time ratios
 #                                       and the loss at each rate, free of the VM's slow drift
+#   PAIRED=1 VETH=1 benches/nts-e2e.sh  the same across a veth pair between two namespaces
+#                                       (benches/veth.sh, as benches/xdp.sh; needs root): the
+#                                       server's receive work runs in its veth end's NAPI thread
+#                                       on SRV_CPU, counted in its core time, where on loopback
+#                                       the sender's core does it; the generator keeps its own.
+#                                       GEN_XDP=1: gnomon-load through AF_XDP (--xdp), cheap
+#                                       enough per request to drive the server to its limit
 #   Other knobs (GEN_CPU, SRV_CPU, CLIENTS, RAMP_START, STEP, ...) as in benches/compare.sh;
 #   NTS_SESSIONS (default 16) key exchanges made by gnomon-load before each run.
 set -euo pipefail
@@ -30,10 +37,11 @@ REPEAT=${REPEAT:-1}
 export FIXED_RATE=${FIXED_RATE:-100000}
 mkdir -p "$OUT"
 
-# A self-signed P-256 certificate for localhost and 127.0.0.1, as tests/nts.rs makes.
+# A self-signed P-256 certificate for localhost, 127.0.0.1 and the VETH=1 server address, as
+# tests/nts.rs makes.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
     -keyout "$OUT/key.pem" -out "$OUT/cert.pem" -days 30 -subj /CN=localhost \
-    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE \
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1,IP:198.18.0.1 -addext basicConstraints=critical,CA:FALSE \
     >/dev/null 2>&1
 cat >"$OUT/gnomon-nts.toml" <<CONF
 # As benches/gnomon-bench.toml, plus NTS: every client served, no rules, no rate limit.
@@ -61,6 +69,20 @@ if [[ -n ${PAIRED:-} ]]; then
     GEN_CPU=${GEN_CPU:-0}
     SRV_CPU=${SRV_CPU:-1}
     PORT=${PORT:-12470}
+    HOST=127.0.0.1
+    SERVE_IN=
+    if [[ -n ${VETH:-} ]]; then
+        [[ $(id -u) == 0 ]] || { echo "VETH=1 needs root (network namespaces)" >&2; exit 1; }
+        PROFILE=release
+        source benches/veth.sh
+        HOST=$SERVER
+        SERVE_IN="ip netns exec $NS_S"
+        LOAD_IN="ip netns exec $NS_C"
+        # The KE server listens on the server's veth address; the config is written again.
+        sed -i "s/^listen = \".*:$KE_PORT\"/listen = \"$SERVER:$KE_PORT\"/" "$CONF"
+        PLAIN_FLAGS=$(gen_flags | tr '\n' ' ')
+        NTS_FLAGS="$NTS_FLAGS $PLAIN_FLAGS"
+    fi
     CLIENTS=${CLIENTS:-1000}
     SLICE=${SLICE:-3s}
     ROUNDS=${ROUNDS:-3}
@@ -70,18 +92,27 @@ if [[ -n ${PAIRED:-} ]]; then
     [[ -n ${QUICK:-} ]] && SLICE=1s ROUNDS=1 RATES="50000 100000"
     cargo build --release -p gnomon --bin gnomon -p gnomon-load >&2
     LOAD=$ROOT/target/release/gnomon-load
-    trap cleanup EXIT
+    trap 'cleanup; [[ -z ${VETH:-} ]] || veth_down' EXIT
+    [[ -z ${VETH:-} ]] || veth_up
     for io in $IOS; do
-        taskset -c "$SRV_CPU" target/release/gnomon serve --config "$CONF" --listen "127.0.0.1:$PORT" \
+        # shellcheck disable=SC2086
+        $SERVE_IN taskset -c "$SRV_CPU" target/release/gnomon serve --config "$CONF" --listen "$HOST:$PORT" \
             --workers 1 --io "$io" >"$OUT/paired-$io.log" 2>&1 &
         SERVER_PID=$!
-        answering "$PORT" || { echo "!! gnomon did not answer, see $OUT/paired-$io.log" >&2; exit 1; }
+        # shellcheck disable=SC2086
+        answering "$HOST:$PORT" ${VETH:+--allow-remote} ||
+            { echo "!! gnomon did not answer, see $OUT/paired-$io.log" >&2; exit 1; }
+        if [[ -n ${VETH:-} ]]; then
+            pin_napi "$SDEV" "$SRV_CPU"
+            pin_napi "$CDEV" "$GEN_CPU"
+        fi
         ROWS=$OUT/paired-$io.tsv
         : >"$ROWS"
         for rate in $RATES; do
             for round in $(seq "$ROUNDS"); do
                 for kind in plain nts; do
-                    flags=()
+                    # shellcheck disable=SC2206
+                    flags=(${PLAIN_FLAGS:-})
                     # shellcheck disable=SC2206
                     [[ $kind == nts ]] && flags=($NTS_FLAGS)
                     # The server's process CPU (all threads, its KE thread too) and its core's
@@ -89,7 +120,8 @@ if [[ -n ${PAIRED:-} ]]; then
                     # exact under NO_HZ, softirq on that core included.
                     t0=$(proc_ticks "$SERVER_PID")
                     read -r idle0 w0 < <(awk -v c="cpu$SRV_CPU" '$1 == c {printf "%s ", $5 + $6; exit}' /proc/stat; date +%s.%N)
-                    "$LOAD" "127.0.0.1:$PORT" --cpu "$GEN_CPU" --clients "$CLIENTS" --no-progress --json \
+                    # shellcheck disable=SC2086
+                    ${LOAD_IN:-} "$LOAD" "$HOST:$PORT" --cpu "$GEN_CPU" --clients "$CLIENTS" --no-progress --json \
                         ${flags[@]+"${flags[@]}"} --rate "$rate" --duration "$SLICE" --max-packets 100M \
                         >"$OUT/paired-$io-$kind.json"
                     t1=$(proc_ticks "$SERVER_PID")

@@ -1285,3 +1285,46 @@ fn without_af_xdp_gnomon_says_why_and_serves_through_the_kernel() {
         1
     );
 }
+
+/// `gnomon-load --xdp`: the generator's own AF_XDP socket sends the requests and takes the
+/// replies (gnomon on io_uring in the other namespace answers through its kernel), every reply
+/// valid and matched: in this mode the generator reads nothing but its AF_XDP socket.
+#[test]
+fn gnomon_load_sends_and_receives_through_af_xdp() {
+    if load(&target(123)).is_none() {
+        return;
+    }
+    let Some(ns) = Netns::create() else { return };
+    // The replies reach the generator's socket as frames with the checksums the server's end
+    // wrote: full ones, as a NIC would put on the wire.
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            ns.enter(0);
+            tx_checksum_off("xs");
+        });
+    });
+    let srv = serve_in(&ns, &config("uring", "", ""));
+    wait_answering(&ns);
+    let cfg = gnomon_load::RunConfig {
+        target: std::net::SocketAddrV4::new(SERVER4, 123),
+        allow_remote: true,
+        xdp: Some("xc".into()),
+        shape: gnomon_load::Shape::Fixed { rate: 2000.0 },
+        duration: Duration::from_secs(1),
+        max_packets: 2_000,
+        clients: 1,
+        progress: false,
+        ..gnomon_load::RunConfig::default()
+    };
+    let report = in_client(&ns, || gnomon_load::run(&cfg)).expect("gnomon-load --xdp");
+    common::say(&format!(
+        "gnomon-load --xdp: sent {}, replies {}, good {}, invalid {:?}",
+        report.sent, report.replies, report.good, report.invalid
+    ));
+    assert!(report.sent >= 1_900, "sent only {}", report.sent);
+    assert_eq!(report.invalid_total, 0, "{:?}", report.invalid);
+    assert_eq!(report.replies, report.sent, "loss {} %", report.loss_pct);
+    assert_eq!(report.good, report.sent);
+    let answered: u64 = workers(&srv, false).iter().map(|w| w.1).sum();
+    assert!(answered >= report.sent, "the server answered {answered}");
+}

@@ -10,6 +10,7 @@ pub mod run;
 pub mod snmp;
 pub mod tracker;
 pub mod validate;
+pub mod xdp;
 
 pub use report::Report;
 pub use run::{Abuser, RampPlan, RunConfig, RunError, Shape, run};

@@ -171,6 +171,11 @@ struct Cli {
     /// Key exchanges made before the run; their cookies are shared by all clients.
     #[arg(long, default_value = "16")]
     nts_sessions: usize,
+    /// Send and receive through an AF_XDP socket on this interface (queue 0), whose link the
+    /// target is on (a veth pair between namespaces): one source address and port, the
+    /// interface's; needs root. The kernel still carries ARP and NTS-KE.
+    #[arg(long, requires = "allow_remote")]
+    xdp: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -217,6 +222,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|| gnomon::nts::ke_client::SYSTEM_ROOTS.into()),
             sessions: cli.nts_sessions,
         }),
+        xdp: cli.xdp.clone(),
         ..RunConfig::default()
     };
     let report = match run(&cfg) {

@@ -131,6 +131,11 @@ impl SendBatch {
         self.lens[i] = n;
     }
 
+    /// Packet `i`'s bytes, as pushed.
+    pub fn payload(&self, i: usize) -> &[u8] {
+        &self.bufs[i][..self.lens[i]]
+    }
+
     /// Sends the whole batch with as few `sendmmsg` calls as the kernel allows. Returns how
     /// many packets the kernel accepted; the rest were refused (counted by the caller).
     pub fn send(&mut self, fd: RawFd) -> io::Result<usize> {
@@ -333,4 +338,54 @@ pub fn tighten_timer_slack() {
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
     }
+}
+
+/// Moves thread `tid` (another process's, such as a kernel NAPI thread) to `cpu` alone.
+pub fn pin_thread(tid: i32, cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain bits; all-zero is the empty set, filled by CPU_SET.
+    let mut set: libc::cpu_set_t = unsafe { zeroed() };
+    // SAFETY: CPU_SET writes one bit inside `set` (cpu is checked against its size first).
+    unsafe {
+        if cpu >= 8 * size_of::<libc::cpu_set_t>() {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        libc::CPU_SET(cpu, &mut set);
+    }
+    // SAFETY: `set` is a live cpu_set_t of the size passed.
+    if unsafe { libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The index and MAC address of interface `name` in the calling thread's network namespace
+/// (sysfs shows the namespace it was mounted in, which need not be the thread's).
+pub fn interface(name: &str) -> io::Result<(u32, [u8; 6])> {
+    let c = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+    // SAFETY: ifreq is plain C data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { zeroed() };
+    for (d, s) in req
+        .ifr_name
+        .iter_mut()
+        .zip(c.as_bytes().iter().take(libc::IFNAMSIZ - 1))
+    {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills the live `req` it is given.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: after SIOCGIFHWADDR the union holds the hardware address.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data) {
+        *m = d as u8;
+    }
+    Ok((index, mac))
 }

@@ -11,6 +11,7 @@ use crate::validate::{
     Invalid, Kiss, ReplyKind, SeqCodec, Verdict, check_echo, check_server_reply, claimed_seq, fill_request,
     request_template,
 };
+use crate::xdp::XdpPath;
 use gnomon::clock::realtime_ns;
 use gnomon::proto::{HEADER_LEN, NtpDuration, NtpTimestamp};
 use hdrhistogram::Histogram;
@@ -89,6 +90,8 @@ pub struct RunConfig {
     pub seed: u64,
     /// `--nts`: authenticated requests, with keys and cookies from key exchanges made first.
     pub nts: Option<crate::nts::NtsPlan>,
+    /// `--xdp IFACE`: send and receive through AF_XDP on this interface (see `xdp.rs`).
+    pub xdp: Option<String>,
 }
 
 impl Default for RunConfig {
@@ -115,6 +118,7 @@ impl Default for RunConfig {
             socket_buffer: 4 << 20,
             seed: 0x9e37_79b9_7f4a_7c15,
             nts: None,
+            xdp: None,
         }
     }
 }
@@ -127,6 +131,8 @@ pub enum RunError {
     Io(io::Error),
     /// `--nts`: a key exchange failed before the run.
     Nts(String),
+    /// `--xdp`: the AF_XDP path could not be opened.
+    Xdp(String),
 }
 
 impl std::fmt::Display for RunError {
@@ -135,7 +141,7 @@ impl std::fmt::Display for RunError {
             RunError::RemoteTarget(a) => write!(f, "{a} is not a loopback address; pass --allow-remote to load it"),
             RunError::Config(m) => write!(f, "{m}"),
             RunError::Io(e) => write!(f, "{e}"),
-            RunError::Nts(m) => write!(f, "{m}"),
+            RunError::Nts(m) | RunError::Xdp(m) => write!(f, "{m}"),
         }
     }
 }
@@ -281,7 +287,7 @@ struct RxOut {
     scratch: Vec<u8>,
 }
 
-struct Receiver {
+struct Receiver<'x> {
     target: SocketAddrV4,
     kind: ReplyKind,
     codec: SeqCodec,
@@ -292,9 +298,10 @@ struct Receiver {
     tracker: Arc<Tracker>,
     shared: Arc<Shared>,
     nts: Option<Arc<crate::nts::NtsKeys>>,
+    xdp: Option<&'x XdpPath>,
 }
 
-impl Receiver {
+impl Receiver<'_> {
     fn run(&self, fds: &[RawFd], streams: usize) -> io::Result<RxOut> {
         let mut out = RxOut {
             steps: vec![Tally::new()],
@@ -302,6 +309,9 @@ impl Receiver {
             loose: [0; Invalid::COUNT],
             scratch: Vec::with_capacity(crate::net::RECV_BUF_LEN),
         };
+        if let Some(xdp) = self.xdp {
+            return self.run_xdp(xdp, out);
+        }
         let mut poller = Poller::new(fds);
         let mut batch = RecvBatch::new(64);
         loop {
@@ -328,6 +338,28 @@ impl Receiver {
                     if n < 64 {
                         break;
                     }
+                }
+            }
+            if stopping && got == 0 {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// As `run`, from the AF_XDP socket's RX ring.
+    fn run_xdp(&self, xdp: &XdpPath, mut out: RxOut) -> io::Result<RxOut> {
+        let mut poller = Poller::new(&[xdp.fd()]);
+        loop {
+            let stopping = self.shared.stop.load(Ordering::Acquire);
+            poller.wait(if stopping { 0 } else { 10 })?;
+            let mut got = 0;
+            loop {
+                let mono_ns = self.start.elapsed().as_nanos() as u64;
+                let now = NtpTimestamp::from_unix_nanos(realtime_ns() as i128);
+                let n = xdp.recv(|bytes, from| self.handle(&mut out, bytes, from, false, mono_ns, now));
+                got += n;
+                if n < gnomon::xdp::xsk::BATCH {
+                    break;
                 }
             }
             if stopping && got == 0 {
@@ -431,6 +463,7 @@ struct Sender<'a> {
     seq: u64,
     stream_sent: Vec<u64>,
     rr: usize,
+    xdp: Option<&'a XdpPath>,
 }
 
 impl Sender<'_> {
@@ -526,7 +559,11 @@ impl Sender<'_> {
             let n = self.batch.len();
             let fd = self.fds[self.rr % self.fds.len()];
             self.rr = self.rr.wrapping_add(1);
-            let ok = match self.batch.send(fd) {
+            let result = match self.xdp {
+                Some(xdp) => xdp.send(n, |i| self.batch.payload(i)),
+                None => self.batch.send(fd),
+            };
+            let ok = match result {
                 Ok(k) => k,
                 Err(e)
                     if matches!(
@@ -676,6 +713,11 @@ pub fn run(cfg: &RunConfig) -> Result<Report, RunError> {
         Some(plan) => Some(Arc::new(crate::nts::NtsKeys::establish(plan).map_err(RunError::Nts)?)),
         None => None,
     };
+    let xdp = match &cfg.xdp {
+        Some(dev) => Some(XdpPath::open(dev, cfg.target, cfg.cpu).map_err(RunError::Xdp)?),
+        None => None,
+    };
+    let xdp = xdp.as_ref();
     let start = Instant::now();
     let snmp_before = if cfg.snmp_check { read_udp() } else { None };
 
@@ -691,6 +733,7 @@ pub fn run(cfg: &RunConfig) -> Result<Report, RunError> {
             tracker: tracker.clone(),
             shared: shared.clone(),
             nts: nts.clone(),
+            xdp,
         };
         let rx_fds = fds.clone();
         let rx = scope.spawn(move || {
@@ -723,6 +766,7 @@ pub fn run(cfg: &RunConfig) -> Result<Report, RunError> {
                 seq: 0,
                 stream_sent: vec![0; streams],
                 rr: 0,
+                xdp,
             };
             let r = sender.drive();
             if !matches!(cfg.shape, Shape::Ramp(_)) {

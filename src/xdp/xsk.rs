@@ -38,7 +38,7 @@ const XDP_RING_NEED_WAKEUP: u32 = 1;
 
 /// UMEM chunk size: one frame per chunk (aligned mode needs a power of two of at least 2048).
 pub const FRAME_SIZE: u32 = 2048;
-/// Chunks in the UMEM, and the size of each ring (a power of two).
+/// Chunks in a server socket's UMEM, and the size of each of its rings (a power of two).
 pub const FRAMES: u32 = 1024;
 /// Frames taken from the RX ring at once.
 pub const BATCH: usize = 64;
@@ -141,8 +141,8 @@ struct Ring<T> {
 }
 
 impl<T: Copy> Ring<T> {
-    fn map(fd: libc::c_int, off: &RingOffset, pgoff: libc::off_t) -> io::Result<Ring<T>> {
-        let len = off.desc as usize + FRAMES as usize * size_of::<T>();
+    fn map(fd: libc::c_int, off: &RingOffset, pgoff: libc::off_t, size: u32) -> io::Result<Ring<T>> {
+        let len = off.desc as usize + size as usize * size_of::<T>();
         let map = Mmap::new(len, Some((fd, pgoff)))?;
         // SAFETY: the kernel's offsets lie inside the mapping it just sized for this ring.
         let (producer, consumer, flags, desc) = unsafe {
@@ -159,7 +159,7 @@ impl<T: Copy> Ring<T> {
             consumer,
             flags,
             desc,
-            mask: FRAMES - 1,
+            mask: size - 1,
         })
     }
     fn producer(&self) -> &AtomicU32 {
@@ -199,7 +199,7 @@ impl<T: Copy> Ring<T> {
     fn free(&self) -> (u32, u32) {
         let prod = self.producer().load(Ordering::Relaxed);
         let cons = self.consumer().load(Ordering::Acquire);
-        (prod, FRAMES - prod.wrapping_sub(cons))
+        (prod, (self.mask + 1) - prod.wrapping_sub(cons))
     }
     fn submit(&self, n: u32) {
         let prod = self.producer().load(Ordering::Relaxed);
@@ -281,6 +281,10 @@ pub struct Xsk {
     recycled: usize,
     /// The sockaddr_xdp flags it was bound with.
     flags: u16,
+    /// A generator's socket: chunks below this address are for sending only and come back
+    /// from the completion ring to `send_pool`, never to the fill ring (0 for a server).
+    send_end: u64,
+    send_pool: Vec<u64>,
 }
 
 // SAFETY: every mapping and fd of an `Xsk` is owned by it alone (no other value points into its
@@ -294,13 +298,21 @@ impl Xsk {
     /// mode; with need-wakeup where the kernel has it (5.4+), so an idle or keeping-up kernel
     /// side costs no syscalls.
     pub fn bind(ifindex: u32, queue: u32, target: Target) -> io::Result<Xsk> {
+        Xsk::bind_sending(ifindex, queue, target, FRAMES, 0)
+    }
+
+    /// As [`Xsk::bind`], with `frames` chunks (a power of two, also each ring's size) of which
+    /// the first `send_chunks` (at most half) are kept for [`Xsk::send_frames`] (a load
+    /// generator's requests) and the rest are for receiving.
+    pub fn bind_sending(ifindex: u32, queue: u32, target: Target, frames: u32, send_chunks: u32) -> io::Result<Xsk> {
+        assert!(frames.is_power_of_two(), "ring sizes are powers of two");
         let mut last = None;
         for flags in [
             XDP_ZEROCOPY | XDP_USE_NEED_WAKEUP,
             XDP_COPY | XDP_USE_NEED_WAKEUP,
             XDP_COPY,
         ] {
-            match Xsk::bind_with(ifindex, queue, target, flags) {
+            match Xsk::bind_with(ifindex, queue, target, flags, frames, send_chunks.min(frames / 2)) {
                 Ok(x) => return Ok(x),
                 // No AF_XDP at all, or no right to it: no other mode helps.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EPERM)) => return Err(e),
@@ -320,7 +332,14 @@ impl Xsk {
         self.flags & XDP_USE_NEED_WAKEUP != 0
     }
 
-    fn bind_with(ifindex: u32, queue: u32, target: Target, flags: u16) -> io::Result<Xsk> {
+    fn bind_with(
+        ifindex: u32,
+        queue: u32,
+        target: Target,
+        flags: u16,
+        frames: u32,
+        send_chunks: u32,
+    ) -> io::Result<Xsk> {
         // SAFETY: plain socket creation; the fd is owned right after.
         let raw = unsafe { libc::socket(AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
         if raw < 0 {
@@ -328,7 +347,7 @@ impl Xsk {
         }
         // SAFETY: `raw` is a new fd nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let umem = Mmap::new((FRAMES * FRAME_SIZE) as usize, None)?;
+        let umem = Mmap::new((frames * FRAME_SIZE) as usize, None)?;
         let reg = UmemReg {
             addr: umem.ptr as u64,
             len: umem.len as u64,
@@ -339,7 +358,7 @@ impl Xsk {
         };
         setsockopt(raw, XDP_UMEM_REG, &reg)?;
         for opt in [XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_RX_RING, XDP_TX_RING] {
-            setsockopt(raw, opt, &FRAMES)?;
+            setsockopt(raw, opt, &frames)?;
         }
         let mut off = MmapOffsets::default();
         let mut len = size_of::<MmapOffsets>() as libc::socklen_t;
@@ -356,10 +375,10 @@ impl Xsk {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        let fill = Ring::map(raw, &off.fr, XDP_UMEM_PGOFF_FILL_RING)?;
-        let comp = Ring::map(raw, &off.cr, XDP_UMEM_PGOFF_COMPLETION_RING)?;
-        let rx = Ring::map(raw, &off.rx, XDP_PGOFF_RX_RING)?;
-        let tx = Ring::map(raw, &off.tx, XDP_PGOFF_TX_RING)?;
+        let fill = Ring::map(raw, &off.fr, XDP_UMEM_PGOFF_FILL_RING, frames)?;
+        let comp = Ring::map(raw, &off.cr, XDP_UMEM_PGOFF_COMPLETION_RING, frames)?;
+        let rx = Ring::map(raw, &off.rx, XDP_PGOFF_RX_RING, frames)?;
+        let tx = Ring::map(raw, &off.tx, XDP_PGOFF_TX_RING, frames)?;
         let sa = SockaddrXdp {
             family: AF_XDP as u16,
             flags,
@@ -378,12 +397,13 @@ impl Xsk {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        // Every chunk starts in the fill ring: the kernel may write any of them.
+        // Every chunk not kept for sending starts in the fill ring: the kernel may write any.
         let (idx, free) = fill.free();
-        for i in 0..free.min(FRAMES) {
-            fill.write(idx.wrapping_add(i), (i * FRAME_SIZE) as u64);
+        let receive = (frames - send_chunks).min(free);
+        for i in 0..receive {
+            fill.write(idx.wrapping_add(i), ((send_chunks + i) * FRAME_SIZE) as u64);
         }
-        fill.submit(free.min(FRAMES));
+        fill.submit(receive);
         Ok(Xsk {
             fd,
             umem,
@@ -393,9 +413,11 @@ impl Xsk {
             tx,
             target,
             pending: [None; BATCH],
-            recycle: vec![0u64; FRAMES as usize].into_boxed_slice(),
+            recycle: vec![0u64; frames as usize].into_boxed_slice(),
             recycled: 0,
             flags,
+            send_end: u64::from(send_chunks * FRAME_SIZE),
+            send_pool: (0..send_chunks).rev().map(|i| u64::from(i * FRAME_SIZE)).collect(),
         })
     }
 
@@ -573,6 +595,52 @@ impl Xsk {
         Ok(res)
     }
 
+    /// A generator's send: up to `n` new frames, each written by `build(i, chunk)` (returning
+    /// its length) into a chunk kept for sending, then one kick per 32. Returns how many went
+    /// into the TX ring: fewer than `n` when the kernel has not yet completed enough earlier
+    /// ones (the caller counts those as not sent).
+    pub fn send_frames(&mut self, n: usize, mut build: impl FnMut(usize, &mut [u8]) -> usize) -> io::Result<usize> {
+        self.reclaim();
+        let (tidx, free) = self.tx.free();
+        let k = n.min(self.send_pool.len()).min(free as usize).min(BATCH);
+        for i in 0..k {
+            let addr = self.send_pool.pop().expect("counted");
+            let len = build(i, self.frame(addr, FRAME_SIZE as usize));
+            self.tx.write(
+                tidx.wrapping_add(i as u32),
+                Desc {
+                    addr,
+                    len: len as u32,
+                    options: 0,
+                },
+            );
+        }
+        self.tx.submit(k as u32);
+        if k > 0 {
+            self.kick_tx()?;
+        }
+        Ok(k)
+    }
+
+    /// A generator's receive: every frame waiting in the RX ring (up to [`BATCH`]) that
+    /// [`frame::parse`] takes as UDP for the socket's target goes to `f` with its parts; the
+    /// rest are dropped. No wait: the caller polls [`Xsk::raw_fd`]. Returns the frames taken.
+    pub fn recv_frames(&mut self, mut f: impl FnMut(&Request, &[u8])) -> usize {
+        let (idx, n) = self.rx.peek(BATCH as u32);
+        let target = self.target;
+        for i in 0..n {
+            let d = self.rx.read(idx.wrapping_add(i));
+            let frame = self.frame(d.addr, d.len as usize);
+            if let Ok(r) = frame::parse(frame, &target) {
+                f(&r, frame);
+            }
+            self.give_back(d.addr);
+        }
+        self.rx.release(n);
+        self.reclaim();
+        n as usize
+    }
+
     /// Has the kernel send what the TX ring holds; returns the kicks (sendto calls) made.
     ///
     /// Copy mode sends in the syscall, but at most 32 frames per call (the kernel's
@@ -612,10 +680,14 @@ impl Xsk {
 
     /// Completed TX chunks and dropped requests go back to the fill ring.
     fn reclaim(&mut self) {
-        let (cidx, done) = self.comp.peek(FRAMES);
+        let (cidx, done) = self.comp.peek(self.recycle.len() as u32);
         for i in 0..done {
             let a = self.comp.read(cidx.wrapping_add(i));
-            self.give_back(a);
+            if a < self.send_end {
+                self.send_pool.push(a & !(FRAME_SIZE as u64 - 1));
+            } else {
+                self.give_back(a);
+            }
         }
         self.comp.release(done);
         if self.recycled == 0 {
