@@ -1,6 +1,7 @@
 //! gnomon-load: an open-loop load generator and reply validator for NTP servers over
-//! loopback. Many clients (one 127/8 source address each), Zipf and abuser populations,
-//! fixed-rate, as-fast-as-possible and ramp shapes; every reply is checked.
+//! loopback (or, with `--xdp`, through AF_XDP on a veth pair). Many clients (one 127/8 source
+//! address each), Zipf and abuser populations, fixed-rate, as-fast-as-possible and ramp shapes;
+//! every reply is checked.
 
 pub mod net;
 pub mod nts;

@@ -9,7 +9,7 @@ use gnomon::xdp::sys::{Link, Mode, Program};
 use gnomon::xdp::xsk::{TTL, Xsk};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -86,9 +86,12 @@ impl XdpPath {
     pub fn open(dev: &str, target: SocketAddrV4, cpu: Option<usize>) -> Result<XdpPath, String> {
         let fail = |what: &str, e: &dyn std::fmt::Display| format!("--xdp {dev}: {what}: {e}");
         let (ifindex, own) = crate::net::interface(dev).map_err(|e| fail("no such interface", &e))?;
-        // Our address toward the target, and a port of our own on it.
+        // Our address toward the target, and a port of our own on it. The probe goes to the
+        // discard port, so that what makes the kernel resolve the next hop is no request of ours.
         let probe = UdpSocket::bind("0.0.0.0:0").map_err(|e| fail("socket", &e))?;
-        probe.connect(target).map_err(|e| fail("no route to the target", &e))?;
+        probe
+            .connect(SocketAddrV4::new(*target.ip(), 9))
+            .map_err(|e| fail("no route to the target", &e))?;
         let ip = match probe.local_addr().map_err(|e| fail("local address", &e))?.ip() {
             std::net::IpAddr::V4(ip) => ip,
             std::net::IpAddr::V6(_) => return Err(format!("--xdp {dev}: IPv4 only")),
@@ -98,7 +101,7 @@ impl XdpPath {
             std::net::SocketAddr::V4(a) => a,
             std::net::SocketAddr::V6(_) => unreachable!("bound to an IPv4 address"),
         };
-        // The next hop's MAC: one datagram through the kernel makes it resolve it.
+        // The next hop's MAC: a datagram through the kernel makes it resolve it.
         let deadline = Instant::now() + Duration::from_secs(2);
         let next = loop {
             let _ = probe.send(&[0u8; 48]);
@@ -166,11 +169,5 @@ impl XdpPath {
                 f(&frame[r.payload..r.payload + r.payload_len], from);
             }
         })
-    }
-}
-
-impl AsRawFd for XdpPath {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd
     }
 }
