@@ -63,6 +63,10 @@ veth_down() {
 
 # veth_up: both namespaces, the pair, each end's receive work in its own NAPI thread.
 veth_up() {
+    if [[ -n $GEN_XDP && $INJECT == xdp ]]; then
+        echo "GEN_XDP=1 and INJECT=xdp do not go together: INJECT's generator address is not on CDEV" >&2
+        exit 1
+    fi
     echo "== namespaces $NS_S ($SDEV $SERVER) and $NS_C ($CDEV $CLIENT)" >&2
     ip netns add "$NS_S"
     ip netns add "$NS_C"
