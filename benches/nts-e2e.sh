@@ -73,7 +73,8 @@ if [[ -n ${PAIRED:-} ]]; then
     SERVE_IN=
     if [[ -n ${VETH:-} ]]; then
         [[ $(id -u) == 0 ]] || { echo "VETH=1 needs root (network namespaces)" >&2; exit 1; }
-        PROFILE=release
+        # No INJECT=xdp here: its redirector is built by benches/xdp.sh only.
+        PROFILE=release INJECT=
         source benches/veth.sh
         HOST=$SERVER
         SERVE_IN="ip netns exec $NS_S"

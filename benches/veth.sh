@@ -2,7 +2,7 @@
 # benches/nts-e2e.sh (VETH=1) measure on (sourced, not run). The server's end lives in NS_S with
 # SERVER, the generator's in NS_C with CLIENT: 198.18.0.0/15 only (RFC 2544), on interfaces that
 # exist only inside the namespaces. veth_up makes them, veth_down deletes them (callers trap it).
-# Reads OUT, PROFILE, GEN_CPU, SRV_CPU, COALESCE_US, INJECT (see benches/xdp.sh) and GEN_XDP:
+# Reads ROOT, OUT, PROFILE, GEN_CPU, COALESCE_US, INJECT (see benches/xdp.sh) and GEN_XDP:
 # gnomon-load sends and receives through AF_XDP on CDEV (`--xdp`, see gen_flags).
 
 SERVER=198.18.0.1

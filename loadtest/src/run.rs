@@ -349,6 +349,7 @@ impl Receiver<'_> {
     /// As `run`, from the AF_XDP socket's RX ring.
     fn run_xdp(&self, xdp: &XdpPath, mut out: RxOut) -> io::Result<RxOut> {
         let mut poller = Poller::new(&[xdp.fd()]);
+        let mut scratch = crate::xdp::RecvScratch::default();
         loop {
             let stopping = self.shared.stop.load(Ordering::Acquire);
             poller.wait(if stopping { 0 } else { 10 })?;
@@ -356,7 +357,9 @@ impl Receiver<'_> {
             loop {
                 let mono_ns = self.start.elapsed().as_nanos() as u64;
                 let now = NtpTimestamp::from_unix_nanos(realtime_ns() as i128);
-                let n = xdp.recv(|bytes, from| self.handle(&mut out, bytes, from, false, mono_ns, now));
+                let n = xdp.recv(&mut scratch, |bytes, from| {
+                    self.handle(&mut out, bytes, from, false, mono_ns, now)
+                });
                 got += n;
                 if n < gnomon::xdp::xsk::BATCH {
                     break;

@@ -447,8 +447,10 @@ impl Xsk {
     fn frame(&mut self, addr: u64, len: usize) -> &mut [u8] {
         let start = addr as usize;
         assert!(start + len <= self.umem.len);
-        // SAFETY: inside our UMEM; the kernel handed this chunk to us through the RX ring and
-        // does not touch it until we give it back through the fill or TX ring.
+        // SAFETY: inside our UMEM, in a chunk that is ours alone: handed to us through the RX
+        // ring, or a send chunk from `send_pool` (never given to the kernel yet, or returned by
+        // it through the completion ring); the kernel does not touch it until we give it back
+        // through the fill or TX ring.
         unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(start), len) }
     }
 
@@ -678,7 +680,8 @@ impl Xsk {
         Ok(kicks)
     }
 
-    /// Completed TX chunks and dropped requests go back to the fill ring.
+    /// Completed TX chunks and dropped requests go back to the fill ring; a generator's send
+    /// chunks go back to `send_pool` instead.
     fn reclaim(&mut self) {
         let (cidx, done) = self.comp.peek(self.recycle.len() as u32);
         for i in 0..done {
