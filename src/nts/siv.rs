@@ -493,91 +493,51 @@ pub fn run_together<const L1: usize, const J1: usize, const L2: usize, const J2:
     a: &mut S2v<'_, L1, J1>,
     b: &mut S2v<'_, L2, J2>,
 ) {
-    run_all((a, (b, ())));
+    let key = a.key;
+    key.cipher.encrypt_with_backend(Outer { a, b });
 }
 
-/// Runs any number of batches under their own keys to the end, in lock-step, like
-/// [`run_together`]: `batches` is a list built of pairs, `(&mut a, (&mut b, (&mut c, ())))`.
-///
-/// Each key's AES backend exists only inside its own `encrypt_with_backend` call, so the calls
-/// nest, one per batch, and the innermost steps them all. Every level has a hardware and a
-/// software branch, so a list of n batches compiles to 2^n loops; lists stay short.
-pub fn run_all(batches: impl Unbound) {
-    batches.bind(());
+struct Outer<'s, 'a, 'b, const L1: usize, const J1: usize, const L2: usize, const J2: usize> {
+    a: &'s mut S2v<'a, L1, J1>,
+    b: &'s mut S2v<'b, L2, J2>,
 }
 
-/// A batch whose key's backend is in hand; `()` is the empty set.
-pub trait Bound {
-    /// One step of every batch; false once all are done.
-    fn step(&mut self) -> bool;
+impl<const L1: usize, const J1: usize, const L2: usize, const J2: usize> BlockSizeUser
+    for Outer<'_, '_, '_, L1, J1, L2, J2>
+{
+    type BlockSize = U16;
 }
 
-impl Bound for () {
-    #[inline(always)]
-    fn step(&mut self) -> bool {
-        false
-    }
-}
-
-impl<A: Bound, B: Bound> Bound for (A, B) {
-    #[inline(always)]
-    fn step(&mut self) -> bool {
-        // Both sides step, always (no short circuit).
-        self.0.step() | self.1.step()
-    }
-}
-
-struct WithBackend<'s, 'a, 'x, B, const L: usize, const J: usize> {
-    s2v: &'s mut S2v<'a, L, J>,
-    aes: &'x mut B,
-}
-
-impl<B: BlockBackend<BlockSize = U16>, const L: usize, const J: usize> Bound for WithBackend<'_, '_, '_, B, L, J> {
-    #[inline(always)]
-    fn step(&mut self) -> bool {
-        self.s2v.step_with(self.aes)
-    }
-}
-
-/// Batches still waiting for their key's backend.
-pub trait Unbound {
-    /// Takes the backends of the rest, then runs everything in `bound` to the end.
-    fn bind<S: Bound>(self, bound: S);
-}
-
-impl Unbound for () {
-    #[inline(always)]
-    fn bind<S: Bound>(self, mut bound: S) {
-        while bound.step() {}
-    }
-}
-
-impl<'s, 'a, const L: usize, const J: usize, R: Unbound> Unbound for (&'s mut S2v<'a, L, J>, R) {
-    #[inline(always)]
-    fn bind<S: Bound>(self, bound: S) {
-        let key = self.0.key;
-        key.cipher.encrypt_with_backend(Binding {
-            s2v: self.0,
-            rest: self.1,
-            bound,
+impl<const L1: usize, const J1: usize, const L2: usize, const J2: usize> BlockClosure
+    for Outer<'_, '_, '_, L1, J1, L2, J2>
+{
+    fn call<B: BlockBackend<BlockSize = U16>>(self, aes_a: &mut B) {
+        let key = self.b.key;
+        key.cipher.encrypt_with_backend(Inner {
+            a: self.a,
+            b: self.b,
+            aes_a,
         });
     }
 }
 
-struct Binding<'s, 'a, R, S, const L: usize, const J: usize> {
-    s2v: &'s mut S2v<'a, L, J>,
-    rest: R,
-    bound: S,
+struct Inner<'s, 'a, 'b, 'x, B, const L1: usize, const J1: usize, const L2: usize, const J2: usize> {
+    a: &'s mut S2v<'a, L1, J1>,
+    b: &'s mut S2v<'b, L2, J2>,
+    aes_a: &'x mut B,
 }
 
-impl<R, S, const L: usize, const J: usize> BlockSizeUser for Binding<'_, '_, R, S, L, J> {
+impl<B, const L1: usize, const J1: usize, const L2: usize, const J2: usize> BlockSizeUser
+    for Inner<'_, '_, '_, '_, B, L1, J1, L2, J2>
+{
     type BlockSize = U16;
 }
 
-impl<R: Unbound, S: Bound, const L: usize, const J: usize> BlockClosure for Binding<'_, '_, R, S, L, J> {
-    #[inline(always)]
-    fn call<B: BlockBackend<BlockSize = U16>>(self, aes: &mut B) {
-        self.rest.bind((self.bound, WithBackend { s2v: self.s2v, aes }));
+impl<B: BlockBackend<BlockSize = U16>, const L1: usize, const J1: usize, const L2: usize, const J2: usize> BlockClosure
+    for Inner<'_, '_, '_, '_, B, L1, J1, L2, J2>
+{
+    fn call<B2: BlockBackend<BlockSize = U16>>(self, aes_b: &mut B2) {
+        while self.a.step_with(self.aes_a) | self.b.step_with(aes_b) {}
     }
 }
 
