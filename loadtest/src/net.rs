@@ -358,22 +358,16 @@ pub fn pin_thread(tid: i32, cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// The index and MAC address of interface `name` in the calling thread's network namespace
-/// (sysfs shows the namespace it was mounted in, which need not be the thread's).
-pub fn interface(name: &str) -> io::Result<(u32, [u8; 6])> {
-    let c = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `c` is a NUL-terminated string that outlives the call.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if index == 0 {
-        return Err(io::Error::last_os_error());
-    }
+/// The MAC address of interface `name` in the calling thread's network namespace (sysfs shows
+/// the namespace it was mounted in, which need not be the thread's).
+pub fn interface_mac(name: &str) -> io::Result<[u8; 6]> {
     let sock = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
     // SAFETY: ifreq is plain C data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { zeroed() };
     for (d, s) in req
         .ifr_name
         .iter_mut()
-        .zip(c.as_bytes().iter().take(libc::IFNAMSIZ - 1))
+        .zip(name.as_bytes().iter().take(libc::IFNAMSIZ - 1))
     {
         *d = *s as libc::c_char;
     }
@@ -387,5 +381,5 @@ pub fn interface(name: &str) -> io::Result<(u32, [u8; 6])> {
     for (m, d) in mac.iter_mut().zip(data) {
         *m = d as u8;
     }
-    Ok((index, mac))
+    Ok(mac)
 }

@@ -29,8 +29,8 @@ pub struct XdpPath {
     _program: Program,
     /// Holds our port in the kernel, so no other socket takes it while we use it.
     _port: UdpSocket,
-    pub source: SocketAddrV4,
-    pub target: SocketAddrV4,
+    source: SocketAddrV4,
+    target: SocketAddrV4,
     /// Ours, then the next hop's (the target's, on a veth pair).
     macs: ([u8; 6], [u8; 6]),
 }
@@ -85,7 +85,8 @@ impl XdpPath {
     /// `cpu`, the interface's NAPI threads are pinned there (see `pin_napi_threads`).
     pub fn open(dev: &str, target: SocketAddrV4, cpu: Option<usize>) -> Result<XdpPath, String> {
         let fail = |what: &str, e: &dyn std::fmt::Display| format!("--xdp {dev}: {what}: {e}");
-        let (ifindex, own) = crate::net::interface(dev).map_err(|e| fail("no such interface", &e))?;
+        let ifindex = gnomon::server::xdp::ifindex(dev).ok_or(format!("--xdp {dev}: no such interface"))?;
+        let own = crate::net::interface_mac(dev).map_err(|e| fail("its MAC address", &e))?;
         // Our address toward the target, and a port of our own on it. The probe goes to the
         // discard port, so that what makes the kernel resolve the next hop is no request of ours.
         let probe = UdpSocket::bind("0.0.0.0:0").map_err(|e| fail("socket", &e))?;
@@ -168,10 +169,11 @@ impl XdpPath {
 
     /// Takes the replies waiting, copied into `scratch` under the socket's lock, then
     /// `f(payload, from)` for each with the lock released, so that checking them (NTS
-    /// authenticators) never holds up the sender. Returns how many were taken.
+    /// authenticators) never holds up the sender. Returns how many frames left the RX ring
+    /// (those that were no UDP for us included): [`BATCH`] says more may wait.
     pub fn recv(&self, scratch: &mut RecvScratch, mut f: impl FnMut(&[u8], SocketAddrV4)) -> usize {
         let mut n = 0;
-        {
+        let taken = {
             let mut xsk = self.xsk.lock().expect("poisoned");
             xsk.recv_frames(|r, frame| {
                 if let std::net::SocketAddr::V4(from) = r.peer {
@@ -180,12 +182,12 @@ impl XdpPath {
                     scratch.meta[n] = (len, from);
                     n += 1;
                 }
-            });
-        }
+            })
+        };
         for (buf, &(len, from)) in scratch.bufs.iter().zip(&scratch.meta[..n]) {
             f(&buf[..len], from);
         }
-        n
+        taken
     }
 }
 

@@ -252,7 +252,8 @@ pub struct XdpBound {
     pub sockets: Vec<(u32, Xsk)>,
 }
 
-fn ifindex(name: &str) -> Option<u32> {
+/// The index of interface `name` in the calling thread's network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: `c` is a NUL-terminated string that outlives the call.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
