@@ -36,12 +36,20 @@ NTS_SESSIONS=${NTS_SESSIONS:-16}
 REPEAT=${REPEAT:-1}
 export FIXED_RATE=${FIXED_RATE:-100000}
 mkdir -p "$OUT"
+KE_HOST=127.0.0.1
+if [[ -n ${PAIRED:-} && -n ${VETH:-} ]]; then
+    [[ $(id -u) == 0 ]] || { echo "VETH=1 needs root (network namespaces)" >&2; exit 1; }
+    # No INJECT=xdp here: its redirector is built by benches/xdp.sh only.
+    PROFILE=release INJECT=
+    source benches/veth.sh
+    KE_HOST=$SERVER
+fi
 
-# A self-signed P-256 certificate for localhost, 127.0.0.1 and the VETH=1 server address, as
-# tests/nts.rs makes.
+# A self-signed P-256 certificate for localhost and 127.0.0.1, as tests/nts.rs makes
+# (gnomon-load checks it against the name localhost, wherever the server is).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
     -keyout "$OUT/key.pem" -out "$OUT/cert.pem" -days 30 -subj /CN=localhost \
-    -addext subjectAltName=DNS:localhost,IP:127.0.0.1,IP:198.18.0.1 -addext basicConstraints=critical,CA:FALSE \
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE \
     >/dev/null 2>&1
 cat >"$OUT/gnomon-nts.toml" <<CONF
 # As benches/gnomon-bench.toml, plus NTS: every client served, no rules, no rate limit.
@@ -51,7 +59,7 @@ control_socket = "$OUT/gnomon.sock"
 [nts]
 certificate = "$OUT/cert.pem"
 private_key = "$OUT/key.pem"
-listen = "127.0.0.1:$KE_PORT"
+listen = "$KE_HOST:$KE_PORT"
 CONF
 
 CONF=$OUT/gnomon-nts.toml
@@ -72,15 +80,9 @@ if [[ -n ${PAIRED:-} ]]; then
     HOST=127.0.0.1
     SERVE_IN=
     if [[ -n ${VETH:-} ]]; then
-        [[ $(id -u) == 0 ]] || { echo "VETH=1 needs root (network namespaces)" >&2; exit 1; }
-        # No INJECT=xdp here: its redirector is built by benches/xdp.sh only.
-        PROFILE=release INJECT=
-        source benches/veth.sh
         HOST=$SERVER
         SERVE_IN="ip netns exec $NS_S"
         LOAD_IN="ip netns exec $NS_C"
-        # The KE server listens on the server's veth address; the config is written again.
-        sed -i "s/^listen = \".*:$KE_PORT\"/listen = \"$SERVER:$KE_PORT\"/" "$CONF"
         PLAIN_FLAGS=$(gen_flags | tr '\n' ' ')
         NTS_FLAGS="$NTS_FLAGS $PLAIN_FLAGS"
     fi
