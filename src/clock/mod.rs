@@ -386,10 +386,17 @@ mod tests {
     fn readers_never_see_a_torn_state() {
         let (mut p, r) = snapshot(ClockState::unsynchronized(-20));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Loads that overlapped publishing, by the slowest reader: on a busy 2-core machine a
+        // reader may not be scheduled before a fixed number of publishes is over.
+        let overlapped = Arc::new([
+            std::sync::atomic::AtomicU64::new(0),
+            std::sync::atomic::AtomicU64::new(0),
+        ]);
         let readers: Vec<_> = (0..2)
-            .map(|_| {
+            .map(|k| {
                 let r = r.clone();
                 let stop = stop.clone();
+                let overlapped = overlapped.clone();
                 std::thread::spawn(move || {
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) {
@@ -398,18 +405,26 @@ mod tests {
                         assert_eq!(s.offset_ns, s.base_realtime_ns);
                         assert_eq!(s.reference_time_ns, s.base_realtime_ns);
                         n += 1;
+                        overlapped[k].store(n, Ordering::Relaxed);
                     }
                     n
                 })
             })
             .collect();
-        for i in 1..200_000i64 {
+        let started = std::time::Instant::now();
+        let mut i = 1i64;
+        // At least 200k publishes, and on until both readers loaded 10k times meanwhile (or 20 s).
+        while i < 200_000
+            || (overlapped.iter().any(|n| n.load(Ordering::Relaxed) < 10_000)
+                && started.elapsed() < std::time::Duration::from_secs(20))
+        {
             p.publish(ClockState {
                 base_realtime_ns: i,
                 offset_ns: i,
                 reference_time_ns: i,
                 ..synced()
             });
+            i += 1;
         }
         stop.store(true, Ordering::Relaxed);
         for h in readers {

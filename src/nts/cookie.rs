@@ -10,7 +10,7 @@
 //! for few AES blocks: one associated data of 24 bytes and a plaintext of exactly four blocks.
 //! Cookies of an older format do not verify and get an NTS NAK, so clients run NTS-KE again.
 
-use super::siv::{S2v, Siv, TAG_LEN, tags_equal};
+use super::siv::{Siv, TAG_LEN, tags_equal};
 use core::fmt;
 use hkdf::Hkdf;
 use sha2::Sha256;
@@ -170,21 +170,14 @@ impl CookieJar {
         self.seal_all(&new, core::slice::from_mut(out));
     }
 
-    /// Seals the cookies of `new` into `out` (one each), their S2Vs stepped together.
+    /// Seals the cookies of `new` into `out` (one each).
     pub fn seal_all(&self, new: &NewCookies, out: &mut [[u8; COOKIE_LEN]]) {
         let siv = &self.ciphers[0].1;
-        let mut s2v = S2v::<{ MAX_NEW_COOKIES + 1 }, MAX_NEW_COOKIES>::new(siv);
         // One plaintext for all: its leading blocks go through the cipher once.
-        for (i, ad) in new.ads[..new.n].iter().enumerate() {
-            if i == 0 {
-                s2v.push(&[&ad[..]], &new.plaintext);
-            } else {
-                s2v.push_same_message(&[&ad[..]], 0);
-            }
-        }
-        s2v.run();
-        for (i, out) in out[..new.n].iter_mut().enumerate() {
-            write(siv, &new.ads[i], &s2v.tag(i), &new.plaintext, out);
+        let prefix = siv.message_prefix(&new.plaintext);
+        for (ad, out) in new.ads[..new.n].iter().zip(out) {
+            let tag = siv.s2v_prefixed(&[&ad[..]], &new.plaintext, &prefix);
+            write(siv, ad, &tag, &new.plaintext, out);
         }
     }
 
@@ -194,10 +187,9 @@ impl CookieJar {
     }
 
     /// Opens a cookie and seals, into `out`, one new cookie for the same keys per nonce of
-    /// `nonces` (fresh random bytes each). A cookie under the current master key (the common
-    /// case) is opened and the new ones sealed in the same steps: same key, same plaintext, so the
-    /// plaintext's leading blocks go through the cipher once for all. `out` is meaningless on
-    /// error.
+    /// `nonces` (fresh random bytes each). Under the current master key (the common case) the
+    /// cookie and the new ones share key and plaintext, so the plaintext's leading blocks go
+    /// through the cipher once for all. `out` is meaningless on error.
     pub fn open_and_seal(
         &self,
         cookie: &[u8],
@@ -223,59 +215,28 @@ impl CookieJar {
         };
         keys.c2s.copy_from_slice(&body[..KEY_LEN]);
         keys.s2c.copy_from_slice(&body[KEY_LEN..]);
-        let mut new = NewCookies::new(&keys);
-        for nonce in nonces {
-            new.push(self, nonce);
-        }
-        // Under the current key the new cookies share the cookie's steps; the batch is sized
-        // for the cookies at hand (one, most often).
-        let reseal = (index == 0 && !nonces.is_empty()).then_some(&new);
-        let verified = if new.n <= 1 {
-            verify_and_reseal::<3, 2>(siv, ad, &body, tag, reseal, out)
-        } else {
-            verify_and_reseal::<{ MAX_NEW_COOKIES + 2 }, { MAX_NEW_COOKIES + 1 }>(siv, ad, &body, tag, reseal, out)
-        };
-        if !verified {
+        let prefix = siv.message_prefix(&body);
+        if !tags_equal(&siv.s2v_prefixed(&[ad], &body, &prefix), tag) {
             return Err(CookieError::Forged);
         }
         if aead != super::ke::AEAD_AES_SIV_CMAC_256 {
             return Err(CookieError::BadAlgorithm);
         }
-        if reseal.is_none() && !nonces.is_empty() {
+        let mut new = NewCookies::new(&keys);
+        for nonce in nonces {
+            new.push(self, nonce);
+        }
+        if index == 0 {
+            for (ad, out) in new.ads[..new.n].iter().zip(out) {
+                let tag = siv.s2v_prefixed(&[&ad[..]], &body, &prefix);
+                write(siv, ad, &tag, &body, out);
+            }
+        } else if !nonces.is_empty() {
             // Under an older key: the new cookies are sealed under the current one, apart.
             self.seal_all(&new, out);
         }
         Ok(keys)
     }
-}
-
-/// Checks an opened cookie's tag and, with `reseal`, seals those cookies (under the same key) in
-/// the same steps, written to `out` once the cookie verified.
-fn verify_and_reseal<const LANES: usize, const JOBS: usize>(
-    siv: &Siv,
-    ad: &[u8],
-    body: &[u8; PLAINTEXT_LEN],
-    tag: &[u8; TAG_LEN],
-    reseal: Option<&NewCookies>,
-    out: &mut [[u8; COOKIE_LEN]],
-) -> bool {
-    let mut s2v = S2v::<LANES, JOBS>::new(siv);
-    s2v.push(&[ad], body);
-    if let Some(new) = reseal {
-        for ad in &new.ads[..new.n] {
-            s2v.push_same_message(&[&ad[..]], 0);
-        }
-    }
-    s2v.run();
-    if !tags_equal(&s2v.tag(0), tag) {
-        return false;
-    }
-    if let Some(new) = reseal {
-        for (i, out) in out[..new.n].iter_mut().enumerate() {
-            write(siv, &new.ads[i], &s2v.tag(1 + i), &new.plaintext, out);
-        }
-    }
-    true
 }
 
 /// A cookie from its associated data, tag and plaintext (encrypted here).

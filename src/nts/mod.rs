@@ -2,6 +2,7 @@
 //! request handling, all sans-IO; `server` runs NTS-KE over TLS on its own threads.
 #![forbid(unsafe_code)]
 
+mod aes128;
 pub mod client;
 pub mod cookie;
 pub mod ke;

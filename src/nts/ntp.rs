@@ -3,7 +3,7 @@
 
 use super::cookie::{COOKIE_LEN, CookieError, CookieJar, KeySet};
 use super::ke::COOKIES_PER_KE;
-use super::siv::{S2v, Siv, run_together, tags_equal};
+use super::siv::{Siv, tags_equal};
 use crate::proto::{HEADER_LEN, NtpTimestamp, RefId, ReplyTemplate, stamp_transmit, write_reply};
 use rand_chacha::ChaCha12Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -332,10 +332,9 @@ impl NtsServer {
     /// reply's S2V over `head`, the request's Unique Identifier field, `nonce` and the cookie
     /// `fields`. Returns the reply's tag, or `None` when the request does not verify.
     ///
-    /// The two S2Vs are independent, so their chains are stepped together and the CPU overlaps
-    /// their AES blocks: the request's authenticator, one chain as long as the request, sets the
-    /// pace. Encrypted fields of the request are decrypted in place (the buffer is overwritten by
-    /// the reply) and not used.
+    /// The two S2Vs are independent, so the CPU runs the reply's chains while the request's
+    /// last blocks are still in flight. Encrypted fields of the request are decrypted in place
+    /// (the buffer is overwritten by the reply) and not used.
     fn authenticate_and_seal(
         buf: &mut [u8],
         f: &Fields,
@@ -352,14 +351,10 @@ impl NtsServer {
         let tag: &[u8; TAG_LEN] = (&*tag).try_into().expect("tag");
         // Clients rarely encrypt fields; when they do, SIV decrypts before it can verify.
         c2s.ctr(tag, data);
-        let mut request = S2v::<3, 1>::new(c2s);
-        request.push(&[&*aad, client_nonce], data);
-        let mut reply = S2v::<3, 1>::new(s2c);
+        let request = c2s.s2v(&[&*aad, client_nonce], data);
         let uid = &aad[f.unique_id.0..f.unique_id.1];
-        let job = reply.push_ads(&[[&head[..], uid], [&[][..], &nonce[..]]]);
-        reply.message(job, fields);
-        run_together(&mut request, &mut reply);
-        tags_equal(&request.tag(0), tag).then(|| reply.tag(0))
+        let reply = s2c.s2v_split(&[[&head[..], uid], [&[][..], &nonce[..]]], fields);
+        tags_equal(&request, tag).then_some(reply)
     }
 
     /// An NTS NAK: a KoD NTSN carrying the request's Unique Identifier, never longer than it.
