@@ -43,9 +43,10 @@ pub struct NtsConfig {
 pub const DEFAULT_KE_PORT: u16 = 4460;
 
 /// Whether this CPU runs the AES code of this build. On x86-64 the build enables AES-NI at
-/// compile time (`.cargo/config.toml`), so the aes crate uses it without asking the CPU; one
-/// without it would stop on an illegal instruction at the first cookie. Checked where NTS starts
-/// (the KE server, every key exchange as a client), so plain NTP still runs on such a CPU.
+/// compile time (`.cargo/config.toml`), so `aes128` and the aes crate use it without asking the
+/// CPU; one without it would stop on an illegal instruction at the first cookie. Checked where
+/// NTS starts (the KE server, every key exchange as a client), so plain NTP still runs on such a
+/// CPU.
 pub fn check_cpu() -> std::io::Result<()> {
     #[cfg(all(target_arch = "x86_64", target_feature = "aes"))]
     {
