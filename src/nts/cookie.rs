@@ -10,7 +10,7 @@
 //! for few AES blocks: one associated data of 24 bytes and a plaintext of exactly four blocks.
 //! Cookies of an older format do not verify and get an NTS NAK, so clients run NTS-KE again.
 
-use super::siv::{Siv, TAG_LEN, tags_equal};
+use super::siv::{Prefix, Siv, TAG_LEN, tags_equal};
 use core::fmt;
 use hkdf::Hkdf;
 use sha2::Sha256;
@@ -173,12 +173,7 @@ impl CookieJar {
     /// Seals the cookies of `new` into `out` (one each).
     pub fn seal_all(&self, new: &NewCookies, out: &mut [[u8; COOKIE_LEN]]) {
         let siv = &self.ciphers[0].1;
-        // One plaintext for all: its leading blocks go through the cipher once.
-        let prefix = siv.message_prefix(&new.plaintext);
-        for (ad, out) in new.ads[..new.n].iter().zip(out) {
-            let tag = siv.s2v_prefixed(&[&ad[..]], &new.plaintext, &prefix);
-            write(siv, ad, &tag, &new.plaintext, out);
-        }
+        seal_with(siv, new, &siv.message_prefix(&new.plaintext), out);
     }
 
     /// Opens a cookie; any failure means the client must run NTS-KE again.
@@ -227,15 +222,22 @@ impl CookieJar {
             new.push(self, nonce);
         }
         if index == 0 {
-            for (ad, out) in new.ads[..new.n].iter().zip(out) {
-                let tag = siv.s2v_prefixed(&[&ad[..]], &body, &prefix);
-                write(siv, ad, &tag, &body, out);
-            }
+            // The current key and the same plaintext: the opened cookie's prefix serves.
+            seal_with(siv, &new, &prefix, out);
         } else if !nonces.is_empty() {
             // Under an older key: the new cookies are sealed under the current one, apart.
             self.seal_all(&new, out);
         }
         Ok(keys)
+    }
+}
+
+/// Seals the cookies of `new` under `siv` into `out`, given the chain over their common
+/// plaintext under that key: its leading blocks go through the cipher once for all.
+fn seal_with(siv: &Siv, new: &NewCookies, prefix: &Prefix, out: &mut [[u8; COOKIE_LEN]]) {
+    for (ad, out) in new.ads[..new.n].iter().zip(out) {
+        let tag = siv.s2v_prefixed(&[&ad[..]], &new.plaintext, prefix);
+        write(siv, ad, &tag, &new.plaintext, out);
     }
 }
 

@@ -175,7 +175,7 @@ impl Siv {
     /// S2V(`ads`..., `msg`) (RFC 5297 section 2.4, the message last): the tag, also the IV.
     #[inline(always)]
     pub fn s2v(&self, ads: &[&[u8]], msg: &[u8]) -> [u8; TAG_LEN] {
-        self.s2v_with(ads.iter().map(|ad| (&[][..], *ad)), msg, &self.message_prefix(msg))
+        self.s2v_prefixed(ads, msg, &self.message_prefix(msg))
     }
 
     /// S2V whose associated data are each the concatenation of two slices, the first a whole
