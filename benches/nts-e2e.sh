@@ -22,7 +22,9 @@
 #                                       on SRV_CPU, counted in its core time, where on loopback
 #                                       the sender's core does it; the generator keeps its own.
 #                                       GEN_XDP=1: gnomon-load through AF_XDP (--xdp), cheap
-#                                       enough per request to drive the server to its limit
+#                                       enough per request to drive the server to its limit;
+#                                       IOS=xdp: the server on AF_XDP on its veth end too, where
+#                                       what is left per reply is mostly gnomon's own work
 #   Other knobs (GEN_CPU, SRV_CPU, CLIENTS, RAMP_START, STEP, ...) as in benches/compare.sh;
 #   NTS_SESSIONS (default 16) key exchanges made by gnomon-load before each run.
 set -euo pipefail
@@ -93,18 +95,31 @@ if [[ -n ${PAIRED:-} ]]; then
     MAX_LOSS=${MAX_LOSS:-1}
     MAX_LOSS=${MAX_LOSS%\%}  # percent, with or without the sign (compare.sh takes "1%")
     [[ -n ${QUICK:-} ]] && SLICE=1s ROUNDS=1 RATES="50000 100000"
-    cargo build --release -p gnomon --bin gnomon -p gnomon-load >&2
+    cargo build --release -p gnomon --bin gnomon >&2
+    cargo build --release -p gnomon-load >&2
     LOAD=$ROOT/target/release/gnomon-load
     trap 'cleanup; [[ -z ${VETH:-} ]] || veth_down' EXIT
     [[ -z ${VETH:-} ]] || veth_up
     for io in $IOS; do
+        conf=$CONF
+        if [[ $io == xdp ]]; then
+            # AF_XDP on the server's veth end: no kernel socket path per request, so what is
+            # left per reply is gnomon's own work, the frame's trip and the NAPI's.
+            [[ -n ${VETH:-} ]] || { echo "IOS=xdp needs VETH=1 (an interface of its own)" >&2; exit 1; }
+            conf=$OUT/gnomon-nts-xdp.toml
+            { echo 'io = "xdp"'; cat "$CONF"; printf '\n[xdp]\ninterface = "%s"\nrequired = true\n' "$SDEV"; } >"$conf"
+        fi
         # shellcheck disable=SC2086
-        $SERVE_IN taskset -c "$SRV_CPU" target/release/gnomon serve --config "$CONF" --listen "$HOST:$PORT" \
+        $SERVE_IN taskset -c "$SRV_CPU" target/release/gnomon serve --config "$conf" --listen "$HOST:$PORT" \
             --workers 1 --io "$io" >"$OUT/paired-$io.log" 2>&1 &
         SERVER_PID=$!
         # shellcheck disable=SC2086
         answering "$HOST:$PORT" ${VETH:+--allow-remote} ||
             { echo "!! gnomon did not answer, see $OUT/paired-$io.log" >&2; exit 1; }
+        if [[ $io == xdp ]] && ! grep -q "AF_XDP on $SDEV" "$OUT/paired-$io.log"; then
+            echo "!! gnomon did not use AF_XDP: $(grep -m1 'AF_XDP' "$OUT/paired-$io.log" || echo '?')" >&2
+            exit 1
+        fi
         if [[ -n ${VETH:-} ]]; then
             pin_napi "$SDEV" "$SRV_CPU"
             pin_napi "$CDEV" "$GEN_CPU"

@@ -102,9 +102,11 @@ trap 'exit 130' INT TERM
 mkdir -p "$OUT"
 echo "== building $PROFILE binaries" >&2
 if [[ $PROFILE == release ]]; then
-    cargo build --release -p gnomon --bin gnomon --example xdp_redirect -p gnomon-load >&2
+    cargo build --release -p gnomon --bin gnomon --example xdp_redirect >&2
+    cargo build --release -p gnomon-load >&2
 else
-    cargo build -p gnomon --bin gnomon --example xdp_redirect -p gnomon-load >&2
+    cargo build -p gnomon --bin gnomon --example xdp_redirect >&2
+    cargo build -p gnomon-load >&2
 fi
 LOAD=$ROOT/target/$PROFILE/gnomon-load
 GNOMON=$ROOT/target/$PROFILE/gnomon

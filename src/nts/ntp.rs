@@ -218,6 +218,10 @@ pub struct NtsServer {
     rng: ChaCha12Rng,
     nak: ReplyTemplate,
     counts: [u64; Reason::COUNT],
+    /// The reply's new cookies and their fields, built aside while the request's cookie is still
+    /// read: kept here, because as locals they were zeroed (1.7 KB) on every request.
+    sealed: [[u8; COOKIE_LEN]; COOKIES_PER_KE],
+    fields: [u8; COOKIES_PER_KE * COOKIE_FIELD_LEN],
 }
 
 impl NtsServer {
@@ -227,6 +231,8 @@ impl NtsServer {
             rng: ChaCha12Rng::from_seed(seed),
             nak: ReplyTemplate::kiss(NTSN),
             counts: [0; Reason::COUNT],
+            sealed: [[0; COOKIE_LEN]; COOKIES_PER_KE],
+            fields: [0; COOKIES_PER_KE * COOKIE_FIELD_LEN],
         }
     }
 
@@ -276,11 +282,10 @@ impl NtsServer {
         for n in &mut nonces[..cookies] {
             self.rng.fill_bytes(n);
         }
-        let mut sealed = [[0u8; COOKIE_LEN]; COOKIES_PER_KE];
         let cookie = &buf[f.cookie.0..f.cookie.1];
         let keys = match self
             .jar
-            .open_and_seal(cookie, &nonces[..cookies], &mut sealed[..cookies])
+            .open_and_seal(cookie, &nonces[..cookies], &mut self.sealed[..cookies])
         {
             Ok(k) => k,
             Err(e) => return self.nak(buf, &f, Reason::from_cookie(e)),
@@ -301,14 +306,14 @@ impl NtsServer {
         head.copy_from_slice(&buf[..HEADER_LEN]);
         write_reply(&mut head, header.template, header.receive);
         stamp_transmit(&mut head, header.transmit);
-        let mut fields = [0u8; COOKIES_PER_KE * COOKIE_FIELD_LEN];
         let fields_len = cookies * COOKIE_FIELD_LEN;
-        for (field, cookie) in fields[..fields_len].chunks_exact_mut(COOKIE_FIELD_LEN).zip(&sealed) {
+        let fields = &mut self.fields[..fields_len];
+        for (field, cookie) in fields.chunks_exact_mut(COOKIE_FIELD_LEN).zip(&self.sealed) {
             field[..2].copy_from_slice(&field::NTS_COOKIE.to_be_bytes());
             field[2..4].copy_from_slice(&(COOKIE_FIELD_LEN as u16).to_be_bytes());
             field[4..].copy_from_slice(cookie);
         }
-        let tag = match Self::authenticate_and_seal(buf, &f, &c2s, &s2c, &head, &nonce, &fields[..fields_len]) {
+        let tag = match Self::authenticate_and_seal(buf, &f, &c2s, &s2c, &head, &nonce, fields) {
             Some(tag) => tag,
             None => return self.nak(buf, &f, Reason::AuthenticationFailed),
         };
@@ -323,7 +328,7 @@ impl NtsServer {
         buf[auth + 8..auth + 8 + NONCE_LEN].copy_from_slice(&nonce);
         buf[auth + 8 + NONCE_LEN..auth + 8 + NONCE_LEN + TAG_LEN].copy_from_slice(&tag);
         let sealed = &mut buf[auth + 8 + NONCE_LEN + TAG_LEN..reply_len];
-        sealed.copy_from_slice(&fields[..fields_len]);
+        sealed.copy_from_slice(fields);
         s2c.ctr(&tag, sealed);
         Verdict::Reply(reply_len)
     }

@@ -194,18 +194,34 @@ pub fn parse(f: &[u8], t: &Target) -> Result<Request, Pass> {
 /// One's-complement sum of `data` (as big-endian 16-bit words, odd byte padded) onto `sum`,
 /// folded to 16 bits; not inverted.
 pub fn checksum(sum: u32, data: &[u8]) -> u16 {
-    let mut s = sum as u64;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        s += u16::from_be_bytes([c[0], c[1]]) as u64;
+    // The one's-complement sum does not depend on byte order (RFC 1071 2.B): the words are
+    // added in the machine's order, 32 bits at a time into 64 (no carry is lost before 2^32
+    // words), and the folded result swapped once. An NTS request and its reply are ~230 bytes
+    // each, summed on every frame; a 16-bit big-endian loop cost 0.2 us of their 5 per reply.
+    let mut s = 0u64;
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        s += u32::from_ne_bytes([w[0], w[1], w[2], w[3]]) as u64;
     }
-    if let [last] = chunks.remainder() {
-        s += (*last as u64) << 8;
+    let rest = words.remainder();
+    let mut pairs = rest.chunks_exact(2);
+    for p in &mut pairs {
+        s += u16::from_ne_bytes([p[0], p[1]]) as u64;
     }
+    if let [last] = pairs.remainder() {
+        // The pad byte is zero: the last byte is the high half of a big-endian word.
+        s += u16::from_ne_bytes([*last, 0]) as u64;
+    }
+    let native = fold(s) as u16;
+    fold(u16::from_be_bytes(native.to_ne_bytes()) as u64 + sum as u64) as u16
+}
+
+/// `s` folded to 16 bits with end-around carries.
+fn fold(mut s: u64) -> u64 {
     while s > 0xffff {
         s = (s & 0xffff) + (s >> 16);
     }
-    s as u16
+    s
 }
 
 /// The folded sum of the pseudo-header and the UDP datagram of `udp_len` bytes.
@@ -868,6 +884,16 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn checksum_is_the_rfc_1071_sum(
+            data in proptest::collection::vec(any::<u8>(), 0..600),
+            sum in 0u32..0x2_0000,
+        ) {
+            let mut words = sum.to_be_bytes().to_vec();
+            words.extend_from_slice(&data);
+            prop_assert_eq!(checksum(sum, &data), !naive_sum(&words));
+        }
+
         #[test]
         fn never_panics_and_takes_only_plain_requests(f in any_frame()) {
             let verdict = parse(&f, &TARGET);
