@@ -196,8 +196,9 @@ pub fn parse(f: &[u8], t: &Target) -> Result<Request, Pass> {
 pub fn checksum(sum: u32, data: &[u8]) -> u16 {
     // The one's-complement sum does not depend on byte order (RFC 1071 2.B): the words are
     // added in the machine's order, 32 bits at a time into 64 (no carry is lost before 2^32
-    // words), and the folded result swapped once. An NTS request and its reply are ~230 bytes
-    // each, summed on every frame; a 16-bit big-endian loop cost 0.2 us of their 5 per reply.
+    // words), and the folded result swapped once. What this costs on a frame is mostly its
+    // loads, the first read of what the kernel just copied (perf annotate: 60% of the samples
+    // wait on them): 0.21 us an NTS reply with 16-bit big-endian words, 0.18 us with these.
     let mut s = 0u64;
     let mut words = data.chunks_exact(4);
     for w in &mut words {
